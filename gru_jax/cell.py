@@ -1,0 +1,174 @@
+"""The GRU cell as pure functions on a `GRUParams` pytree.
+
+Two variants share one parameter layout and one update-gate convention
+(z weights the candidate, as in the founding document):
+
+* ``"seed"`` -- the founding document's equations, reset before the matmul::
+
+      z  = σ(x·w_x[:,z] + h·w_h[:,z] + b_z)
+      r  = σ(x·w_x[:,r] + h·w_h[:,r] + b_r)
+      h̃  = tanh(x·w_x[:,h] + (r⊙h)·w_h[:,h] + b_h)
+      h' = (1−z)⊙h + z⊙h̃                      with b = b_x + b_h
+
+* ``"reset_after"`` -- the cuDNN / PyTorch / Keras-default form::
+
+      h̃  = tanh(x·w_x[:,h] + b_x[h] + r⊙(h·w_h[:,h] + b_h[h]))
+
+Gate blocks are ordered (z, r, h) along the 3H axis.  Nothing here knows
+about Flax or training.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+VARIANTS = ("seed", "reset_after")
+
+
+class GRUParams(NamedTuple):
+  """GRU weights. Shapes: w_x [D,3H], w_h [H,3H], b_x [3H], b_h [3H]."""
+  w_x: Array
+  w_h: Array
+  b_x: Array
+  b_h: Array
+
+  @property
+  def input_size(self) -> int:
+    return self.w_x.shape[0]
+
+  @property
+  def hidden_size(self) -> int:
+    return self.w_h.shape[0]
+
+
+class Gates(NamedTuple):
+  """Per-step gate activations, each [..., H]."""
+  z: Array
+  r: Array
+  candidate: Array
+
+
+def check_variant(variant: str) -> None:
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def _blockwise(init_fn: Callable, key: Array, rows: int, hidden: int, dtype) -> Array:
+  """Initialises each of the three [rows,H] gate blocks on its own.
+
+  Glorot and orthogonal initialisers are defined per matrix; applying them
+  to the fused [rows,3H] matrix would give the wrong fan-out and break
+  orthogonality of the recurrent blocks.
+  """
+  keys = jax.random.split(key, 3)
+  return jnp.concatenate([init_fn(k, (rows, hidden), dtype) for k in keys], axis=1)
+
+
+def init(key: Array, input_size: int, hidden_size: int, *, variant: str = "seed",
+         dtype=jnp.float32,
+         kernel_init: Callable = jax.nn.initializers.glorot_uniform(),
+         recurrent_init: Callable = jax.nn.initializers.orthogonal(),
+         bias_init: Callable = jax.nn.initializers.zeros) -> GRUParams:
+  """Initialises GRU parameters with the founding document's advice.
+
+  Xavier/Glorot-uniform input weights and orthogonal recurrent weights, each
+  per gate block; zero biases.  ``variant`` is accepted for symmetry with
+  `step` (both variants use the same layout).
+  """
+  check_variant(variant)
+  if input_size < 1 or hidden_size < 1:
+    raise ValueError(f"input_size and hidden_size must be >= 1, got {input_size}, {hidden_size}")
+  kx, kh, kbx, kbh = jax.random.split(key, 4)
+  return GRUParams(
+      w_x=_blockwise(kernel_init, kx, input_size, hidden_size, dtype),
+      w_h=_blockwise(recurrent_init, kh, hidden_size, hidden_size, dtype),
+      b_x=bias_init(kbx, (3 * hidden_size,), dtype),
+      b_h=bias_init(kbh, (3 * hidden_size,), dtype),
+  )
+
+
+def input_projection(params: GRUParams, x: Array, *, variant: str = "seed") -> Array:
+  """x·w_x plus every bias that does not sit behind the reset gate. [...,D] -> [...,3H].
+
+  For "seed" all of b_h folds in here; for "reset_after" the candidate's
+  b_h block stays inside the reset product, so only its z and r blocks do.
+  """
+  return jnp.dot(x, params.w_x.astype(x.dtype)) + folded_bias(params, variant).astype(x.dtype)
+
+
+def folded_bias(params: GRUParams, variant: str) -> Array:
+  """The bias [3H] added to x·w_x: b_x + b_h, less b_h's candidate block for "reset_after"."""
+  if variant == "seed":
+    return params.b_x + params.b_h
+  return params.b_x + jnp.asarray(params.b_h).at[2 * params.hidden_size:].set(0)
+
+
+def recurrent_gates(w_h: Array, b_h: Array, h: Array, xp: Array, *, variant: str,
+                    h_drop: Array | None = None) -> Gates:
+  """Gates from the hoisted input projection ``xp`` [B,3H] and state h [B,H].
+
+  ``h_drop`` is h with recurrent dropout applied: it feeds the matmuls,
+  while the undropped h is what the update blends (variational dropout).
+  Matmuls run in ``w_h``'s dtype (bf16 compute) and accumulate in h's dtype.
+  """
+  hsz = h.shape[-1]
+  hin = h if h_drop is None else h_drop
+  if variant == "seed":
+    # Two dependent matmuls: the candidate's input r⊙h needs r first.
+    hzr = matmul(hin, w_h[:, :2 * hsz], h.dtype)
+    z = jax.nn.sigmoid(xp[..., :hsz] + hzr[..., :hsz])
+    r = jax.nn.sigmoid(xp[..., hsz:2 * hsz] + hzr[..., hsz:])
+    hc = matmul(r * hin, w_h[:, 2 * hsz:], h.dtype)
+    cand = jnp.tanh(xp[..., 2 * hsz:] + hc)
+  else:
+    hh = matmul(hin, w_h, h.dtype)
+    z = jax.nn.sigmoid(xp[..., :hsz] + hh[..., :hsz])
+    r = jax.nn.sigmoid(xp[..., hsz:2 * hsz] + hh[..., hsz:2 * hsz])
+    cand = jnp.tanh(xp[..., 2 * hsz:] + r * (hh[..., 2 * hsz:] + b_h[2 * hsz:].astype(h.dtype)))
+  return Gates(z, r, cand)
+
+
+def matmul(a: Array, w: Array, out_dtype) -> Array:
+  """a·w with operands in w's dtype and the result in ``out_dtype``.
+
+  Mixed-precision dots accumulate in ``out_dtype`` where the backend supports
+  it; XLA:CPU has no bf16×bf16→f32 dot, so there the product is cast after.
+  """
+  a = a.astype(w.dtype)
+  if w.dtype == out_dtype:
+    return jnp.dot(a, w)
+  if jax.default_backend() == "cpu":
+    return jnp.dot(a, w).astype(out_dtype)
+  return jnp.dot(a, w, preferred_element_type=out_dtype)
+
+
+def blend(h: Array, g: Gates) -> Array:
+  """h' = (1−z)⊙h + z⊙h̃, written with one multiply."""
+  return h + g.z * (g.candidate - h)
+
+
+def _check_step_args(params: GRUParams, h: Array, x: Array) -> None:
+  if x.shape[-1] != params.input_size:
+    raise ValueError(f"x has feature size {x.shape[-1]} (shape {x.shape}) but params expect "
+                     f"input_size={params.input_size} (w_x {params.w_x.shape})")
+  if h.shape[-1] != params.hidden_size:
+    raise ValueError(f"h has size {h.shape[-1]} (shape {h.shape}) but params expect "
+                     f"hidden_size={params.hidden_size} (w_h {params.w_h.shape})")
+  if h.shape[:-1] != x.shape[:-1]:
+    raise ValueError(f"h {h.shape} and x {x.shape} must share leading (batch) dims")
+
+
+def gates(params: GRUParams, h: Array, x: Array, *, variant: str = "seed") -> Gates:
+  """Update gate z, reset gate r and candidate h̃ for one step. h [...,H], x [...,D]."""
+  check_variant(variant)
+  _check_step_args(params, h, x)
+  xp = input_projection(params, x, variant=variant)
+  return recurrent_gates(params.w_h, params.b_h, h, xp, variant=variant)
+
+
+def step(params: GRUParams, h: Array, x: Array, *, variant: str = "seed") -> Array:
+  """One GRU step. h [...,H], x [...,D] -> h' [...,H]."""
+  return blend(h, gates(params, h, x, variant=variant))

@@ -1,0 +1,177 @@
+"""The GRU run over a whole sequence with `jax.lax.scan`.
+
+The input projection for every time step is one matmul outside the loop;
+the loop body does only the recurrent work, on time-major data.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from gru_jax import cell as cell_lib
+from gru_jax.cell import Gates, GRUParams
+
+Array = jax.Array
+BACKENDS = ("xla",)
+
+
+def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
+              time_major: bool, variant: str, backend: str, remat_chunk) -> tuple[int, int]:
+  """Checks user-facing arguments; returns (B, T). Errors name the argument and shapes."""
+  cell_lib.check_variant(variant)
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if not isinstance(params, GRUParams):
+    raise TypeError(f"params must be a GRUParams, got {type(params).__name__}")
+  d, h3 = params.w_x.shape
+  hsz = params.w_h.shape[0]
+  if params.w_h.shape != (hsz, 3 * hsz) or h3 != 3 * hsz or params.b_x.shape != (3 * hsz,) \
+      or params.b_h.shape != (3 * hsz,):
+    raise ValueError("inconsistent GRUParams shapes: expected w_x [D,3H], w_h [H,3H], b_x [3H], "
+                     f"b_h [3H], got w_x {params.w_x.shape}, w_h {params.w_h.shape}, "
+                     f"b_x {params.b_x.shape}, b_h {params.b_h.shape}")
+  layout = "[T,B,D]" if time_major else "[B,T,D]"
+  if getattr(xs, "ndim", None) != 3:
+    raise ValueError(f"xs must have rank 3 {layout}, got shape {getattr(xs, 'shape', None)}")
+  if not jnp.issubdtype(xs.dtype, jnp.floating):
+    raise ValueError(f"xs must be floating point, got dtype {xs.dtype} (shape {xs.shape}); "
+                     "embed integer tokens first")
+  if xs.shape[-1] != d:
+    raise ValueError(f"xs {layout} has feature size D={xs.shape[-1]} (shape {xs.shape}) but "
+                     f"params.w_x has shape {params.w_x.shape} (input_size={d})")
+  t, b = (xs.shape[0], xs.shape[1]) if time_major else (xs.shape[1], xs.shape[0])
+  if h0 is not None and tuple(h0.shape) != (b, hsz):
+    raise ValueError(f"h0 must have shape [B,H]=({b}, {hsz}), got {tuple(h0.shape)}")
+  if mask is not None:
+    want = (t, b) if time_major else (b, t)
+    if tuple(mask.shape) != want:
+      raise ValueError(f"mask must have shape {'[T,B]' if time_major else '[B,T]'}={want} to "
+                       f"match xs {tuple(xs.shape)}, got {tuple(mask.shape)}")
+  if input_dropout_mask is not None and tuple(input_dropout_mask.shape) != (b, d):
+    raise ValueError(f"input_dropout_mask must have shape [B,D]=({b}, {d}), "
+                     f"got {tuple(input_dropout_mask.shape)}")
+  if recurrent_dropout_mask is not None and tuple(recurrent_dropout_mask.shape) != (b, hsz):
+    raise ValueError(f"recurrent_dropout_mask must have shape [B,H]=({b}, {hsz}), "
+                     f"got {tuple(recurrent_dropout_mask.shape)}")
+  if remat_chunk is not None and (not isinstance(remat_chunk, int) or remat_chunk < 1):
+    raise ValueError(f"remat_chunk must be a positive int or None, got {remat_chunk!r}")
+  return b, t
+
+
+def _project(params: GRUParams, xs: Array, *, time_major: bool, variant: str,
+             input_dropout_mask, compute_dtype, state_dtype) -> Array:
+  """All steps' input projections at once, returned time-major [T,B,3H] in state dtype."""
+  if input_dropout_mask is not None:
+    xs = xs * (input_dropout_mask[None] if time_major else input_dropout_mask[:, None])
+  bias = cell_lib.folded_bias(params, variant)
+  if not time_major:
+    # Transposing x (width D) is cheaper than transposing xp (width 3H).
+    xs = jnp.swapaxes(xs, 0, 1)
+  xp = cell_lib.matmul(xs, params.w_x.astype(compute_dtype), state_dtype)
+  return xp + bias.astype(state_dtype)
+
+
+def _recurrence_xla(w_h, b_h, xp, h0, mask_tm, rec_mask, *, variant, reverse, unroll,
+                    return_gates, remat_chunk):
+  """The time loop. xp [T,B,3H], h0 [B,H], mask_tm [T,B] or None -> (h_last, hs [T,B,H], gates)."""
+
+  def body(h, inp):
+    xp_t, m_t = inp
+    g = cell_lib.recurrent_gates(w_h, b_h, h, xp_t, variant=variant,
+                                 h_drop=None if rec_mask is None else h * rec_mask)
+    h_new = cell_lib.blend(h, g)
+    out = h_new
+    if m_t is not None:
+      keep = m_t[:, None]
+      h_new = jnp.where(keep, h_new, h)
+      out = jnp.where(keep, out, jnp.zeros_like(out))
+    return h_new, (out, g if return_gates else None)
+
+  if remat_chunk is None:
+    h_last, (hs, gs) = jax.lax.scan(body, h0, (xp, mask_tm), reverse=reverse, unroll=unroll)
+    return h_last, hs, gs
+
+  # Chunked rematerialisation: only chunk-boundary states are kept for the
+  # backward pass; each chunk's steps are recomputed from its first state.
+  t, b = xp.shape[:2]
+  n_chunks = math.ceil(t / remat_chunk)
+  pad = n_chunks * remat_chunk - t
+  if mask_tm is None:
+    mask_tm = jnp.ones((t, b), bool)
+  if pad:  # padded steps are masked out, so they carry the state unchanged
+    xp = jnp.concatenate([xp, jnp.zeros((pad,) + xp.shape[1:], xp.dtype)])
+    mask_tm = jnp.concatenate([mask_tm, jnp.zeros((pad, b), bool)])
+  chunked = lambda a: a.reshape((n_chunks, remat_chunk) + a.shape[1:])
+
+  @jax.checkpoint
+  def chunk_body(h, inp):
+    return jax.lax.scan(body, h, inp, reverse=reverse, unroll=unroll)
+
+  h_last, (hs, gs) = jax.lax.scan(chunk_body, h0, (chunked(xp), chunked(mask_tm)),
+                                  reverse=reverse)
+  unchunk = lambda a: a.reshape((n_chunks * remat_chunk,) + a.shape[2:])[:t]
+  return h_last, unchunk(hs), jax.tree.map(unchunk, gs)
+
+
+@functools.partial(jax.named_call, name="gru")
+def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | None = None,
+        reverse: bool = False, time_major: bool = False, variant: str = "seed",
+        unroll: int = 1, return_gates: bool = False,
+        input_dropout_mask: Array | None = None, recurrent_dropout_mask: Array | None = None,
+        compute_dtype=None, remat_chunk: int | None = None, backend: str = "xla"):
+  """Runs a GRU over a batch of sequences.
+
+  Args:
+    params: `GRUParams` with w_x [D,3H], w_h [H,3H], b_x [3H], b_h [3H].
+    xs: inputs [B,T,D] ([T,B,D] if ``time_major``), floating point.
+    h0: initial state [B,H]; zeros when None.
+    mask: bool [B,T] ([T,B] if ``time_major``), any pattern.  At a masked step
+      the state is carried unchanged and the output is zero, so ``h_last`` is
+      each sequence's state after its last valid step.
+    reverse: run from the last step to the first.  With a mask, each
+      sequence's valid steps run backwards and outputs stay at their own
+      positions, so forward and backward outputs line up.
+    time_major: layout of ``xs``, ``mask`` and the returned ``hs``.
+    variant: "seed" (reset before the matmul) or "reset_after".
+    unroll: `lax.scan` unroll factor.
+    return_gates: also return the per-step `Gates` (each [B,T,H]).
+    input_dropout_mask: [B,D] multiplier applied to x at every step.
+    recurrent_dropout_mask: [B,H] multiplier applied to h where it enters the
+      gates at every step (variational dropout: "dropout before the gates").
+    compute_dtype: dtype of matmul operands (e.g. jnp.bfloat16); the state,
+      accumulation and outputs stay in xs's dtype.
+    remat_chunk: if set, recompute activations in chunks of this many steps
+      in the backward pass (memory O(T/chunk + chunk) instead of O(T)).
+    backend: "xla".
+
+  Returns:
+    ``(h_last [B,H], hs [B,T,H])``, plus gates when ``return_gates``.
+  """
+  b, t = _validate(params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
+                   time_major, variant, backend, remat_chunk)
+  state_dtype = xs.dtype
+  compute_dtype = jnp.dtype(compute_dtype or state_dtype)
+  xp = _project(params, xs, time_major=time_major, variant=variant,
+                input_dropout_mask=input_dropout_mask, compute_dtype=compute_dtype,
+                state_dtype=state_dtype)
+  if h0 is None:
+    h0 = jnp.zeros((b, params.hidden_size), state_dtype)
+  h0 = h0.astype(state_dtype)
+  mask_tm = None
+  if mask is not None:
+    mask_tm = mask.astype(bool) if time_major else mask.astype(bool).T
+  rec_mask = None if recurrent_dropout_mask is None else recurrent_dropout_mask.astype(state_dtype)
+  h_last, hs, gs = _recurrence_xla(
+      params.w_h.astype(compute_dtype), params.b_h.astype(state_dtype), xp, h0, mask_tm, rec_mask,
+      variant=variant, reverse=reverse, unroll=unroll, return_gates=return_gates,
+      remat_chunk=remat_chunk)
+  if not time_major:
+    hs = jnp.swapaxes(hs, 0, 1)
+    if gs is not None:
+      gs = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), gs)
+  if return_gates:
+    return h_last, hs, Gates(*gs)
+  return h_last, hs

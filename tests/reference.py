@@ -1,0 +1,58 @@
+"""Independent float64 NumPy GRU, written from the founding document's equations literally.
+
+Each gate is a matrix W_g [H, H+D] acting on the concatenation [h, x]; nothing
+here shares code with gru_jax.
+"""
+import numpy as np
+
+
+def _sig(a):
+  return 1.0 / (1.0 + np.exp(-a))
+
+
+def concat_weights(params):
+  """GRUParams -> {g: (W_g [H,H+D], W_gx/W_gh blocks, b_x_g, b_h_g)} in float64."""
+  w_x, w_h, b_x, b_h = (np.asarray(a, np.float64) for a in params)
+  hsz = w_h.shape[0]
+  out = {}
+  for i, g in enumerate("zrh"):
+    sl = slice(i * hsz, (i + 1) * hsz)
+    out[g] = (np.concatenate([w_h[:, sl].T, w_x[:, sl].T], axis=1), b_x[sl], b_h[sl])
+  return out
+
+
+def step(params, h, x, variant="seed"):
+  """One step for a single example: h [H], x [D] -> (h', z, r, h̃)."""
+  w = concat_weights(params)
+  hsz = h.shape[0]
+  hx = np.concatenate([h, x])
+  z = _sig(w["z"][0] @ hx + w["z"][1] + w["z"][2])
+  r = _sig(w["r"][0] @ hx + w["r"][1] + w["r"][2])
+  wh = w["h"][0]
+  if variant == "seed":
+    cand = np.tanh(wh @ np.concatenate([r * h, x]) + w["h"][1] + w["h"][2])
+  else:  # reset after the recurrent matmul, its bias inside the product
+    cand = np.tanh(wh[:, hsz:] @ x + w["h"][1] + r * (wh[:, :hsz] @ h + w["h"][2]))
+  h_new = (1 - z) * h + z * cand
+  return h_new, z, r, cand
+
+
+def run(params, xs, h0=None, mask=None, reverse=False, variant="seed"):
+  """xs [B,T,D] -> (h_last [B,H], hs [B,T,H]) by explicit Python loops over examples and steps.
+
+  Each example's valid steps (mask True) are run in order (or reversed) and
+  outputs written at their own positions; masked positions output zeros.
+  """
+  xs = np.asarray(xs, np.float64)
+  bsz, t, _ = xs.shape
+  hsz = np.asarray(params[1]).shape[0]
+  hs = np.zeros((bsz, t, hsz))
+  h_last = np.zeros((bsz, hsz))
+  for b in range(bsz):
+    h = np.zeros(hsz) if h0 is None else np.asarray(h0[b], np.float64)
+    steps = [s for s in range(t) if mask is None or mask[b, s]]
+    for s in (reversed(steps) if reverse else steps):
+      h = step(params, h, xs[b, s], variant)[0]
+      hs[b, s] = h
+    h_last[b] = h
+  return h_last, hs

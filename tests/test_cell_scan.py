@@ -1,0 +1,268 @@
+"""The pure cell and scan against the float64 NumPy reference of the seed's equations."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import gru_jax
+from gru_jax import cell
+from tests import reference
+
+VARIANTS = ["seed", "reset_after"]
+
+
+def random_params(key, d, h, dtype=jnp.float32):
+  """Initialised weights plus non-zero random biases, so bias placement is tested."""
+  p = cell.init(key, d, h, dtype=dtype)
+  k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
+  return p._replace(b_x=0.5 * jax.random.normal(k1, p.b_x.shape, dtype),
+                    b_h=0.5 * jax.random.normal(k2, p.b_h.shape, dtype))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("b,t,d,h", [(1, 1, 1, 1), (3, 7, 5, 4), (2, 13, 1, 9), (4, 5, 16, 1)])
+def test_scan_matches_numpy_reference(variant, b, t, d, h):
+  key = jax.random.key(b * 1000 + t * 100 + d * 10 + h)
+  p = random_params(key, d, h)
+  xs = jax.random.normal(jax.random.fold_in(key, 2), (b, t, d))
+  h0 = 0.5 * jax.random.normal(jax.random.fold_in(key, 3), (b, h))
+  h_last, hs = gru_jax.gru(p, xs, h0, variant=variant)
+  ref_last, ref_hs = reference.run(p, xs, np.asarray(h0), variant=variant)
+  np.testing.assert_allclose(hs, ref_hs, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(h_last, ref_last, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gates_match_reference(variant):
+  key = jax.random.key(0)
+  p = random_params(key, 3, 4)
+  h = jax.random.normal(jax.random.fold_in(key, 1), (4,))
+  x = jax.random.normal(jax.random.fold_in(key, 2), (3,))
+  g = cell.gates(p, h, x, variant=variant)
+  h_new, z, r, cand = reference.step(p, np.asarray(h, np.float64), np.asarray(x, np.float64),
+                                     variant)
+  np.testing.assert_allclose(g.z, z, atol=1e-6)
+  np.testing.assert_allclose(g.r, r, atol=1e-6)
+  np.testing.assert_allclose(g.candidate, cand, atol=1e-6)
+  np.testing.assert_allclose(cell.step(p, h, x, variant=variant), h_new, atol=1e-6)
+
+
+def test_variants_differ_when_reset_matters():
+  p = random_params(jax.random.key(3), 3, 4)
+  xs = jax.random.normal(jax.random.key(4), (2, 6, 3))
+  h0 = jnp.ones((2, 4))
+  a = gru_jax.gru(p, xs, h0, variant="seed")[1]
+  b = gru_jax.gru(p, xs, h0, variant="reset_after")[1]
+  assert float(jnp.abs(a - b).max()) > 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_return_gates_match_reference(variant):
+  p = random_params(jax.random.key(5), 2, 3)
+  xs = jax.random.normal(jax.random.key(6), (2, 4, 2))
+  _, hs, g = gru_jax.gru(p, xs, variant=variant, return_gates=True)
+  chex.assert_shape([g.z, g.r, g.candidate], (2, 4, 3))
+  h = np.zeros(3)
+  for s in range(4):
+    h, z, r, cand = reference.step(p, h, np.asarray(xs[0, s], np.float64), variant)
+    np.testing.assert_allclose(g.z[0, s], z, atol=1e-5)
+    np.testing.assert_allclose(g.r[0, s], r, atol=1e-5)
+    np.testing.assert_allclose(g.candidate[0, s], cand, atol=1e-5)
+
+
+def test_init_follows_the_seed_advice():
+  d, h = 40, 32
+  p = cell.init(jax.random.key(0), d, h)
+  chex.assert_shape([p.w_x, p.w_h, p.b_x, p.b_h], [(d, 3 * h), (h, 3 * h), (3 * h,), (3 * h,)])
+  np.testing.assert_array_equal(p.b_x, 0)
+  np.testing.assert_array_equal(p.b_h, 0)
+  limit = np.sqrt(6.0 / (d + h))  # Glorot-uniform bound per [D,H] gate block
+  assert float(jnp.abs(p.w_x).max()) <= limit + 1e-6
+  assert float(jnp.abs(p.w_x).max()) > 0.9 * limit
+  for g in range(3):
+    blk = np.asarray(p.w_h[:, g * h:(g + 1) * h], np.float64)
+    np.testing.assert_allclose(blk.T @ blk, np.eye(h), atol=1e-5)
+
+
+# ---------------------------------------------------------------- masks
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_padded_batch_equals_unpadded_sequences(variant, reverse):
+  key = jax.random.key(7)
+  p = random_params(key, 3, 5)
+  lengths = [6, 2, 4, 1]
+  t = max(lengths)
+  xs = jax.random.normal(jax.random.fold_in(key, 1), (len(lengths), t, 3))
+  mask = jnp.arange(t)[None, :] < jnp.asarray(lengths)[:, None]
+  h_last, hs = gru_jax.gru(p, xs, mask=mask, reverse=reverse, variant=variant)
+  for i, n in enumerate(lengths):
+    hl_i, hs_i = gru_jax.gru(p, xs[i:i + 1, :n], reverse=reverse, variant=variant)
+    np.testing.assert_allclose(hs[i, :n], hs_i[0], atol=1e-6)
+    np.testing.assert_allclose(h_last[i], hl_i[0], atol=1e-6)
+    np.testing.assert_array_equal(hs[i, n:], 0)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_arbitrary_mask_pattern_matches_reference(reverse):
+  key = jax.random.key(8)
+  p = random_params(key, 2, 3)
+  xs = jax.random.normal(jax.random.fold_in(key, 1), (3, 9, 2))
+  mask = np.array(jax.random.bernoulli(jax.random.fold_in(key, 2), 0.6, (3, 9)))
+  mask[2] = False  # a fully masked row keeps h0 and outputs zeros
+  h0 = jax.random.normal(jax.random.fold_in(key, 3), (3, 3))
+  h_last, hs = gru_jax.gru(p, xs, h0, mask=jnp.asarray(mask), reverse=reverse)
+  ref_last, ref_hs = reference.run(p, xs, np.asarray(h0), mask=mask, reverse=reverse)
+  np.testing.assert_allclose(hs, ref_hs, atol=1e-5)
+  np.testing.assert_allclose(h_last, ref_last, atol=1e-5)
+  np.testing.assert_allclose(h_last[2], h0[2], atol=0)
+
+
+def test_time_major_equals_batch_major():
+  p = random_params(jax.random.key(9), 4, 3)
+  xs = jax.random.normal(jax.random.key(10), (2, 7, 4))
+  mask = jax.random.bernoulli(jax.random.key(11), 0.7, (2, 7))
+  hb = gru_jax.gru(p, xs, mask=mask)
+  ht = gru_jax.gru(p, jnp.swapaxes(xs, 0, 1), mask=mask.T, time_major=True)
+  np.testing.assert_allclose(hb[0], ht[0], atol=1e-6)
+  np.testing.assert_allclose(hb[1], jnp.swapaxes(ht[1], 0, 1), atol=1e-6)
+
+
+# ------------------------------------------------------ options that must not change results
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_unroll_and_remat_do_not_change_values_or_grads(variant):
+  p = random_params(jax.random.key(12), 3, 4)
+  xs = jax.random.normal(jax.random.key(13), (2, 11, 3))
+  mask = jax.random.bernoulli(jax.random.key(14), 0.8, (2, 11))
+
+  def loss(p, **kw):
+    return jnp.sum(gru_jax.gru(p, xs, mask=mask, variant=variant, **kw)[1] ** 2)
+
+  base_v, base_g = jax.value_and_grad(loss)(p)
+  for kw in [dict(unroll=4), dict(remat_chunk=4), dict(remat_chunk=11), dict(remat_chunk=3,
+                                                                               reverse=False)]:
+    v, g = jax.value_and_grad(loss)(p, **kw)
+    np.testing.assert_allclose(v, base_v, rtol=1e-6)
+    chex.assert_trees_all_close(g, base_g, atol=1e-5)
+
+
+def test_dropout_masks_match_reference():
+  p = random_params(jax.random.key(15), 3, 4)
+  xs = jax.random.normal(jax.random.key(16), (2, 5, 3))
+  m_in = jax.random.bernoulli(jax.random.key(17), 0.5, (2, 3)).astype(jnp.float32) * 2
+  m_rec = jax.random.bernoulli(jax.random.key(18), 0.5, (2, 4)).astype(jnp.float32) * 2
+  _, hs = gru_jax.gru(p, xs, input_dropout_mask=m_in, recurrent_dropout_mask=m_rec)
+  # Reference: x*m_in everywhere; h*m_rec wherever h enters a gate, undropped h in the blend.
+  w = reference.concat_weights(p)
+  sig = lambda a: 1 / (1 + np.exp(-a))
+  for b in range(2):
+    h = np.zeros(4)
+    for s in range(5):
+      x = np.asarray(xs[b, s], np.float64) * np.asarray(m_in[b])
+      hd = h * np.asarray(m_rec[b])
+      z = sig(w["z"][0] @ np.concatenate([hd, x]) + w["z"][1] + w["z"][2])
+      r = sig(w["r"][0] @ np.concatenate([hd, x]) + w["r"][1] + w["r"][2])
+      cand = np.tanh(w["h"][0] @ np.concatenate([r * hd, x]) + w["h"][1] + w["h"][2])
+      h = (1 - z) * h + z * cand
+      np.testing.assert_allclose(hs[b, s], h, atol=1e-5)
+
+
+def test_bf16_compute_keeps_float32_state_and_stays_close():
+  p = random_params(jax.random.key(19), 8, 16)
+  xs = jax.random.normal(jax.random.key(20), (4, 20, 8))
+  h32 = gru_jax.gru(p, xs)[1]
+  hl, hbf = gru_jax.gru(p, xs, compute_dtype=jnp.bfloat16)
+  assert hbf.dtype == jnp.float32 and hl.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(hbf - h32) / jnp.linalg.norm(h32))
+  assert rel < 2e-2, rel
+
+
+# ---------------------------------------------------------------- gradients and precision
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_check_grads_float64(variant):
+  with jax.enable_x64(True):
+    p = random_params(jax.random.key(21), 3, 4, dtype=jnp.float64)
+    xs = jax.random.normal(jax.random.key(22), (2, 5, 3), jnp.float64)
+    mask = jnp.array([[1, 1, 1, 0, 1], [1, 0, 1, 1, 1]], bool)
+    h0 = jax.random.normal(jax.random.key(23), (2, 4), jnp.float64)
+    f = lambda p, xs, h0: gru_jax.gru(p, xs, h0, mask=mask, variant=variant)
+    check_grads(f, (p, xs, h0), order=2, modes=("rev",), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float32_close_to_float64(variant):
+  p32 = random_params(jax.random.key(24), 6, 8)
+  xs32 = jax.random.normal(jax.random.key(25), (3, 50, 6))
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda a: a.astype(jnp.float64), p32)
+    h64 = gru_jax.gru(p64, xs32.astype(jnp.float64), variant=variant)[1]
+  h32 = gru_jax.gru(p32, xs32, variant=variant)[1]
+  assert h32.dtype == jnp.float32
+  np.testing.assert_allclose(h32, np.asarray(h64), atol=1e-5)
+
+
+# ---------------------------------------------------------------- chex variants
+
+class ChexVariantsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_jit_and_no_jit_match_reference(self):
+    p = random_params(jax.random.key(26), 3, 4)
+    xs = jax.random.normal(jax.random.key(27), (2, 6, 3))
+    ref_last, ref_hs = reference.run(p, xs)
+    h_last, hs = self.variant(lambda p, xs: gru_jax.gru(p, xs))(p, xs)
+    chex.assert_shape(hs, (2, 6, 4))
+    np.testing.assert_allclose(hs, ref_hs, atol=1e-5)
+    np.testing.assert_allclose(h_last, ref_last, atol=1e-5)
+
+
+def test_vmap_over_batch_of_params():
+  keys = jax.random.split(jax.random.key(28), 3)
+  ps = jax.vmap(lambda k: cell.init(k, 2, 3))(keys)
+  xs = jax.random.normal(jax.random.key(29), (2, 4, 2))
+  hs = jax.vmap(lambda p: gru_jax.gru(p, xs)[1])(ps)
+  chex.assert_shape(hs, (3, 2, 4, 3))
+  for i in range(3):
+    p_i = jax.tree.map(lambda a: a[i], ps)
+    np.testing.assert_allclose(hs[i], reference.run(p_i, xs)[1], atol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _p():
+  return cell.init(jax.random.key(0), 3, 4)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(xs=jnp.ones((2, 3))), r"xs must have rank 3 \[B,T,D\], got shape \(2, 3\)"),
+    (dict(xs=jnp.ones((2, 5, 7))), r"feature size D=7 .*\(3, 12\)"),
+    (dict(xs=jnp.ones((2, 5, 3), jnp.int32)), r"floating point, got dtype int32"),
+    (dict(mask=jnp.ones((5, 2), bool)), r"mask must have shape \[B,T\]=\(2, 5\).*got \(5, 2\)"),
+    (dict(h0=jnp.ones((2, 5))), r"h0 must have shape \[B,H\]=\(2, 4\), got \(2, 5\)"),
+    (dict(variant="lstm"), r"variant must be one of"),
+    (dict(input_dropout_mask=jnp.ones((2, 4))), r"input_dropout_mask must have shape \[B,D\]"),
+    (dict(recurrent_dropout_mask=jnp.ones((1, 4))), r"recurrent_dropout_mask must have shape"),
+    (dict(remat_chunk=0), r"remat_chunk must be a positive int"),
+    (dict(backend="cudnn"), r"backend must be one of"),
+])
+def test_bad_input_errors_name_argument_and_shapes(kwargs, match):
+  args = dict(xs=jnp.ones((2, 5, 3)))
+  args.update(kwargs)
+  xs = args.pop("xs")
+  with pytest.raises(ValueError, match=match):
+    gru_jax.gru(_p(), xs, **args)
+
+
+def test_bad_step_input():
+  with pytest.raises(ValueError, match=r"x has feature size 2 .* input_size=3"):
+    cell.step(_p(), jnp.ones((1, 4)), jnp.ones((1, 2)))
+  with pytest.raises(ValueError, match=r"h has size 5"):
+    cell.step(_p(), jnp.ones((1, 5)), jnp.ones((1, 3)))
+  with pytest.raises(ValueError, match=r"input_size and hidden_size must be >= 1"):
+    cell.init(jax.random.key(0), 0, 3)
+  with pytest.raises(TypeError, match=r"params must be a GRUParams"):
+    gru_jax.gru({"w": 1}, jnp.ones((1, 2, 3)))
