@@ -1,0 +1,49 @@
+"""Keys every config has, so any of them can be overridden with --config.KEY=VALUE."""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 64
+  c.eval_batch_size = 0            # 0: same as batch_size
+  c.num_epochs = 10
+  c.num_train_steps = 0            # > 0 takes precedence over num_epochs
+  c.learning_rate = 1e-3
+  c.eval_every_steps = 0           # 0: once per epoch
+  c.checkpoint_every_steps = 0     # 0: at every evaluation
+  c.log_every_steps = 10
+  c.eval_splits = ("validation", "test")
+  c.class_weights = ""             # "" or "balanced"
+  c.bn_recalibrate_batches = 20    # re-estimate batch-norm statistics before eval; 0 = off
+  c.parallel = "jit"               # "jit" (sharded over a device mesh) or "pmap"
+  c.remat = 0                      # > 0: recompute the scan in chunks of this many steps
+  c.compute_dtype = "float32"      # or "bfloat16" (state and parameters stay float32)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"        # "adam" or "adamw"
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 1e-4  # adamw only
+  c.optimizer.clip_norm = 0.0      # > 0: clip by global norm
+  c.optimizer.schedule = "constant"  # or "warmup_cosine"
+  c.optimizer.warmup_steps = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hidden_sizes = (128, 128)
+  c.model.batch_norm = True
+  c.model.dropout = 0.5
+  c.model.input_dropout = 0.0
+  c.model.recurrent_dropout = 0.0
+  c.model.variant = "seed"
+  c.model.bidirectional = False
+  c.model.embed_dim = 64
+  c.model.bn_momentum = 0.99
+  c.model.bn_epsilon = 1e-3
+  c.model.unroll = 1
+  c.model.backend = "xla"
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "sequential_digits"
+  return c

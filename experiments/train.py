@@ -1,0 +1,43 @@
+r"""Trains a gru_jax model: flags and config in, `gru_jax.train.train_and_evaluate` does the rest.
+
+  python -m experiments.train --config=experiments/configs/digits.py --workdir=runs/digits \
+      [--config.learning_rate=3e-3 ...]
+
+Rerunning with the same --workdir resumes from its last checkpoint.  On a
+cluster, jax.distributed is initialised from --coordinator_address /
+--num_processes / --process_id, or detected automatically on SLURM and TPU VMs.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.", required=True)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "jax.distributed.initialize(): auto = when launched by SLURM or on a TPU pod.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from gru_jax import distributed, train  # after flag parsing: keeps --help fast
+  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.TrainingError, ValueError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,37 @@
+"""Multi-controller start-up on JAX's own runtime (`jax.distributed`)."""
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+
+
+def _launched_on_cluster() -> bool:
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  # Multi-host TPU VMs list every worker in this variable.
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize(mode: str = "auto", coordinator_address: str | None = None,
+               num_processes: int | None = None, process_id: int | None = None) -> None:
+  """Calls `jax.distributed.initialize` when this is a multi-process run.
+
+  Explicit arguments win; ``mode="auto"`` initialises under SLURM with several
+  tasks or on a multi-host TPU VM, where JAX detects everything itself.
+  """
+  explicit = [coordinator_address, num_processes, process_id]
+  if any(a is not None for a in explicit):
+    if any(a is None for a in explicit):
+      raise ValueError("--coordinator_address, --num_processes and --process_id must be given "
+                       f"together, got {explicit}")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  elif mode == "on" or (mode == "auto" and _launched_on_cluster()):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())

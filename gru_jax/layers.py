@@ -1,0 +1,223 @@
+"""Flax Linen layers around the pure GRU functions.
+
+Parameter names are stable: a `GRU` layer owns ``w_x`` [D,3H], ``w_h`` [H,3H],
+``b_x`` [3H] and ``b_h`` [3H] (exactly the fields of `GRUParams`); a
+`SequenceBatchNorm` owns ``scale``/``bias`` params and ``mean``/``var`` in the
+``batch_stats`` collection; `Bidirectional` nests ``forward`` and ``backward``.
+
+Dropout masks are drawn from the ``dropout`` RNG.  When ``example_ids`` [B]
+are given, each example's mask comes from ``fold_in(rng, example_id)``, so a
+result does not depend on how the batch is split across devices.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gru_jax import cell as cell_lib
+from gru_jax import scan as scan_lib
+
+Array = jax.Array
+
+
+def dropout_multiplier(rng: Array, rate: float, batch: int, shape: tuple[int, ...],
+                       example_ids: Array | None = None, dtype=jnp.float32) -> Array:
+  """Inverted-dropout multiplier [B, *shape]: 0 or 1/(1-rate).
+
+  With ``example_ids`` [B], row i depends only on (rng, example_ids[i]).
+  """
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+  keep = 1.0 - rate
+  if example_ids is None:
+    bits = jax.random.bernoulli(rng, keep, (batch,) + shape)
+  else:
+    if example_ids.shape != (batch,):
+      raise ValueError(f"example_ids must have shape [B]=({batch},), got {example_ids.shape}")
+    bits = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(rng, i), keep, shape))(
+        example_ids)
+  return bits.astype(dtype) / keep
+
+
+def _check_seq(name: str, xs: Array, mask: Array | None) -> None:
+  if xs.ndim != 3:
+    raise ValueError(f"{name} expects inputs [B,T,D], got shape {xs.shape}")
+  if mask is not None and mask.shape != xs.shape[:2]:
+    raise ValueError(f"{name}: mask must have shape [B,T]={xs.shape[:2]}, got {mask.shape}")
+
+
+class GRU(nn.Module):
+  """One GRU layer over [B,T,D] inputs, wrapping `gru_jax.gru`.
+
+  Attributes:
+    hidden_size: H.
+    variant: "seed" (the founding document's equations) or "reset_after".
+    return_sequences: return hs [B,T,H] (else the final state [B,H]).
+    return_state: also return the final state: ``(outputs, h_last)``.
+    reverse: run backwards in time (valid steps only, see `gru_jax.gru`).
+    dropout: rate of the input dropout mask [B,D], fixed over time.
+    recurrent_dropout: rate of the recurrent dropout mask [B,H], fixed over time.
+    unroll, compute_dtype, remat_chunk, backend: passed to `gru_jax.gru`.
+  """
+  hidden_size: int
+  variant: str = "seed"
+  return_sequences: bool = True
+  return_state: bool = False
+  reverse: bool = False
+  dropout: float = 0.0
+  recurrent_dropout: float = 0.0
+  kernel_init: Callable = jax.nn.initializers.glorot_uniform()
+  recurrent_init: Callable = jax.nn.initializers.orthogonal()
+  bias_init: Callable = jax.nn.initializers.zeros
+  param_dtype: Any = jnp.float32
+  unroll: int = 1
+  compute_dtype: Any = None
+  remat_chunk: int | None = None
+  backend: str = "xla"
+
+  def _params(self, input_size: int) -> cell_lib.GRUParams:
+    def field(name):
+      return lambda key: getattr(
+          cell_lib.init(key, input_size, self.hidden_size, variant=self.variant,
+                        dtype=self.param_dtype, kernel_init=self.kernel_init,
+                        recurrent_init=self.recurrent_init, bias_init=self.bias_init), name)
+    return cell_lib.GRUParams(*(self.param(n, field(n)) for n in cell_lib.GRUParams._fields))
+
+  @nn.compact
+  def __call__(self, xs: Array, mask: Array | None = None, h0: Array | None = None, *,
+               deterministic: bool = True, example_ids: Array | None = None):
+    """xs [B,T,D], mask [B,T] bool, h0 [B,H] -> hs [B,T,H] or h_last [B,H] (see attributes)."""
+    _check_seq("GRU", xs, mask)
+    params = self._params(xs.shape[-1])
+    b = xs.shape[0]
+    in_mask = rec_mask = None
+    if not deterministic and self.dropout > 0:
+      in_mask = dropout_multiplier(self.make_rng("dropout"), self.dropout, b, (xs.shape[-1],),
+                                   example_ids, xs.dtype)
+    if not deterministic and self.recurrent_dropout > 0:
+      rec_mask = dropout_multiplier(self.make_rng("dropout"), self.recurrent_dropout, b,
+                                    (self.hidden_size,), example_ids, xs.dtype)
+    h_last, hs = scan_lib.gru(params, xs, h0, mask=mask, reverse=self.reverse,
+                              variant=self.variant, unroll=self.unroll,
+                              input_dropout_mask=in_mask, recurrent_dropout_mask=rec_mask,
+                              compute_dtype=self.compute_dtype, remat_chunk=self.remat_chunk,
+                              backend=self.backend)
+    out = hs if self.return_sequences else h_last
+    return (out, h_last) if self.return_state else out
+
+
+class Bidirectional(nn.Module):
+  """A forward and a backward `GRU` (submodules ``forward``/``backward``).
+
+  Outputs [B,T,2H] ("concat") or [B,T,H] ("sum"); with ``return_sequences``
+  False, the two final states [B,2H] / [B,H].  The backward layer runs each
+  sequence's valid steps in reverse, so with padding the outputs line up.
+  """
+  hidden_size: int
+  merge_mode: str = "concat"
+  return_sequences: bool = True
+  gru_kwargs: dict | None = None
+
+  @nn.compact
+  def __call__(self, xs, mask=None, *, deterministic=True, example_ids=None):
+    if self.merge_mode not in ("concat", "sum"):
+      raise ValueError(f"merge_mode must be 'concat' or 'sum', got {self.merge_mode!r}")
+    kw = dict(self.gru_kwargs or {})
+    outs = [GRU(self.hidden_size, reverse=rev, return_sequences=self.return_sequences,
+                name=name, **kw)(xs, mask, deterministic=deterministic, example_ids=example_ids)
+            for name, rev in (("forward", False), ("backward", True))]
+    return jnp.concatenate(outs, -1) if self.merge_mode == "concat" else outs[0] + outs[1]
+
+
+class StackedGRU(nn.Module):
+  """``len(hidden_sizes)`` GRU layers (``layer_0``, ``layer_1``, ...), each returning sequences.
+
+  ``dropout_between`` applies (per-example) dropout to the outputs of every
+  layer but the last.  Returns hs [B,T,H_last] (or [B,T,2H_last] bidirectional).
+  """
+  hidden_sizes: Sequence[int]
+  bidirectional: bool = False
+  dropout_between: float = 0.0
+  gru_kwargs: dict | None = None
+
+  @nn.compact
+  def __call__(self, xs, mask=None, *, deterministic=True, example_ids=None):
+    _check_seq("StackedGRU", xs, mask)
+    kw = dict(self.gru_kwargs or {})
+    h = xs
+    for i, size in enumerate(self.hidden_sizes):
+      if self.bidirectional:
+        layer = Bidirectional(size, gru_kwargs=kw, name=f"layer_{i}")
+      else:
+        layer = GRU(size, name=f"layer_{i}", **kw)
+      h = layer(h, mask, deterministic=deterministic, example_ids=example_ids)
+      if i < len(self.hidden_sizes) - 1:
+        h = SequenceDropout(self.dropout_between)(h, deterministic=deterministic,
+                                                  example_ids=example_ids)
+    return h
+
+
+class SequenceDropout(nn.Module):
+  """Element-wise dropout on [B,...] features, per-example reproducible via ``example_ids``."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, *, deterministic=True, example_ids=None):
+    if deterministic or self.rate == 0:
+      return x
+    return x * dropout_multiplier(self.make_rng("dropout"), self.rate, x.shape[0], x.shape[1:],
+                                  example_ids, x.dtype)
+
+
+class SequenceBatchNorm(nn.Module):
+  """Batch normalisation after a GRU layer: per-feature statistics over batch and time.
+
+  Inputs [B,T,F] with mask [B,T] (padded steps are excluded from the
+  statistics and output as zeros) or [B,F].  Running averages
+  ``mean``/``var`` (collection ``batch_stats``) are used when
+  ``use_running_average``; ``axis_name`` averages statistics across
+  `pmap` devices, weighted by each device's count of valid steps.
+  """
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  use_running_average: bool | None = None
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None, *,
+               use_running_average: bool | None = None) -> Array:
+    use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+    if x.ndim not in (2, 3):
+      raise ValueError(f"SequenceBatchNorm expects [B,T,F] or [B,F], got shape {x.shape}")
+    if mask is not None and (x.ndim != 3 or mask.shape != x.shape[:2]):
+      raise ValueError(f"SequenceBatchNorm: mask must have shape [B,T]={x.shape[:2]} for "
+                       f"inputs {x.shape}, got {mask.shape}")
+    feat = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (feat,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (feat,), jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, (feat,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (feat,), jnp.float32)
+    w = jnp.ones(x.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    if use_ra:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      sums = (jnp.sum(w), jnp.sum(xf * w[..., None], axes))
+      if self.axis_name is not None:
+        sums = jax.lax.psum(sums, self.axis_name)
+      count = jnp.maximum(sums[0], 1.0)
+      mean = sums[1] / count
+      sq = jnp.sum(jnp.square(xf - mean) * w[..., None], axes)
+      if self.axis_name is not None:
+        sq = jax.lax.psum(sq, self.axis_name)
+      var = sq / count
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    y = y.astype(x.dtype)
+    return y if mask is None else y * mask[..., None].astype(x.dtype)

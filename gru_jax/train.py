@@ -1,0 +1,542 @@
+"""Training and evaluation: models + data + Optax, with checkpoints that survive a kill.
+
+`train_and_evaluate(config, workdir)` is the whole job.  Its pieces are
+small typed functions research code can import: `create_model`,
+`create_optimizer`, `init_state`, `train_step`, `eval_step`,
+`evaluate`, `recalibrate_batch_stats`.
+
+Reproducibility: batch order depends only on (seed, epoch), dropout masks on
+(seed, step, global example index), so a run resumed from a checkpoint, or
+spread over a different number of devices, follows the same trajectory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from gru_jax import data as data_lib
+from gru_jax import models
+
+Array = jax.Array
+PARALLEL_MODES = ("jit", "pmap")
+AXIS = "batch"
+
+
+class TrainingError(RuntimeError):
+  """A run cannot go on (non-finite loss, incompatible workdir, ...)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any
+  opt_state: Any
+  batch_stats: Any
+
+
+# ----------------------------------------------------------------------------- construction
+
+def create_model(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, *,
+                 axis_name: str | None = None, **overrides) -> models.SequenceModel:
+  """The `SequenceModel` that ``config.model`` describes, sized for the dataset ``info``."""
+  m = config.model
+  kw = dict(
+      task=info.task, num_outputs=info.num_classes, hidden_sizes=tuple(m.hidden_sizes),
+      batch_norm=m.batch_norm, dropout=m.dropout, input_dropout=m.input_dropout,
+      recurrent_dropout=m.recurrent_dropout, variant=m.variant, bidirectional=m.bidirectional,
+      vocab_size=info.input_dim if info.input_kind == "tokens" else None,
+      embed_dim=m.embed_dim, bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
+      axis_name=axis_name, unroll=m.unroll, remat_chunk=config.remat or None,
+      compute_dtype=None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype),
+      backend=m.backend)
+  kw.update(overrides)
+  return models.SequenceModel(**kw)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int
+                     ) -> optax.GradientTransformation:
+  """Adam (default) or AdamW with optional global-norm clipping and warmup/cosine schedule."""
+  o = config.optimizer
+  if o.schedule == "constant":
+    lr = config.learning_rate
+  elif o.schedule == "warmup_cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, o.warmup_steps,
+                                            max(total_steps, o.warmup_steps + 1))
+  else:
+    raise ValueError(f"config.optimizer.schedule must be 'constant' or 'warmup_cosine', "
+                     f"got {o.schedule!r}")
+  if o.name == "adam":
+    opt = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+  elif o.name == "adamw":
+    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  else:
+    raise ValueError(f"config.optimizer.name must be 'adam' or 'adamw', got {o.name!r}")
+  if o.clip_norm:
+    opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
+  return opt
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, info: data_lib.DatasetInfo,
+               rng: Array, batch: dict) -> TrainState:
+  variables = model.init(rng, batch["inputs"][:1], batch["mask"][:1], train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    batch_stats=variables.get("batch_stats", {}))
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """sklearn's "balanced" weights n / (C · count_c) from training labels; unseen classes get 0."""
+  counts = np.bincount(labels.reshape(-1), minlength=num_classes).astype(np.float64)
+  w = np.where(counts > 0, labels.size / (num_classes * np.maximum(counts, 1)), 0.0)
+  return w.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- losses and steps
+
+def _per_example_terms(task: str, outputs: Array, batch: dict, cw: Array | None):
+  """Loss terms, their weights and (for classification-like tasks) predictions.
+
+  Returns (loss [N], weight [N], pred, label) flattened over examples or
+  (example, step) pairs; weight folds in padding, masks and class weights.
+  """
+  w = batch["weight"]
+  if task == "regression":
+    err = outputs - batch["labels"].reshape(outputs.shape)
+    return jnp.mean(err ** 2, -1), w, None, None
+  labels = batch["labels"]
+  if task in ("tagging", "lm"):
+    w = (batch["mask"] * w[:, None]).reshape(-1)
+    outputs = outputs.reshape(-1, outputs.shape[-1])
+    labels = labels.reshape(-1)
+  loss = optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), labels)
+  lw = w if cw is None else w * cw[labels]
+  return loss, lw, jnp.argmax(outputs, -1), (labels, w)
+
+
+def _sum(x, axis_name):
+  s = jnp.sum(x)
+  return s if axis_name is None else jax.lax.psum(s, axis_name)
+
+
+def train_step(state: TrainState, batch: dict, rng: Array, *, model: nn.Module,
+               tx: optax.GradientTransformation, cw: Array | None = None,
+               axis_name: str | None = None) -> tuple[TrainState, dict]:
+  """One optimisation step on a batch (a device's shard under pmap).
+
+  The loss is the weighted sum over the GLOBAL batch divided by its total
+  weight, so it does not depend on how the batch is split over devices.
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    out, upd = model.apply({"params": params, "batch_stats": state.batch_stats},
+                           batch["inputs"], batch["mask"], train=True,
+                           example_ids=batch["example_id"], rngs={"dropout": step_rng},
+                           mutable=["batch_stats"])
+    loss, lw, _, _ = _per_example_terms(model.task, out, batch, cw)
+    total = jnp.maximum(_sum(lw, axis_name), 1e-9)
+    return jnp.sum(loss * lw) / total, upd
+
+  (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads = jax.lax.psum(grads, axis_name)
+    loss = jax.lax.psum(loss, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                      batch_stats=upd.get("batch_stats", state.batch_stats))
+  return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module, num_classes: int,
+              axis_name: str | None = None) -> dict:
+  """Sums over a batch (padding has weight 0): loss, count and a confusion matrix or squared error."""
+  out = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                    batch["inputs"], batch["mask"], train=False)
+  loss, lw, pred, lab = _per_example_terms(model.task, out, batch, None)
+  sums = {"loss": jnp.sum(loss * lw), "count": jnp.sum(lw)}
+  if model.task == "regression":
+    sums["sq_err"] = jnp.sum(loss * lw)
+  else:
+    labels, w = lab
+    idx = labels * num_classes + pred
+    sums["confusion"] = jnp.zeros(num_classes * num_classes).at[idx].add(w).reshape(
+        num_classes, num_classes)
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  return sums
+
+
+def summarize(sums: dict, task: str, extras: dict | None = None) -> dict:
+  """Host-side metrics from summed eval terms: loss, accuracy, per-class recall, macro-F1, RMSE."""
+  sums = jax.tree.map(np.asarray, sums)
+  count = max(float(sums["count"]), 1e-12)
+  out = {"loss": float(sums["loss"]) / count, "count": float(sums["count"])}
+  if task == "regression":
+    out["mse"] = float(sums["sq_err"]) / count
+    out["rmse"] = math.sqrt(out["mse"])
+    std = (extras or {}).get("std")
+    if std is not None:  # in the data's original units
+      out["rmse_original_units"] = out["rmse"] * float(std)
+    return out
+  cm = sums["confusion"].astype(np.float64)
+  out["accuracy"] = float(np.trace(cm) / max(cm.sum(), 1e-12))
+  if task == "lm":
+    out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    out["bits_per_char"] = out["loss"] / math.log(2)
+    return out
+  support = cm.sum(1)
+  predicted = cm.sum(0)
+  tp = np.diag(cm)
+  recall = np.where(support > 0, tp / np.maximum(support, 1e-12), np.nan)
+  precision = np.where(predicted > 0, tp / np.maximum(predicted, 1e-12), 0.0)
+  f1 = np.where(precision + np.nan_to_num(recall) > 0,
+                2 * precision * np.nan_to_num(recall) /
+                np.maximum(precision + np.nan_to_num(recall), 1e-12), 0.0)
+  present = support > 0
+  out["macro_f1"] = float(f1[present].mean()) if present.any() else 0.0
+  out["balanced_accuracy"] = float(np.nanmean(recall)) if present.any() else 0.0
+  out["per_class_recall"] = [None if np.isnan(r) else float(r) for r in recall]
+  out["confusion_matrix"] = cm.astype(np.int64).tolist()
+  return out
+
+
+# ----------------------------------------------------------------------------- parallel runtime
+
+@dataclasses.dataclass
+class Runtime:
+  """How arrays reach devices and which compiled steps run: "jit" (sharded) or "pmap"."""
+  mode: str
+  mesh: Any = None
+
+  @property
+  def axis_name(self):
+    return AXIS if self.mode == "pmap" else None
+
+  def check_batch(self, global_batch: int, what: str):
+    n = jax.device_count()
+    if global_batch % n:
+      raise ValueError(f"{what}={global_batch} must be divisible by the number of devices ({n}) "
+                       f"across {jax.process_count()} process(es)")
+
+  def put_batch(self, local: dict) -> dict:
+    if self.mode == "pmap":
+      nd = jax.local_device_count()
+      return jax.tree.map(lambda a: a.reshape((nd, a.shape[0] // nd) + a.shape[1:]), local)
+    sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(AXIS))
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), local)
+
+  def put_state(self, state: TrainState) -> TrainState:
+    if self.mode == "pmap":
+      return flax.jax_utils.replicate(state)
+    return jax.device_put(state, jax.sharding.NamedSharding(self.mesh,
+                                                            jax.sharding.PartitionSpec()))
+
+  def host_state(self, state: TrainState) -> TrainState:
+    """A single, fully-addressable copy (for checkpoints and host metrics)."""
+    if self.mode == "pmap":
+      return flax.jax_utils.unreplicate(state)
+    return state
+
+  def compile(self, fn: Callable, static_kw: dict, n_args: int) -> Callable:
+    f = functools.partial(fn, **static_kw)
+    if self.mode == "pmap":
+      # Arguments after the first two (state, batch) are replicated host values (rng).
+      in_axes = (0, 0) + (None,) * (n_args - 2)
+      return jax.pmap(f, axis_name=AXIS, in_axes=in_axes)
+    return jax.jit(f)
+
+  def scalar(self, x) -> np.ndarray:
+    """A replicated device value on the host (also when other processes hold shards)."""
+    return np.asarray(x[0] if self.mode == "pmap" else x.addressable_data(0))
+
+
+def make_runtime(mode: str) -> Runtime:
+  if mode not in PARALLEL_MODES:
+    raise ValueError(f"config.parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+  if mode == "pmap":
+    return Runtime("pmap")
+  return Runtime("jit", jax.sharding.Mesh(np.array(jax.devices()), (AXIS,)))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(runtime: Runtime, eval_fn: Callable, state, arrays: dict, batch_size: int,
+             seed: int) -> dict:
+  """Sums `eval_step` over a whole split; the last partial batch is padded with weight 0."""
+  total = None
+  for batch in data_lib.batches(arrays, batch_size, seed=seed, epoch=0, shuffle=False,
+                                drop_remainder=False, process_index=jax.process_index(),
+                                process_count=jax.process_count()):
+    sums = jax.tree.map(runtime.scalar, eval_fn(state, runtime.put_batch(batch)))
+    total = sums if total is None else jax.tree.map(np.add, total, sums)
+  return total
+
+
+def batch_stats_step(state: TrainState, batch: dict, *, model: nn.Module):
+  """This batch's exact batch-norm statistics (``model`` built with bn_momentum=0, dropout off)."""
+  _, upd = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                       batch["inputs"], batch["mask"], train=True, mutable=["batch_stats"],
+                       rngs={"dropout": jax.random.key(0)}, example_ids=None)
+  return upd["batch_stats"]
+
+
+def recalibrate_batch_stats(runtime: Runtime, stats_fn: Callable, state, arrays: dict,
+                            batch_size: int, seed: int, num_batches: int):
+  """Re-estimates batch-norm running statistics on training data (dropout off).
+
+  Keras-style running averages (momentum 0.99) lag far behind the weights in
+  a short run; averaging exact per-batch statistics (`batch_stats_step`) over
+  ``num_batches`` training batches gives the statistics the evaluated network
+  really sees.
+  """
+  acc, n = None, 0
+  for batch in data_lib.batches(arrays, batch_size, seed=seed + 7919, epoch=0, shuffle=True,
+                                drop_remainder=True, process_index=jax.process_index(),
+                                process_count=jax.process_count()):
+    if n >= num_batches:
+      break
+    s = stats_fn(state, runtime.put_batch(batch))
+    acc = s if acc is None else jax.tree.map(jnp.add, acc, s)
+    n += 1
+  if n == 0:
+    return state
+  return state.replace(batch_stats=jax.tree.map(lambda a: a / n, acc))
+
+
+# ----------------------------------------------------------------------------- checkpoints and logs
+
+class MetricsWriter:
+  """Appends JSON lines to <workdir>/metrics.jsonl and scalars to TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not self.enabled:
+      return
+    # A killed run may have logged past its last checkpoint; drop those lines so
+    # the resumed run's log is exactly an uninterrupted run's.
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        keep = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(keep)
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self._tf = tf
+    except ImportError:
+      logging.warning("tensorflow not importable: no TensorBoard events are written")
+
+  def write(self, step: int, split: str, metrics: dict):
+    if not self.enabled:
+      return
+    rec = {"step": int(step), "split": split, **metrics}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(rec) + "\n")
+    if self._tb is not None:
+      with self._tb.as_default():
+        for k, v in metrics.items():
+          if isinstance(v, (int, float)) and not isinstance(v, bool):
+            self._tf.summary.scalar(f"{split}/{k}", v, step=int(step))
+      self._tb.flush()
+
+
+def _checkpoint_manager(workdir: str):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def _save(mngr, step: int, state: TrainState):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def _restore(mngr, template: TrainState) -> TrainState:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  step = mngr.latest_step()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # orbax raises several types for a tree/shape mismatch
+    raise TrainingError(
+        f"the checkpoint at step {step} in {mngr.directory} does not fit this config's model "
+        f"({type(e).__name__}: {str(e)[:300]}); use a fresh --workdir") from e
+
+
+def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict):
+  """Refuses to resume a workdir written by a different model or dataset."""
+  path = os.path.join(workdir, "config.json")
+  fingerprint = {"model": config.model.to_dict(), "dataset": config.dataset.to_dict()}
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    old_fp = {"model": old.get("model"), "dataset": old.get("dataset")}
+    if json.loads(json.dumps(old_fp)) != json.loads(json.dumps(fingerprint)):
+      diff = [k for k in ("model", "dataset") if old_fp[k] != json.loads(json.dumps(fingerprint[k]))]
+      raise TrainingError(f"workdir {workdir} holds a run with a different {' and '.join(diff)} "
+                          f"config ({path}); use a fresh --workdir or the same config")
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:  # atomic: other processes may be reading it
+      f.write(config.to_json(indent=2))
+    os.replace(path + ".tmp", path)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked between steps, so a checkpoint is written first."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _fmt_time(s: float) -> str:
+  s = int(s)
+  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- the job
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and evaluates.
+
+  Returns the final metrics per split, e.g. ``{"validation": {...}, "test": {...}}``.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  runtime = make_runtime(config.parallel)
+  runtime.check_batch(config.batch_size, "config.batch_size")
+  eval_bs = config.eval_batch_size or config.batch_size
+  runtime.check_batch(eval_bs, "config.eval_batch_size")
+  ds_opts = {k: v for k, v in config.dataset.to_dict().items() if k not in ("name",)}
+  splits = {}
+  info = None
+  for split in ("train",) + tuple(config.eval_splits):
+    splits[split], info = data_lib.load(config.dataset.name, split, **ds_opts)
+  n_train = len(splits["train"]["inputs"])
+  steps_per_epoch = data_lib.num_batches(n_train, config.batch_size, True)
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {n_train} training "
+                     "examples")
+  total_steps = config.num_train_steps or steps_per_epoch * config.num_epochs
+  eval_every = config.eval_every_steps or steps_per_epoch
+  ckpt_every = config.checkpoint_every_steps or eval_every
+
+  model = create_model(config, info, axis_name=runtime.axis_name)
+  tx = create_optimizer(config, total_steps)
+  cw = None
+  if config.class_weights == "balanced":
+    if info.task not in ("classification", "tagging"):
+      raise ValueError("config.class_weights='balanced' needs a classification or tagging task")
+    cw = jnp.asarray(class_weights(splits["train"]["labels"], info.num_classes))
+  elif config.class_weights:
+    raise ValueError(f"config.class_weights must be None or 'balanced', got "
+                     f"{config.class_weights!r}")
+
+  rng = jax.random.key(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  first = next(data_lib.batches(splits["train"], config.batch_size, seed=config.seed, epoch=0,
+                                shuffle=False, drop_remainder=True))
+  state = init_state(model, tx, info, init_rng, first)
+
+  _check_workdir_config(workdir, config)
+  mngr = _checkpoint_manager(workdir)
+  if mngr.latest_step() is not None:
+    state = _restore(mngr, state)
+    logging.info("Resumed from %s at step %d", mngr.directory, int(state.step))
+  start = int(state.step)
+  writer = MetricsWriter(workdir, start)
+
+  p_train = runtime.compile(train_step, dict(model=model, tx=tx, cw=cw,
+                                             axis_name=runtime.axis_name), 3)
+  p_eval = runtime.compile(eval_step, dict(model=model, num_classes=info.num_classes,
+                                           axis_name=runtime.axis_name), 2)
+  p_stats = runtime.compile(batch_stats_step, dict(model=create_model(
+      config, info, axis_name=runtime.axis_name, bn_momentum=0.0)), 2)
+  dstate = runtime.put_state(state)
+
+  def run_eval(step, dstate):
+    if config.bn_recalibrate_batches and model.batch_norm:
+      dstate = recalibrate_batch_stats(runtime, p_stats, dstate, splits["train"],
+                                       config.batch_size, config.seed, config.bn_recalibrate_batches)
+    results = {}
+    for split in config.eval_splits:
+      sums = evaluate(runtime, p_eval, dstate, splits[split], eval_bs, config.seed)
+      results[split] = summarize(sums, info.task, info.extras)
+      writer.write(step, split, results[split])
+      brief = {k: round(v, 4) for k, v in results[split].items()
+               if isinstance(v, float) and k != "count"}
+      logging.info("step %d %s %s", step, split, brief)
+    return dstate, results
+
+  results = {}
+  t0, last_log = time.time(), start
+  step = start
+  with _Preemption() as preempt:
+    while step < total_steps:
+      epoch, offset = divmod(step, steps_per_epoch)
+      for batch in data_lib.batches(splits["train"], config.batch_size, seed=config.seed,
+                                    epoch=epoch, shuffle=True, drop_remainder=True,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count(), start_batch=offset):
+        dstate, m = p_train(dstate, runtime.put_batch(batch), train_rng)
+        step += 1
+        if step % config.log_every_steps == 0 or step == total_steps:
+          loss = float(runtime.scalar(m["loss"]))
+          if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss} at step {step}; the last good checkpoint "
+                f"(step {mngr.latest_step()}) in {mngr.directory} is kept. Try a lower "
+                "learning_rate or optimizer.clip_norm")
+          rate = (step - last_log) / max(time.time() - t0, 1e-9)
+          t0, last_log = time.time(), step
+          logging.info("step %d/%d epoch %d loss %.4f %.1f steps/s ETA %s", step, total_steps,
+                       epoch, loss, rate, _fmt_time((total_steps - step) / max(rate, 1e-9)))
+          writer.write(step, "train", {"loss": loss,
+                                       "grad_norm": float(runtime.scalar(m["grad_norm"]))})
+        if step % eval_every == 0 or step == total_steps:
+          dstate, results = run_eval(step, dstate)
+        if step % ckpt_every == 0 or step == total_steps or preempt.requested:
+          _save(mngr, step, runtime.host_state(dstate))
+        if preempt.requested:
+          mngr.wait_until_finished()
+          logging.warning("SIGTERM: checkpoint written at step %d; exiting", step)
+          raise SystemExit(143)
+        if step >= total_steps:
+          break
+  mngr.wait_until_finished()
+  if not results and config.eval_splits:  # resumed at the end: evaluate the restored state
+    dstate, results = run_eval(step, dstate)
+  return results

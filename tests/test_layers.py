@@ -1,0 +1,162 @@
+"""Flax layers and the seed model against the pure functions and NumPy references."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gru_jax
+from gru_jax import layers, models
+from gru_jax.cell import GRUParams
+from tests import reference
+
+
+def _xs(key, b=3, t=6, d=4):
+  return jax.random.normal(jax.random.key(key), (b, t, d))
+
+
+@pytest.mark.parametrize("variant", ["seed", "reset_after"])
+def test_gru_layer_equals_pure_function_and_reference(variant):
+  xs = _xs(0)
+  mask = jnp.arange(6)[None] < jnp.array([6, 3, 1])[:, None]
+  layer = layers.GRU(5, variant=variant, return_state=True,
+                     bias_init=nn.initializers.normal(0.5))
+  v = layer.init(jax.random.key(1), xs, mask)
+  assert set(v["params"]) == {"w_x", "w_h", "b_x", "b_h"}
+  p = GRUParams(**v["params"])
+  hs, h_last = layer.apply(v, xs, mask)
+  ref_last, ref_hs = reference.run(p, xs, mask=np.asarray(mask), variant=variant)
+  np.testing.assert_allclose(hs, ref_hs, atol=1e-5)
+  np.testing.assert_allclose(h_last, ref_last, atol=1e-5)
+  last = layers.GRU(5, variant=variant, return_sequences=False).apply(v, xs, mask)
+  np.testing.assert_allclose(last, ref_last, atol=1e-5)
+
+
+def test_layer_dropout_is_variational_and_per_example():
+  xs = _xs(2, b=4)
+  layer = layers.GRU(5, dropout=0.5, recurrent_dropout=0.5)
+  v = layer.init(jax.random.key(0), xs)
+  rng = {"dropout": jax.random.key(3)}
+  ids = jnp.array([10, 11, 12, 13])
+  full = layer.apply(v, xs, deterministic=False, rngs=rng, example_ids=ids)
+  # The same example with the same id gives the same output in a different batch.
+  half = layer.apply(v, xs[2:], deterministic=False, rngs=rng, example_ids=ids[2:])
+  np.testing.assert_allclose(full[2:], half, atol=1e-6)
+  p = GRUParams(**v["params"])
+  no_drop = layer.apply(v, xs)
+  assert float(jnp.abs(full - no_drop).max()) > 1e-3
+  np.testing.assert_allclose(no_drop, gru_jax.gru(p, xs)[1], atol=1e-6)
+
+
+def test_dropout_multiplier_statistics():
+  m = layers.dropout_multiplier(jax.random.key(0), 0.3, 2000, (50,))
+  assert abs(float((m == 0).mean()) - 0.3) < 0.01
+  np.testing.assert_allclose(float(m.mean()), 1.0, atol=0.02)
+  with pytest.raises(ValueError, match="rate must be in"):
+    layers.dropout_multiplier(jax.random.key(0), 1.0, 2, (3,))
+
+
+def test_bidirectional_lines_up_with_padding():
+  xs = _xs(4)
+  mask = jnp.arange(6)[None] < jnp.array([6, 4, 2])[:, None]
+  bi = layers.Bidirectional(3)
+  v = bi.init(jax.random.key(0), xs, mask)
+  out = bi.apply(v, xs, mask)
+  assert out.shape == (3, 6, 6)
+  fwd = GRUParams(**v["params"]["forward"])
+  bwd = GRUParams(**v["params"]["backward"])
+  for i, n in enumerate([6, 4, 2]):
+    ref_f = reference.run(fwd, xs[i:i + 1, :n])[1][0]
+    ref_b = reference.run(bwd, xs[i:i + 1, :n][:, ::-1])[1][0][::-1]
+    np.testing.assert_allclose(out[i, :n, :3], ref_f, atol=1e-5)
+    np.testing.assert_allclose(out[i, :n, 3:], ref_b, atol=1e-5)
+    np.testing.assert_array_equal(out[i, n:], 0)
+
+
+def test_stacked_gru_chains_layers():
+  xs = _xs(5)
+  st = layers.StackedGRU((4, 3))
+  v = st.init(jax.random.key(0), xs)
+  out = st.apply(v, xs)
+  h1 = reference.run(GRUParams(**v["params"]["layer_0"]), xs)[1]
+  h2 = reference.run(GRUParams(**v["params"]["layer_1"]), h1)[1]
+  np.testing.assert_allclose(out, h2, atol=1e-5)
+
+
+def test_sequence_batchnorm_ignores_padding():
+  x = np.random.RandomState(0).randn(4, 5, 3).astype(np.float32) * 3 + 1
+  mask = np.arange(5)[None] < np.array([5, 2, 3, 1])[:, None]
+  bn = layers.SequenceBatchNorm(momentum=0.9, epsilon=1e-3)
+  v = bn.init(jax.random.key(0), x, mask, use_running_average=False)
+  y, upd = bn.apply(v, x, mask, use_running_average=False, mutable=["batch_stats"])
+  valid = x[mask].astype(np.float64)  # [N_valid, F]
+  mean, var = valid.mean(0), valid.var(0)
+  np.testing.assert_allclose(np.asarray(y)[mask], (valid - mean) / np.sqrt(var + 1e-3), atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(y)[~mask], 0)
+  np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * mean, atol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * var, atol=1e-4)
+  # Evaluation uses the running averages.
+  y_eval = bn.apply({**v, **upd}, x, mask, use_running_average=True)
+  ra_m, ra_v = 0.1 * mean, 0.9 + 0.1 * var
+  np.testing.assert_allclose(np.asarray(y_eval)[mask], (valid - ra_m) / np.sqrt(ra_v + 1e-3),
+                             atol=1e-4)
+
+
+def test_sequence_batchnorm_matches_flax_batchnorm_without_mask():
+  x = np.random.RandomState(1).randn(6, 4).astype(np.float32)
+  ours = layers.SequenceBatchNorm(epsilon=1e-5)
+  theirs = nn.BatchNorm(epsilon=1e-5, use_running_average=False)
+  v1 = ours.init(jax.random.key(0), x, use_running_average=False)
+  v2 = theirs.init(jax.random.key(0), x)
+  np.testing.assert_allclose(ours.apply(v1, x, use_running_average=False, mutable=["batch_stats"])[0],
+                             theirs.apply(v2, x, mutable=["batch_stats"])[0], atol=1e-5)
+
+
+def test_seed_model_structure_and_shapes():
+  m = models.SequenceModel("classification", 10)
+  x = jnp.ones((4, 8, 8))
+  v = m.init(jax.random.key(0), x)
+  p = v["params"]
+  assert list(p) == ["gru_0", "bn_0", "gru_1", "bn_1", "head"]
+  assert p["gru_0"]["w_x"].shape == (8, 384) and p["gru_1"]["w_x"].shape == (128, 384)
+  assert m.apply(v, x).shape == (4, 10)
+  tag = models.SequenceModel("tagging", 7)
+  assert tag.apply(tag.init(jax.random.key(0), x), x).shape == (4, 8, 7)
+  lm = models.SequenceModel("lm", 11, vocab_size=11, batch_norm=False, hidden_sizes=(8,))
+  toks = jnp.ones((2, 5), jnp.int32)
+  assert lm.apply(lm.init(jax.random.key(0), toks), toks).shape == (2, 5, 11)
+
+
+def test_model_without_bn_or_dropout_is_gru_then_dense():
+  m = models.SequenceModel("classification", 3, hidden_sizes=(5,), batch_norm=False, dropout=0.0)
+  xs = _xs(6)
+  mask = jnp.arange(6)[None] < jnp.array([6, 2, 4])[:, None]
+  v = m.init(jax.random.key(0), xs, mask)
+  h_last = reference.run(GRUParams(**v["params"]["gru_0"]), xs, mask=np.asarray(mask))[0]
+  head = v["params"]["head"]
+  np.testing.assert_allclose(m.apply(v, xs, mask), h_last @ head["kernel"] + head["bias"],
+                             atol=1e-5)
+
+
+def test_sample_lm_extends_prompt_deterministically():
+  lm = models.SequenceModel("lm", 6, vocab_size=6, batch_norm=False, hidden_sizes=(8,),
+                            dropout=0.0)
+  toks = jnp.array([[1, 2, 3]], jnp.int32)
+  v = lm.init(jax.random.key(0), toks)
+  out = models.sample_lm(lm, v, jnp.array([1, 2]), 4, jax.random.key(1), temperature=1e-4)
+  assert out.shape == (6,) and list(out[:2]) == [1, 2]
+  # Near-zero temperature = greedy: each token is the argmax given the prefix.
+  for t in range(2, 6):
+    logits = lm.apply(v, out[None, :t])[0, -1]
+    assert int(out[t]) == int(jnp.argmax(logits))
+
+
+def test_layer_bad_inputs():
+  with pytest.raises(ValueError, match=r"GRU expects inputs \[B,T,D\], got shape \(3, 4\)"):
+    layers.GRU(3).init(jax.random.key(0), jnp.ones((3, 4)))
+  with pytest.raises(ValueError, match=r"mask must have shape \[B,T\]"):
+    layers.GRU(3).init(jax.random.key(0), jnp.ones((2, 4, 3)), jnp.ones((4, 2), bool))
+  with pytest.raises(ValueError, match="task must be one of"):
+    models.SequenceModel("ranking", 2).init(jax.random.key(0), jnp.ones((1, 2, 3)))
+  with pytest.raises(ValueError, match="expects int tokens"):
+    models.SequenceModel("lm", 2, vocab_size=2).init(jax.random.key(0), jnp.ones((1, 2, 3)))
