@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gru_jax import cell as cell_lib
+from gru_jax import layernorm as ln_lib
 from gru_jax import scan as scan_lib
 
 Array = jax.Array
@@ -60,6 +61,8 @@ class GRU(nn.Module):
     reverse: run backwards in time (valid steps only, see `gru_jax.gru`).
     dropout: rate of the input dropout mask [B,D], fixed over time.
     recurrent_dropout: rate of the recurrent dropout mask [B,H], fixed over time.
+    layer_norm: layer-normalised GRU (`gru_jax.layernorm.ln_gru`), with extra
+      params ``gamma_x``, ``beta_x``, ``gamma_h``, ``beta_h`` [3H].
     unroll, compute_dtype, remat_chunk, backend: passed to `gru_jax.gru`.
   """
   hidden_size: int
@@ -77,6 +80,7 @@ class GRU(nn.Module):
   compute_dtype: Any = None
   remat_chunk: int | None = None
   backend: str = "xla"
+  layer_norm: bool = False
 
   def _params(self, input_size: int) -> cell_lib.GRUParams:
     def field(name):
@@ -100,6 +104,17 @@ class GRU(nn.Module):
     if not deterministic and self.recurrent_dropout > 0:
       rec_mask = dropout_multiplier(self.make_rng("dropout"), self.recurrent_dropout, b,
                                     (self.hidden_size,), example_ids, xs.dtype)
+    if self.layer_norm:
+      if in_mask is not None or rec_mask is not None or self.remat_chunk:
+        raise ValueError("GRU(layer_norm=True) supports neither dropout, recurrent_dropout "
+                         "nor remat_chunk; put a SequenceDropout before the layer instead")
+      init = ln_lib.init_ln(self.hidden_size, self.param_dtype)
+      ln = ln_lib.LNParams(*(self.param(n, lambda _, v=v: v)
+                             for n, v in zip(ln_lib.LNParams._fields, init)))
+      h_last, hs = ln_lib.ln_gru(params, ln, xs, h0, mask=mask, reverse=self.reverse,
+                                 variant=self.variant, unroll=self.unroll)
+      out = hs if self.return_sequences else h_last
+      return (out, h_last) if self.return_state else out
     h_last, hs = scan_lib.gru(params, xs, h0, mask=mask, reverse=self.reverse,
                               variant=self.variant, unroll=self.unroll,
                               input_dropout_mask=in_mask, recurrent_dropout_mask=rec_mask,

@@ -160,3 +160,43 @@ def test_layer_bad_inputs():
     models.SequenceModel("ranking", 2).init(jax.random.key(0), jnp.ones((1, 2, 3)))
   with pytest.raises(ValueError, match="expects int tokens"):
     models.SequenceModel("lm", 2, vocab_size=2).init(jax.random.key(0), jnp.ones((1, 2, 3)))
+
+
+def _ln_ref(a, gamma, beta, eps=1e-5):
+  mu, var = a.mean(), a.var()
+  return (a - mu) / np.sqrt(var + eps) * gamma + beta
+
+
+@pytest.mark.parametrize("variant", ["seed", "reset_after"])
+def test_layer_norm_gru_matches_numpy(variant):
+  rs = np.random.RandomState(0)
+  xs = _xs(7, b=2, t=5, d=3)
+  mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
+  layer = layers.GRU(4, variant=variant, layer_norm=True, bias_init=nn.initializers.normal(0.3))
+  v = layer.init(jax.random.key(0), xs, mask)
+  v = jax.tree.map(lambda a: a + 0.2 * rs.randn(*a.shape).astype(np.float32)
+                   if a.shape == (12,) else a, v)  # non-trivial gammas/betas/biases
+  hs = layer.apply(v, xs, mask)
+  q = {k: np.asarray(a, np.float64) for k, a in v["params"].items()}
+  sig = lambda a: 1 / (1 + np.exp(-a))
+  blk = lambda a, i: a[i * 4:(i + 1) * 4]
+  for b in range(2):
+    h = np.zeros(4)
+    for t in range(5):
+      if not mask[b, t]:
+        np.testing.assert_array_equal(hs[b, t], 0)
+        continue
+      xw = np.asarray(xs[b, t], np.float64) @ q["w_x"]
+      ax = [_ln_ref(blk(xw, i), blk(q["gamma_x"], i), blk(q["beta_x"], i)) + blk(q["b_x"], i)
+            for i in range(3)]
+      hw = h @ q["w_h"]
+      ah = [_ln_ref(blk(hw, i), blk(q["gamma_h"], i), blk(q["beta_h"], i)) + blk(q["b_h"], i)
+            for i in range(3)]
+      z, r = sig(ax[0] + ah[0]), sig(ax[1] + ah[1])
+      if variant == "seed":
+        hc = _ln_ref((r * h) @ q["w_h"][:, 8:], blk(q["gamma_h"], 2), blk(q["beta_h"], 2))
+        cand = np.tanh(ax[2] + hc + blk(q["b_h"], 2))
+      else:
+        cand = np.tanh(ax[2] + r * ah[2])
+      h = (1 - z) * h + z * cand
+      np.testing.assert_allclose(hs[b, t], h, atol=1e-5)

@@ -1,0 +1,91 @@
+"""Layer-normalised GRU (Ba, Kiros & Hinton 2016) as pure functions.
+
+Each gate block's pre-activation from x and from h is normalised over its H
+features on its own, then scaled and shifted::
+
+    a_x = LN(x·w_x; γ_x, β_x) + b_x            (per block z, r, h; hoisted out of the loop)
+    a_h = LN(h·w_h[:, zr]; γ_h, β_h) + b_h      (z and r blocks)
+    seed:        h̃ = tanh(a_x[h] + LN((r⊙h)·w_h[:, h]) + b_h[h])
+    reset_after: h̃ = tanh(a_x[h] + r ⊙ (LN(h·w_h[:, h]) + b_h[h]))
+
+The update is the project's: h' = (1−z)⊙h + z⊙h̃.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gru_jax import cell as cell_lib
+from gru_jax.cell import GRUParams
+
+Array = jax.Array
+
+
+class LNParams(NamedTuple):
+  """Scales and shifts of the normalised pre-activations, each [3H] (blocks z, r, h)."""
+  gamma_x: Array
+  beta_x: Array
+  gamma_h: Array
+  beta_h: Array
+
+
+def init_ln(hidden_size: int, dtype=jnp.float32) -> LNParams:
+  one, zero = jnp.ones((3 * hidden_size,), dtype), jnp.zeros((3 * hidden_size,), dtype)
+  return LNParams(one, zero, one, zero)
+
+
+def _ln(a: Array, gamma: Array, beta: Array, nblocks: int, eps: float) -> Array:
+  blocks = a.reshape(a.shape[:-1] + (nblocks, a.shape[-1] // nblocks))
+  mean = blocks.mean(-1, keepdims=True)
+  var = jnp.square(blocks - mean).mean(-1, keepdims=True)
+  out = ((blocks - mean) * jax.lax.rsqrt(var + eps)).reshape(a.shape)
+  return out * gamma + beta
+
+
+def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, *,
+           mask: Array | None = None, reverse: bool = False, variant: str = "seed",
+           eps: float = 1e-5, unroll: int = 1):
+  """Layer-normalised GRU over xs [B,T,D] -> (h_last [B,H], hs [B,T,H]); mask as `gru_jax.gru`."""
+  cell_lib.check_variant(variant)
+  if xs.ndim != 3 or xs.shape[-1] != params.input_size:
+    raise ValueError(f"xs must be [B,T,D] with D={params.input_size} (w_x {params.w_x.shape}), "
+                     f"got shape {xs.shape}")
+  b, t = xs.shape[:2]
+  hsz = params.hidden_size
+  if mask is not None and mask.shape != (b, t):
+    raise ValueError(f"mask must have shape [B,T]=({b}, {t}), got {mask.shape}")
+  if h0 is not None and h0.shape != (b, hsz):
+    raise ValueError(f"h0 must have shape [B,H]=({b}, {hsz}), got {h0.shape}")
+  for name, v in zip(LNParams._fields, ln):
+    if v.shape != (3 * hsz,):
+      raise ValueError(f"ln.{name} must have shape [3H]=({3 * hsz},), got {v.shape}")
+  ax = _ln(jnp.einsum("btd,dk->tbk", xs, params.w_x), ln.gamma_x, ln.beta_x, 3, eps) + params.b_x
+  h0 = jnp.zeros((b, hsz), xs.dtype) if h0 is None else h0
+  mask_tm = None if mask is None else mask.astype(bool).T
+  w_h, b_h = params.w_h, params.b_h
+
+  def body(h, inp):
+    ax_t, m_t = inp
+    if variant == "seed":
+      ah = _ln(h @ w_h[:, :2 * hsz], ln.gamma_h[:2 * hsz], ln.beta_h[:2 * hsz], 2, eps)
+      ah = ah + b_h[:2 * hsz]
+      z = jax.nn.sigmoid(ax_t[:, :hsz] + ah[:, :hsz])
+      r = jax.nn.sigmoid(ax_t[:, hsz:2 * hsz] + ah[:, hsz:])
+      hc = _ln((r * h) @ w_h[:, 2 * hsz:], ln.gamma_h[2 * hsz:], ln.beta_h[2 * hsz:], 1, eps)
+      cand = jnp.tanh(ax_t[:, 2 * hsz:] + hc + b_h[2 * hsz:])
+    else:
+      ah = _ln(h @ w_h, ln.gamma_h, ln.beta_h, 3, eps) + b_h
+      z = jax.nn.sigmoid(ax_t[:, :hsz] + ah[:, :hsz])
+      r = jax.nn.sigmoid(ax_t[:, hsz:2 * hsz] + ah[:, hsz:2 * hsz])
+      cand = jnp.tanh(ax_t[:, 2 * hsz:] + r * ah[:, 2 * hsz:])
+    h_new = cell_lib.blend(h, cell_lib.Gates(z, r, cand))
+    out = h_new
+    if m_t is not None:
+      h_new = jnp.where(m_t[:, None], h_new, h)
+      out = jnp.where(m_t[:, None], out, 0)
+    return h_new, out
+
+  h_last, hs = jax.lax.scan(body, h0, (ax, mask_tm), reverse=reverse, unroll=unroll)
+  return h_last, jnp.swapaxes(hs, 0, 1)
