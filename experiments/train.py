@@ -7,6 +7,7 @@ Rerunning with the same --workdir resumes from its last checkpoint.  On a
 cluster, jax.distributed is initialised from --coordinator_address /
 --num_processes / --process_id, or detected automatically on SLURM and TPU VMs.
 """
+import logging as pylogging
 import os
 import sys
 
@@ -29,6 +30,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from gru_jax import distributed, train  # after flag parsing: keeps --help fast
+  # Orbax logs every save step at INFO; keep its warnings, drop the chatter.
+  logging.get_absl_handler().addFilter(
+      lambda r: "orbax" not in r.pathname or r.levelno >= pylogging.WARNING)
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
   try:

@@ -530,6 +530,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           dstate, results = run_eval(step, dstate)
         if step % ckpt_every == 0 or step == total_steps or preempt.requested:
           _save(mngr, step, runtime.host_state(dstate))
+        if step == config.get("debug_kill_at_step", 0):
+          os.kill(os.getpid(), signal.SIGKILL)  # fault injection for crash-recovery tests
         if preempt.requested:
           mngr.wait_until_finished()
           logging.warning("SIGTERM: checkpoint written at step %d; exiting", step)

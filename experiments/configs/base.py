@@ -19,6 +19,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.parallel = "jit"               # "jit" (sharded over a device mesh) or "pmap"
   c.remat = 0                      # > 0: recompute the scan in chunks of this many steps
   c.compute_dtype = "float32"      # or "bfloat16" (state and parameters stay float32)
+  c.debug_kill_at_step = 0         # > 0: SIGKILL itself after this step (crash-recovery tests)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"        # "adam" or "adamw"

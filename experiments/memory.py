@@ -1,0 +1,62 @@
+r"""Peak memory of one GRU training step with and without chunked rematerialisation.
+
+  python -m experiments.memory --seq_lens=1000,3000,10000 --remat_chunk=100
+
+Reads XLA's compiled memory analysis (temporary + argument + output bytes),
+which is exact for the compiled program and needs no run, so T = 10,000
+can be sized on any machine; --run also executes each step once to show it fits.
+"""
+import json
+
+from absl import app, flags
+
+flags.DEFINE_list("seq_lens", ["1000", "3000", "10000"], "Sequence lengths T.")
+flags.DEFINE_integer("batch", 32, "B.")
+flags.DEFINE_integer("input_size", 64, "D.")
+flags.DEFINE_integer("hidden", 256, "H.")
+flags.DEFINE_integer("remat_chunk", 100, "Chunk length for remat.")
+flags.DEFINE_string("variant", "seed", "GRU variant.")
+flags.DEFINE_bool("run", False, "Also execute each compiled step once.")
+flags.DEFINE_string("out", "", "Optional JSON output path.")
+FLAGS = flags.FLAGS
+
+
+def measure(t: int, chunk: int | None, run: bool) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import gru_jax
+
+  p = gru_jax.cell.init(jax.random.key(0), FLAGS.input_size, FLAGS.hidden)
+  xs = jax.random.normal(jax.random.key(1), (FLAGS.batch, t, FLAGS.input_size))
+
+  def loss(p, xs):
+    return jnp.mean(gru_jax.gru(p, xs, variant=FLAGS.variant, remat_chunk=chunk)[1] ** 2)
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  compiled = step.lower(p, xs).compile()
+  mem = compiled.memory_analysis()
+  peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+  if run:
+    jax.block_until_ready(compiled(p, xs))
+  return {"T": t, "remat_chunk": chunk, "temp_MiB": mem.temp_size_in_bytes / 2**20,
+          "peak_MiB": peak / 2**20}
+
+
+def main(argv):
+  del argv
+  rows = []
+  for t in map(int, FLAGS.seq_lens):
+    for chunk in (None, FLAGS.remat_chunk):
+      rows.append(measure(t, chunk, FLAGS.run))
+  print(f"B={FLAGS.batch} D={FLAGS.input_size} H={FLAGS.hidden} variant={FLAGS.variant}")
+  print(f"{'T':>7} {'remat':>7} {'temp MiB':>10} {'peak MiB':>10}")
+  for r in rows:
+    print(f"{r['T']:>7} {str(r['remat_chunk'] or '-'):>7} {r['temp_MiB']:>10.1f} "
+          f"{r['peak_MiB']:>10.1f}")
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
