@@ -1,0 +1,355 @@
+"""Weight converters between `GRUParams` and other libraries' GRUs.
+
+gru_jax stores w_x [D,3H], w_h [H,3H], b_x [3H], b_h [3H] with gate blocks
+(z, r, h) along 3H and z weighting the candidate: h' = (1−z)⊙h + z⊙h̃.
+Peers differ from this in three ways, all handled here:
+
+* layout: PyTorch and Equinox store [3H,D] matrices with gates (r, z, n);
+  Flax Linen keeps one Dense per gate and side;
+* z's side: PyTorch, Keras, Flax and Equinox let z weight the OLD state,
+  h' = z⊙h + (1−z)⊙h̃.  Since 1 − σ(a) = σ(−a), their z becomes ours by
+  negating that gate's weights and biases (exact in floating point);
+* form: those four reset after the recurrent matmul ("reset_after"); Haiku
+  and Keras' ``reset_after=False`` reset before it ("seed").
+
+Peer libraries are imported inside the functions, so gru_jax needs none of
+them installed.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from gru_jax.cell import GRUParams
+
+
+def _np(a) -> np.ndarray:
+  """A torch tensor, Keras variable or JAX/NumPy array as a NumPy array."""
+  if hasattr(a, "detach"):  # torch.Tensor: leave the autograd graph and the device
+    a = a.detach().cpu().numpy()
+  return np.asarray(a)
+
+
+def _check_shapes(arg: str, got: dict, want: dict) -> None:
+  """Raises ValueError naming ``arg`` and every shape if any got[k] != want[k]."""
+  got = {k: tuple(np.shape(a)) for k, a in got.items()}
+  if any(got[k] != want[k] for k in want):
+    raise ValueError(f"{arg} has inconsistent GRU shapes: got "
+                     + ", ".join(f"{k} {got[k]}" for k in want) + "; expected "
+                     + ", ".join(f"{k} {want[k]}" for k in want))
+
+
+def _params(w_x, w_h, b_x, b_h) -> GRUParams:
+  return GRUParams(*(jnp.asarray(a) for a in (w_x, w_h, b_x, b_h)))
+
+
+def _rzn_to_zrh(a: np.ndarray) -> np.ndarray:
+  """Blocks (r, z, n) along axis 0, z on the old state -> ours (z, r, h), z negated."""
+  r, z, n = np.split(a, 3, axis=0)
+  return np.concatenate([-z, r, n], axis=0)
+
+
+def _zrh_to_rzn(a: np.ndarray) -> np.ndarray:
+  """Inverse of `_rzn_to_zrh`."""
+  z, r, n = np.split(a, 3, axis=0)
+  return np.concatenate([r, -z, n], axis=0)
+
+
+def _flip_z(a: np.ndarray) -> np.ndarray:
+  """Negates the z block (the first third of the last axis) of a (z, r, h) array."""
+  z, r, h = np.split(a, 3, axis=-1)
+  return np.concatenate([-z, r, h], axis=-1)
+
+
+def _from_rzn(arg: str, names, w_ih, w_hh, b_ih, b_hh) -> GRUParams:
+  """[3H,D], [3H,H], [3H], [3H] in (r, z, n) with z on the old state -> GRUParams.
+
+  ``names`` are the peer's names for the four arrays, used in shape errors.
+  """
+  hsz, d = np.shape(w_hh)[-1], np.shape(w_ih)[-1]
+  want = ((3 * hsz, d), (3 * hsz, hsz), (3 * hsz,), (3 * hsz,))
+  _check_shapes(arg, dict(zip(names, (w_ih, w_hh, b_ih, b_hh))), dict(zip(names, want)))
+  w_ih, w_hh, b_ih, b_hh = (_rzn_to_zrh(_np(a)) for a in (w_ih, w_hh, b_ih, b_hh))
+  return _params(w_ih.T, w_hh.T, b_ih, b_hh)
+
+
+# --- PyTorch -----------------------------------------------------------------
+
+_TORCH_KEY = re.compile(r"weight_ih_l(\d+)(_reverse)?$")
+
+
+def _torch_suffix(obj, layer: int, direction: int, arg: str) -> str:
+  """State-dict key suffix ("_l1_reverse", or "" for a GRUCell) after checking the indices."""
+  try:
+    import torch
+  except ImportError:  # a plain state dict of arrays needs no torch
+    torch = None
+  is_module = lambda cls: torch is not None and isinstance(obj, getattr(torch.nn, cls))
+  is_cell = is_module("GRUCell") or (isinstance(obj, Mapping) and "weight_ih" in obj)
+  if is_cell:
+    layers, directions = [0], 1
+  elif is_module("GRU"):
+    layers, directions = list(range(obj.num_layers)), 2 if obj.bidirectional else 1
+  elif isinstance(obj, Mapping):
+    found = [_TORCH_KEY.match(k) for k in obj]
+    layers = sorted({int(m.group(1)) for m in found if m})
+    directions = 2 if any(m and m.group(2) for m in found) else 1
+    if not layers:
+      raise ValueError(f"{arg} has no 'weight_ih_l<k>' or 'weight_ih' key (keys: "
+                       f"{sorted(obj)[:8]}); strip any parent-module prefix from the keys")
+  else:
+    raise TypeError(f"{arg} must be a torch.nn.GRU, torch.nn.GRUCell or its state_dict, "
+                    f"got {type(obj).__name__}")
+  if not isinstance(layer, int) or layer not in layers:
+    raise ValueError(f"layer={layer!r} is out of range: {arg} has layers {layers}")
+  if direction not in range(directions):
+    raise ValueError(f"direction={direction!r} is out of range: {arg} has {directions} "
+                     f"direction(s) (1 is the reverse one of a bidirectional GRU)")
+  if is_cell:
+    return ""
+  return f"_l{layer}" + ("_reverse" if direction else "")
+
+
+def from_torch(module_or_state_dict, layer: int = 0, direction: int = 0) -> GRUParams:
+  """Reads one layer and direction of a PyTorch GRU as "reset_after" `GRUParams`.
+
+  PyTorch's layout: weight_ih_l{k}[_reverse] [3H,D], weight_hh_l{k}[_reverse]
+  [3H,H], bias_ih_l{k}[_reverse] and bias_hh_l{k}[_reverse] [3H], gates
+  (r, z, n), with h' = (1−z)⊙n + z⊙h.  Converted by transposing, reordering
+  the gates to (z, r, h) and negating z's rows (z moves to the candidate).
+  PyTorch's b_hn sits inside the reset product, as b_h's candidate block does
+  here.  A GRU with ``bias=False`` gives zero biases.
+
+  Args:
+    module_or_state_dict: a `torch.nn.GRU` or `torch.nn.GRUCell`, or its
+      ``state_dict()`` (torch tensors or NumPy arrays, no key prefix).
+    layer: which of the stacked layers (``weight_*_l{layer}``).
+    direction: 0 forward, 1 the ``_reverse`` direction of a bidirectional
+      GRU, which equals ``gru_jax.gru(..., reverse=True)``.
+  """
+  arg = "module_or_state_dict"
+  obj = module_or_state_dict
+  suffix = _torch_suffix(obj, layer, direction, arg)
+  sd = obj if isinstance(obj, Mapping) else obj.state_dict()
+  names = [f"{k}{suffix}" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+  for k in names[:2]:
+    if k not in sd:
+      raise ValueError(f"{arg} has no key {k!r} (keys: {sorted(sd)[:8]})")
+  w_ih, w_hh = sd[names[0]], sd[names[1]]
+  zeros = np.zeros(3 * np.shape(w_hh)[-1], _np(w_hh).dtype)  # bias=False
+  return _from_rzn(arg, names, w_ih, w_hh, sd.get(names[2], zeros), sd.get(names[3], zeros))
+
+
+def _check_params(params) -> None:
+  if not isinstance(params, GRUParams):
+    raise TypeError(f"params must be a GRUParams, got {type(params).__name__}")
+  d, hsz = params.input_size, params.hidden_size
+  _check_shapes("params", params._asdict(),
+                {"w_x": (d, 3 * hsz), "w_h": (hsz, 3 * hsz), "b_x": (3 * hsz,), "b_h": (3 * hsz,)})
+
+
+def to_torch(params: GRUParams, module=None, layer: int = 0, direction: int = 0):
+  """Writes "reset_after" `GRUParams` into PyTorch's layout; the inverse of `from_torch`.
+
+  Transposes to [3H,D] / [3H,H], negates z's block and reorders the gates
+  to PyTorch's (r, z, n).  Only "reset_after" params map onto PyTorch's
+  equations; "seed" params would give a different GRU.
+
+  Args:
+    params: `GRUParams` with w_x [D,3H], w_h [H,3H], b_x [3H], b_h [3H].
+    module: a `torch.nn.GRU` or `torch.nn.GRUCell` whose ``layer`` /
+      ``direction`` weights are overwritten in place (converted to its dtype
+      and device), or None.
+    layer, direction: as in `from_torch`.
+
+  Returns:
+    ``module`` if given, else a dict of float torch tensors under the
+    state-dict keys ``weight_ih_l{layer}[_reverse]`` etc., ready for
+    ``load_state_dict`` (one dict per layer and direction; merge them).
+  """
+  import torch
+  _check_params(params)
+  arrays = (params.w_x.T, params.w_h.T, params.b_x, params.b_h)
+  arrays = [_zrh_to_rzn(np.array(a)) for a in arrays]
+  if module is None:
+    if not isinstance(layer, int) or layer < 0 or direction not in (0, 1):
+      raise ValueError(f"layer must be an int >= 0 and direction 0 or 1, got layer={layer!r}, "
+                       f"direction={direction!r}")
+    suffix = f"_l{layer}" + ("_reverse" if direction else "")
+    return {f"{k}{suffix}": torch.from_numpy(np.ascontiguousarray(a))
+            for k, a in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), arrays)}
+  if not isinstance(module, (torch.nn.GRU, torch.nn.GRUCell)):
+    raise TypeError(f"module must be a torch.nn.GRU or torch.nn.GRUCell, got "
+                    f"{type(module).__name__}")
+  suffix = _torch_suffix(module, layer, direction, "module")
+  names = [f"{k}{suffix}" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+  if not module.bias:
+    if np.any(arrays[2]) or np.any(arrays[3]):
+      raise ValueError("module has bias=False but params have non-zero b_x or b_h, which "
+                       "it cannot hold")
+    names, arrays = names[:2], arrays[:2]
+  targets = [getattr(module, k) for k in names]
+  _check_shapes("params (in PyTorch layout)", dict(zip(names, arrays)),
+                {k: tuple(t.shape) for k, t in zip(names, targets)})
+  with torch.no_grad():
+    for t, a in zip(targets, arrays):
+      t.copy_(torch.from_numpy(np.ascontiguousarray(a)))
+  return module
+
+
+# --- Keras 3 -----------------------------------------------------------------
+
+def from_keras(keras_gru_layer) -> tuple[GRUParams, str]:
+  """Reads a built Keras 3 ``GRU`` (or ``GRUCell``); returns ``(params, variant)``.
+
+  Keras' layout: kernel [D,3H], recurrent_kernel [H,3H], gates (z, r, h) as
+  ours, with h = z⊙h + (1−z)⊙h̃.  Only z's columns and bias entries are
+  negated.  ``reset_after=True`` (default): bias [2,3H] is (input, recurrent)
+  -> (b_x, b_h), variant "reset_after".  ``reset_after=False``: bias [3H]
+  -> b_x with b_h zero, variant "seed".  ``use_bias=False`` gives zeros.
+  A layer with ``go_backwards=True`` matches ``gru(..., reverse=True)`` with
+  the time axis of hs flipped (Keras returns outputs in processing order).
+  """
+  import keras
+  arg = "keras_gru_layer"
+  layer = keras_gru_layer
+  if isinstance(layer, keras.layers.Bidirectional):
+    raise TypeError(f"{arg} is a Bidirectional wrapper; convert its .forward_layer and "
+                    ".backward_layer separately")
+  cell = layer.cell if isinstance(layer, keras.layers.GRU) else layer
+  if not isinstance(cell, keras.layers.GRUCell):
+    raise TypeError(f"{arg} must be a keras.layers.GRU or GRUCell, got {type(layer).__name__}")
+  if not cell.built:
+    raise ValueError(f"{arg} is not built, so it has no weights yet: call it on an input or "
+                     "call .build((batch, time, features)) first")
+  acts = (getattr(cell.activation, "__name__", None),
+          getattr(cell.recurrent_activation, "__name__", None))
+  if acts != ("tanh", "sigmoid"):
+    raise ValueError(f"{arg} uses activation={acts[0]!r}, recurrent_activation={acts[1]!r}; "
+                     "gru_jax's GRU needs 'tanh' and 'sigmoid'")
+  kernel, rec = _np(cell.kernel), _np(cell.recurrent_kernel)
+  hsz, d = rec.shape[0], kernel.shape[0]
+  bias_shape = (2, 3 * hsz) if cell.reset_after else (3 * hsz,)
+  bias = _np(cell.bias) if cell.use_bias else np.zeros(bias_shape, kernel.dtype)
+  _check_shapes(arg, {"kernel": kernel, "recurrent_kernel": rec, "bias": bias},
+                {"kernel": (d, 3 * hsz), "recurrent_kernel": (hsz, 3 * hsz), "bias": bias_shape})
+  if cell.reset_after:
+    b_x, b_h, variant = bias[0], bias[1], "reset_after"
+  else:
+    b_x, b_h, variant = bias, np.zeros_like(bias), "seed"
+  return _params(*(_flip_z(a) for a in (kernel, rec, b_x, b_h))), variant
+
+
+# --- Flax Linen ----------------------------------------------------------------
+
+_FLAX_DENSES = ("iz", "ir", "in", "hz", "hr", "hn")
+
+
+def from_flax_linen(variables_or_params) -> GRUParams:
+  """Reads Flax Linen ``nn.RNN(nn.GRUCell)`` (or bare ``nn.GRUCell``) variables as "reset_after".
+
+  Flax's layout: one Dense per gate and side, each kernel [in,H]: ir, iz, in
+  (with bias) on x; hr, hz (no bias) and hn (with bias, inside the reset
+  product) on h; h' = (1−z)⊙n + z⊙h.  The kernels are concatenated in our
+  (z, r, h) order with z's kernels and bias negated; b_h is (0, 0, hn.bias).
+
+  Args:
+    variables_or_params: ``module.init(...)`` output, with or without the
+      top-level 'params' key and with or without nn.RNN's 'cell' level.
+  """
+  arg = "variables_or_params"
+  tree = variables_or_params
+  if not isinstance(tree, Mapping):
+    raise TypeError(f"{arg} must be a dict of Flax variables, got {type(tree).__name__}")
+  for level in ("params", "cell"):
+    if level in tree and isinstance(tree[level], Mapping):
+      tree = tree[level]
+  missing = [k for k in _FLAX_DENSES if k not in tree]
+  if missing:
+    raise ValueError(f"{arg} is not nn.GRUCell params: missing {missing}, found keys "
+                     f"{sorted(tree)}; pass the GRU's own subtree, e.g. "
+                     "variables['params']['RNN_0']")
+  iz, ir, in_, hz, hr, hn = (tree[k] for k in _FLAX_DENSES)
+  hsz, d = np.shape(hz["kernel"])[0], np.shape(iz["kernel"])[0]
+  _check_shapes(arg, {f"{k}.kernel": tree[k]["kernel"] for k in _FLAX_DENSES}
+                | {f"{k}.bias": tree[k]["bias"] for k in ("iz", "ir", "in", "hn")},
+                {f"{k}.kernel": (d if k[0] == "i" else hsz, hsz) for k in _FLAX_DENSES}
+                | {f"{k}.bias": (hsz,) for k in ("iz", "ir", "in", "hn")})
+  k = lambda m: _np(m["kernel"])
+  b = lambda m: _np(m["bias"])
+  return _params(np.concatenate([-k(iz), k(ir), k(in_)], axis=1),
+                 np.concatenate([-k(hz), k(hr), k(hn)], axis=1),
+                 np.concatenate([-b(iz), b(ir), b(in_)]),
+                 np.concatenate([np.zeros(2 * hsz, b(hn).dtype), b(hn)]))
+
+
+# --- Haiku ---------------------------------------------------------------------
+
+_HAIKU_NAMES = ("w_i", "w_h", "b")
+
+
+def from_haiku(params_dict, module_name: str | None = None) -> GRUParams:
+  """Reads ``hk.GRU`` params as "seed" `GRUParams`.
+
+  Haiku's layout: w_i [D,3H], w_h [H,3H], b [3H], gates (z, r, a), reset
+  before the matmul and h' = (1−z)⊙h + z⊙a: the same equations, order and
+  z side as our "seed" variant (its docstring's "reset and update gates"
+  lists them in the opposite order to its equations, which are what it
+  computes).  Nothing is flipped: w_x = w_i, w_h = w_h, b_x = b, b_h = 0.
+
+  Args:
+    params_dict: ``transformed.init(...)`` output, e.g. {'gru': {'w_i', 'w_h',
+      'b'}}, or the module's own {'w_i', 'w_h', 'b'} dict.
+    module_name: which module to read when several hold GRU params.
+  """
+  arg = "params_dict"
+  if not isinstance(params_dict, Mapping):
+    raise TypeError(f"{arg} must be a dict of Haiku params, got {type(params_dict).__name__}")
+  is_gru = lambda m: isinstance(m, Mapping) and all(k in m for k in _HAIKU_NAMES)
+  if module_name is not None:
+    if module_name not in params_dict or not is_gru(params_dict[module_name]):
+      raise ValueError(f"module_name={module_name!r} is not an hk.GRU module in {arg} "
+                       f"(keys: {sorted(params_dict)})")
+    mod = params_dict[module_name]
+  elif is_gru(params_dict):
+    mod = params_dict
+  else:
+    grus = [k for k, v in params_dict.items() if is_gru(v)]
+    if len(grus) != 1:
+      raise ValueError(f"{arg} has {len(grus)} hk.GRU modules {grus} (keys: "
+                       f"{sorted(params_dict)}); pass module_name= to pick one")
+    mod = params_dict[grus[0]]
+  w_i, w_h, b = (_np(mod[k]) for k in _HAIKU_NAMES)
+  hsz, d = np.shape(w_h)[0], np.shape(w_i)[0]
+  _check_shapes(arg, dict(zip(_HAIKU_NAMES, (w_i, w_h, b))),
+                dict(zip(_HAIKU_NAMES, ((d, 3 * hsz), (hsz, 3 * hsz), (3 * hsz,)))))
+  return _params(w_i, w_h, b, np.zeros_like(b))
+
+
+# --- Equinox -------------------------------------------------------------------
+
+def from_equinox(cell) -> GRUParams:
+  """Reads an ``eqx.nn.GRUCell`` as "reset_after" `GRUParams`.
+
+  Equinox's layout: weight_ih [3H,D], weight_hh [3H,H], gates (r, z, n),
+  bias [3H] added on the input side, bias_n [H] inside the reset product,
+  h' = n + z⊙(h − n), i.e. z on the old state.  Converted like PyTorch:
+  transpose, reorder to (z, r, h), negate z; b_h = (0, 0, bias_n).
+  ``use_bias=False`` gives zero biases.
+  """
+  import equinox as eqx
+  if not isinstance(cell, eqx.nn.GRUCell):
+    raise TypeError(f"cell must be an equinox.nn.GRUCell, got {type(cell).__name__}")
+  hsz = cell.hidden_size
+  dtype = _np(cell.weight_hh).dtype
+  bias = _np(cell.bias) if cell.use_bias else np.zeros(3 * hsz, dtype)
+  bias_n = _np(cell.bias_n) if cell.use_bias else np.zeros(hsz, dtype)
+  if bias_n.shape != (hsz,):
+    raise ValueError(f"cell has inconsistent GRU shapes: bias_n {bias_n.shape}, expected {(hsz,)}")
+  # bias_n becomes b_h's candidate block; _rzn_to_zrh leaves that block unchanged.
+  b_h = np.concatenate([np.zeros(2 * hsz, dtype), bias_n])
+  return _from_rzn("cell", ("weight_ih", "weight_hh", "bias", "bias_n (padded)"),
+                   cell.weight_ih, cell.weight_hh, bias, b_h)
