@@ -2,9 +2,9 @@
 
 Pure functions (`cell`, `scan`) at the bottom, Flax Linen layers on top.
 """
-from gru_jax import cell, scan
+from gru_jax import cell, convert, layernorm, scan
 from gru_jax.cell import Gates, GRUParams
 from gru_jax.scan import gru
 
 __version__ = "0.1.0"
-__all__ = ["cell", "scan", "gru", "GRUParams", "Gates", "__version__"]
+__all__ = ["cell", "convert", "layernorm", "scan", "gru", "GRUParams", "Gates", "__version__"]
