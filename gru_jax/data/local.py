@@ -1,0 +1,237 @@
+"""Datasets that ship with scikit-learn and statsmodels, as local TFDS builders.
+
+Both builders read from the installed package in `_split_generators` (nothing
+is downloaded) and are prepared once into the TFDS data_dir, so they go through
+the same TFDS path as the public sets.
+
+* ``sequential_digits``: scikit-learn's 1,797 8x8 digits, pixel values / 16 in
+  [0,1], read as 8 rows of 8 pixels ([N,8,8]) or pixel by pixel ([N,64,1]).
+  Splits: a shuffle of the 1,797 rows with NumPy seed 0, then 70/15/15
+  (1,258 train / 269 validation / 270 test); each split in sklearn row order.
+  Reference results (ANCHORS.md): the founding document's Keras model
+  (GRU128-BN-Dropout x2, 10 epochs, a different 80/20 split) reaches only
+  0.30-0.58 validation accuracy because BatchNorm's running averages lag;
+  without BatchNorm 0.85 at 10 epochs, with BN 0.93 at 50 epochs.
+* ``sunspots``: the yearly mean sunspot numbers 1700-2008 (statsmodels), split
+  chronologically 70/15/15 (train 1700-1915, validation 1916-1962, test
+  1963-2008).  Loaded as windows of the `window` preceding years -> next year,
+  normalised by the train years' mean and std.  Validation and test windows
+  take their context from the preceding years (which may be in an earlier
+  split); targets never leak.  `sunspots_baselines` gives the persistence and
+  ARIMA test RMSE a model must beat, in sunspot units.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from gru_jax.data import tfds_io
+from gru_jax.data.base import (SPLITS, DatasetInfo, cache, check_choice, check_int,
+                               cut_points, resolve_data_dir)
+
+DIGITS_SPLIT_SEED = 0
+DIGITS_SCALE = 16.0  # sklearn digits pixels are counts 0..16
+ARIMA_ORDER = (9, 0, 0)  # AR(9): the classic sunspot model (11-year cycle within the lags)
+
+
+def digits_split_indices(num_rows: int) -> dict[str, np.ndarray]:
+  """sklearn row indices of each split: seeded permutation (seed 0), then 70/15/15, sorted."""
+  perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(num_rows)
+  a, b = cut_points(num_rows)
+  return {"train": np.sort(perm[:a]), "validation": np.sort(perm[a:b]), "test": np.sort(perm[b:])}
+
+
+def _statsmodels_sunspots() -> tuple[np.ndarray, np.ndarray]:
+  """(years [309] int32, values [309] float64) in chronological order."""
+  import statsmodels.api as sm
+  df = sm.datasets.sunspots.load_pandas().data
+  return df["YEAR"].to_numpy().astype(np.int32), df["SUNACTIVITY"].to_numpy(np.float64)
+
+
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A builder whose data ships with an installed package."""
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  # Nothing is downloaded, so there is no checksums file to find.  Skipping the
+  # lookup also avoids tfds importing importlib_resources, which tfds does not
+  # declare as a dependency on Python >= 3.9.
+  code_path = None
+
+
+class SequentialDigits(_LocalBuilder):
+  """scikit-learn's 8x8 digits with fixed 70/15/15 splits; see the module docstring."""
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="scikit-learn's 1,797 8x8 handwritten digits, pixel counts 0..16.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(8, 8), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(num_classes=10),
+            "index": tfds.features.Scalar(dtype=np.int32),  # row in sklearn's load_digits
+        }),
+        homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: sklearn ships the data
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    parts = digits_split_indices(len(digits.target))
+    return {s: self._generate_examples(digits, parts[s]) for s in SPLITS}
+
+  def _generate_examples(self, digits, rows):
+    for i in rows:
+      yield int(i), {"image": digits.images[i].astype(np.uint8),
+                     "label": int(digits.target[i]), "index": int(i)}
+
+
+class Sunspots(_LocalBuilder):
+  """Yearly sunspot numbers 1700-2008, chronological 70/15/15 splits."""
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Yearly mean total sunspot number 1700-2008 (statsmodels.datasets.sunspots).",
+        features=tfds.features.FeaturesDict({
+            "year": tfds.features.Scalar(dtype=np.int32),
+            # Tenths as int: TFDS serialises floats as float32, the data has one decimal.
+            "value_tenths": tfds.features.Scalar(dtype=np.int32),
+        }),
+        homepage="https://www.statsmodels.org/stable/datasets/generated/sunspots.html")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: statsmodels ships the data
+    years, values = _statsmodels_sunspots()
+    a, b = cut_points(len(years))
+    bounds = {"train": (0, a), "validation": (a, b), "test": (b, len(years))}
+    return {s: self._generate_examples(years[lo:hi], values[lo:hi])
+            for s, (lo, hi) in bounds.items()}
+
+  def _generate_examples(self, years, values):
+    tenths = np.round(values * 10)
+    if not np.array_equal(tenths / 10, values):
+      raise ValueError("sunspot values are expected to have one decimal")
+    for y, v in zip(years, tenths):
+      yield int(y), {"year": int(y), "value_tenths": int(v)}
+
+
+@cache(maxsize=None)
+def _builder(cls, data_dir: str):
+  return tfds_io.prepare(cls(data_dir=data_dir), local=True)
+
+
+def load_sequential_digits(split: str, *, pixels: str = "rows", data_dir: str | None = None):
+  """Digits as sequences: `pixels="rows"` -> inputs [N,8,8], `"pixels"` -> [N,64,1]; labels [N]."""
+  check_choice("pixels", pixels, ("rows", "pixels"))
+  builder = _builder(SequentialDigits, resolve_data_dir(data_dir))
+  ex = tfds_io.read_split(builder, split)
+  order = np.argsort(ex["index"])  # TFDS stores examples shuffled; restore sklearn row order
+  images = ex["image"][order].astype(np.float32) / DIGITS_SCALE
+  n = len(order)
+  inputs = images if pixels == "rows" else images.reshape(n, 64, 1)
+  arrays = {"inputs": inputs, "labels": ex["label"][order].astype(np.int32),
+            "mask": np.ones(inputs.shape[:2], bool)}
+  info = DatasetInfo(
+      name="sequential_digits", task="classification", input_kind="float",
+      input_dim=inputs.shape[2], num_classes=10, seq_len=inputs.shape[1],
+      num_examples={s: tfds_io.split_size(builder, s) for s in SPLITS},
+      extras={"pixels": pixels, "sklearn_index": ex["index"][order].astype(np.int64),
+              "split_seed": DIGITS_SPLIT_SEED})
+  return arrays, info
+
+
+def _sunspot_series(data_dir: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+  """The series from TFDS: years [n], values [n] float64, (train end, validation end)."""
+  builder = _builder(Sunspots, data_dir)
+  parts = [tfds_io.read_split(builder, s) for s in SPLITS]
+  years = np.concatenate([p["year"] for p in parts])
+  values = np.concatenate([p["value_tenths"] for p in parts]) / 10.0  # exactly statsmodels' floats
+  order = np.argsort(years)  # TFDS stores examples shuffled
+  a = len(parts[0]["year"])
+  return years[order], values[order], (a, a + len(parts[1]["year"]))
+
+
+def _check_window(window, num_train: int) -> int:
+  w = check_int("window", window, 1)
+  if w >= num_train:
+    raise ValueError(f"window must be < the {num_train} train years, got {w}")
+  return w
+
+
+def _windows(series: np.ndarray, w: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+  """Inputs [hi-lo, w] = series[t-w:t] and targets [hi-lo] = series[t] for t in [lo, hi)."""
+  inputs = np.lib.stride_tricks.sliding_window_view(series, w)[lo - w:hi - w]
+  return inputs, series[lo:hi]
+
+
+def _target_range(split: str, w: int, a: int, b: int, n: int) -> tuple[int, int]:
+  return {"train": (w, a), "validation": (a, b), "test": (b, n)}[split]
+
+
+def load_sunspots(split: str, *, window: int = 20, data_dir: str | None = None):
+  """Windows of normalised sunspot numbers: inputs [N,window,1], labels [N,1] float32.
+
+  Normalisation uses the train years' mean and std (extras "mean", "std"):
+  value = label * std + mean.  extras["years"] [N] gives each target's year.
+  """
+  data_dir = resolve_data_dir(data_dir)
+  years, values, (a, b) = _sunspot_series(data_dir)
+  w = _check_window(window, a)
+  mean, std = float(values[:a].mean()), float(values[:a].std())
+  z = (values - mean) / std
+  n = len(values)
+  lo, hi = _target_range(split, w, a, b, n)
+  inputs, targets = _windows(z, w, lo, hi)
+  arrays = {"inputs": inputs[..., None].astype(np.float32),
+            "labels": targets[:, None].astype(np.float32),
+            "mask": np.ones((hi - lo, w), bool)}
+  info = DatasetInfo(
+      name="sunspots", task="regression", input_kind="float", input_dim=1, num_classes=1,
+      seq_len=w, num_examples={"train": a - w, "validation": b - a, "test": n - b},
+      extras={"mean": mean, "std": std, "window": w, "years": years[lo:hi].copy(),
+              "baselines": sunspots_baselines(w, data_dir=data_dir)})
+  return arrays, info
+
+
+def sunspots_baselines(window: int = 20, *, data_dir: str | None = None,
+                       arima_order: tuple[int, int, int] = ARIMA_ORDER) -> dict:
+  """Test-year RMSEs (sunspot units) of simple forecasters, one step ahead.
+
+  * "persistence_rmse": next year = this year.
+  * "arima_rmse": statsmodels ARIMA(`arima_order`) fitted on the train and
+    validation years, then run over the test years with fixed parameters
+    (`results.append(test, refit=False)`), so each forecast sees only the past.
+  * "linear_rmse": least squares with intercept on the same `window`-year train
+    windows a model sees (the one baseline that depends on `window`).
+  """
+  return dict(_baselines(check_int("window", window, 1), resolve_data_dir(data_dir),
+                         tuple(arima_order)))
+
+
+@cache(maxsize=None)
+def _baselines(window: int, data_dir: str, arima_order: tuple) -> dict:
+  from statsmodels.tsa.arima.model import ARIMA
+  years, values, (a, b) = _sunspot_series(data_dir)
+  w = _check_window(window, a)
+  n = len(values)
+  test = values[b:]
+
+  def rmse(pred):
+    return float(np.sqrt(np.mean((pred - test) ** 2)))
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # optimiser convergence chatter; the fit is checked by RMSE
+    fit = ARIMA(values[:b], order=arima_order).fit()
+    arima_pred = fit.append(test, refit=False).predict(start=b, end=n - 1)
+
+  x_train, y_train = _windows(values, w, w, a)
+  x_test, _ = _windows(values, w, b, n)
+  design = np.hstack([x_train, np.ones((len(x_train), 1))])
+  coef, *_ = np.linalg.lstsq(design, y_train, rcond=None)
+  linear_pred = np.hstack([x_test, np.ones((len(x_test), 1))]) @ coef
+
+  return {"persistence_rmse": rmse(values[b - 1:n - 1]), "arima_rmse": rmse(arima_pred),
+          "arima_order": arima_order, "linear_rmse": rmse(linear_pred), "window": w,
+          "test_years": (int(years[b]), int(years[-1]))}

@@ -1,0 +1,43 @@
+"""Preparing TFDS builders and reading a whole split into NumPy arrays."""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+# Rows per tf.data batch while reading; any size works, this one keeps few Python steps.
+_READ_CHUNK = 8192
+
+
+def prepare(builder, *, local: bool):
+  """Runs `download_and_prepare` once per data_dir; local builders never touch the network."""
+  config = tfds.download.DownloadConfig(try_download_gcs=False) if local else None
+  try:
+    builder.download_and_prepare(download_config=config)
+  except Exception as e:  # noqa: BLE001 -- re-raised with the fix the user needs.
+    if local:
+      raise
+    raise RuntimeError(
+        f"could not prepare TFDS dataset {builder.name!r} in data_dir={builder.data_dir_root!r}: "
+        f"{type(e).__name__}: {e}. It needs internet the first time; prepare it on a connected "
+        "machine (tfds build, or gru_jax.data.load there) and point data_dir or "
+        "$GRU_JAX_DATA_DIR at the copy.") from e
+  return builder
+
+
+def read_split(builder, split: str) -> dict[str, np.ndarray]:
+  """Every example of `split` as NumPy arrays [N,...].
+
+  Reads in finite batches rather than `batch_size=-1`: under
+  `tfds.testing.mock_data` the split sizes are unknown, and -1 then asks
+  tf.data for a batch of sys.maxsize rows.
+  """
+  chunks = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=_READ_CHUNK)))
+  if not chunks:
+    raise ValueError(f"TFDS split {split!r} of {builder.name!r} is empty")
+  return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def split_size(builder, split: str) -> int | None:
+  """The recorded size of a TFDS split, or None when unknown (e.g. mocked data)."""
+  info = builder.info.splits.get(split) if builder.info.splits else None
+  return int(info.num_examples) if info is not None and info.num_examples else None

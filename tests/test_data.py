@@ -1,0 +1,398 @@
+"""gru_jax.data: loaders against independent references, and the batch iterator's contract."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gru_jax import data
+
+SMALL_ADDING = dict(seq_len=20, num_train=64, num_validation=32, num_test=32)
+SMALL_COPY = dict(delay=7, num_train=50, num_validation=20, num_test=20)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """One TFDS data_dir for the local builders, so each is prepared once per run."""
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def check_arrays(arrays, info, split, n):
+  """The documented shapes and dtypes for `info`'s task and input kind."""
+  t = info.seq_len
+  assert arrays["mask"].shape == (n, t) and arrays["mask"].dtype == bool
+  if info.input_kind == "float":
+    assert arrays["inputs"].shape == (n, t, info.input_dim)
+    assert arrays["inputs"].dtype == np.float32
+  else:
+    assert arrays["inputs"].shape == (n, t) and arrays["inputs"].dtype == np.int32
+    assert 0 <= arrays["inputs"].min() and arrays["inputs"].max() < info.input_dim
+  want = {"classification": ((n,), np.int32), "tagging": ((n, t), np.int32),
+          "lm": ((n, t), np.int32), "regression": ((n, info.num_classes), np.float32)}[info.task]
+  assert (arrays["labels"].shape, arrays["labels"].dtype) == want
+  if info.task != "regression":
+    assert 0 <= arrays["labels"].min() and arrays["labels"].max() < info.num_classes
+  assert info.num_examples[split] == n
+
+
+# ---------------------------------------------------------------- sequential_digits
+
+@pytest.mark.parametrize("pixels,shape", [("rows", (8, 8)), ("pixels", (64, 1))])
+def test_digits_shapes_values_and_disjoint_splits(data_dir, pixels, shape):
+  from sklearn.datasets import load_digits
+  ref = load_digits()
+  seen = []
+  for split, n in zip(data.SPLITS, (1258, 269, 270)):
+    arrays, info = data.load("sequential_digits", split, pixels=pixels, data_dir=data_dir)
+    assert (info.task, info.input_kind, info.num_classes) == ("classification", "float", 10)
+    assert arrays["inputs"].shape == (n, *shape)
+    check_arrays(arrays, info, split, n)
+    assert arrays["mask"].all()
+    rows = info.extras["sklearn_index"]
+    want = (ref.images[rows] / 16.0).astype(np.float32).reshape(n, *shape)
+    np.testing.assert_array_equal(arrays["inputs"], want)
+    np.testing.assert_array_equal(arrays["labels"], ref.target[rows])
+    seen.append(rows)
+  all_rows = np.concatenate(seen)
+  assert len(np.unique(all_rows)) == len(all_rows) == 1797  # disjoint and complete
+
+
+def test_digits_split_recipe_is_the_documented_one(data_dir):
+  # Seeded shuffle (seed 0), then 70/15/15: fixed forever, so results stay comparable.
+  perm = np.random.default_rng(0).permutation(1797)
+  _, info = data.load("sequential_digits", "validation", data_dir=data_dir)
+  np.testing.assert_array_equal(info.extras["sklearn_index"], np.sort(perm[1258:1527]))
+
+
+def test_digits_is_a_registered_tfds_builder(data_dir):
+  import tensorflow_datasets as tfds
+  data.load("sequential_digits", "test", data_dir=data_dir)  # registers and prepares
+  builder = tfds.builder("sequential_digits", data_dir=data_dir)
+  assert builder.info.splits["train"].num_examples == 1258
+  assert tfds.builder("sunspots", data_dir=data_dir).name == "sunspots"
+
+
+def test_loaded_arrays_are_read_only_and_info_is_a_copy(data_dir):
+  arrays, info = data.load("sequential_digits", "test", data_dir=data_dir)
+  with pytest.raises(ValueError):
+    arrays["inputs"][0, 0, 0] = 1.0
+  info.extras["pixels"] = "changed"
+  assert data.load("sequential_digits", "test", data_dir=data_dir)[1].extras["pixels"] == "rows"
+
+
+# ---------------------------------------------------------------- sunspots
+
+def raw_sunspots():
+  import statsmodels.api as sm
+  df = sm.datasets.sunspots.load_pandas().data
+  return df["YEAR"].to_numpy().astype(int), df["SUNACTIVITY"].to_numpy(np.float64)
+
+
+@pytest.mark.parametrize("window", [20, 5])
+def test_sunspots_windows_are_slices_of_the_raw_series(data_dir, window):
+  years, values = raw_sunspots()
+  mean, std = values[:216].mean(), values[:216].std()  # train = first 216 of 309 years
+  want_years = {"train": years[window:216], "validation": years[216:263], "test": years[263:]}
+  for split in data.SPLITS:
+    arrays, info = data.load("sunspots", split, window=window, data_dir=data_dir)
+    n = len(want_years[split])
+    check_arrays(arrays, info, split, n)
+    assert arrays["inputs"].shape == (n, window, 1) and info.seq_len == window
+    assert info.extras["mean"] == pytest.approx(mean) and info.extras["std"] == pytest.approx(std)
+    np.testing.assert_array_equal(info.extras["years"], want_years[split])
+    t = info.extras["years"] - 1700  # position of each target in the series
+    windows = np.stack([values[i - window:i] for i in t])
+    np.testing.assert_allclose(arrays["inputs"][..., 0] * std + mean, windows, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(arrays["labels"][:, 0] * std + mean, values[t], rtol=1e-5,
+                               atol=1e-4)
+
+
+def test_sunspots_baselines(data_dir):
+  _, values = raw_sunspots()
+  test, previous = values[263:], values[262:-1]
+  persistence = math.sqrt(sum((a - b) ** 2 for a, b in zip(test, previous)) / len(test))
+  got = data.sunspots_baselines(20, data_dir=data_dir)
+  assert got["persistence_rmse"] == pytest.approx(persistence, rel=1e-12)
+  assert got["test_years"] == (1963, 2008)
+  # AR(9) and the linear window model use the cycle, so they beat persistence.
+  assert 0 < got["arima_rmse"] < got["persistence_rmse"]
+  assert 0 < got["linear_rmse"] < got["persistence_rmse"]
+  _, info = data.load("sunspots", "test", data_dir=data_dir)
+  assert info.extras["baselines"] == got
+
+
+# ---------------------------------------------------------------- synthetic
+
+def test_adding_targets_are_the_marked_sums():
+  for split in data.SPLITS:
+    arrays, info = data.load("adding", split, **SMALL_ADDING)
+    n = SMALL_ADDING[f"num_{split}"]
+    check_arrays(arrays, info, split, n)
+    values, markers = arrays["inputs"][..., 0], arrays["inputs"][..., 1]
+    assert ((0 <= values) & (values < 1)).all()
+    assert set(np.unique(markers)) == {0.0, 1.0}
+    np.testing.assert_array_equal(markers[:, :10].sum(1), 1)  # one marker per half
+    np.testing.assert_array_equal(markers[:, 10:].sum(1), 1)
+    np.testing.assert_allclose(arrays["labels"][:, 0], (values * markers).sum(1), atol=1e-6)
+
+
+def test_adding_baseline_mse_is_one_sixth():
+  arrays, info = data.load("adding", "train", seq_len=10, num_train=20_000)
+  mse = np.mean((arrays["labels"].astype(np.float64) - 1.0) ** 2)
+  # Var((U1+U2-1)^2) = 1/15 - 1/36, so the standard error is 0.197/sqrt(N) = 0.0014.
+  assert abs(mse - 1 / 6) < 5 * math.sqrt(1 / 15 - 1 / 36) / math.sqrt(20_000)
+  assert info.extras["baseline_mse"] == pytest.approx(0.1667, abs=1e-4)
+
+
+def test_synthetic_splits_are_deterministic_and_distinct():
+  a, _ = data.load("adding", "train", **SMALL_ADDING)
+  data.clear_caches()
+  b, _ = data.load("adding", "train", **SMALL_ADDING)
+  np.testing.assert_array_equal(a["inputs"], b["inputs"])
+  c, _ = data.load("adding", "test", **SMALL_ADDING)
+  assert not np.isin(c["inputs"][..., 0], a["inputs"][..., 0]).any()
+  d, _ = data.load("adding", "train", **{**SMALL_ADDING, "seed": 1})
+  assert not np.array_equal(a["inputs"], d["inputs"])
+
+
+def test_copy_task_structure():
+  t = SMALL_COPY["delay"]
+  arrays, info = data.load("copy", "validation", **SMALL_COPY)
+  check_arrays(arrays, info, "validation", 20)
+  assert (info.task, info.input_kind, info.input_dim, info.seq_len) == ("tagging", "tokens", 10,
+                                                                       t + 20)
+  x, y = arrays["inputs"], arrays["labels"]
+  symbols = x[:, :10]
+  assert ((0 <= symbols) & (symbols < 8)).all()
+  np.testing.assert_array_equal(x[:, 10:t + 9], 8)  # T-1 blanks
+  np.testing.assert_array_equal(x[:, t + 9], 9)  # delimiter
+  np.testing.assert_array_equal(x[:, t + 10:], 8)  # blanks while recalling
+  np.testing.assert_array_equal(y[:, :t + 10], 8)
+  np.testing.assert_array_equal(y[:, t + 10:], symbols)
+  assert info.extras["baseline_xent"] == pytest.approx(10 * math.log(8) / (t + 20))
+
+
+def test_synthetic_sets_do_not_import_tensorflow():
+  code = ("import sys; from gru_jax import data; data.load('copy', 'train', num_train=2); "
+          "data.load('adding', 'test', num_test=2); assert 'tensorflow' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: data.load("nope", "train"), ["unknown dataset", "sequential_digits", "adding"]),
+    (lambda: data.load("adding", "dev"), ["unknown split", "validation"]),
+    (lambda: data.load("adding", "train", window=3), ["unknown option", "window", "seq_len="]),
+    (lambda: data.load("adding", "train", seq_len=1), ["seq_len", ">= 2"]),
+    (lambda: data.load("copy", "train", delay=0), ["delay"]),
+    (lambda: data.load("copy", "train", num_train=2.5), ["num_train"]),
+    (lambda: data.load("sequential_digits", "train", pixels="cols"), ["pixels", "rows"]),
+    (lambda: data.load("sunspots", "train", window=216), ["window", "216"]),
+])
+def test_bad_requests_raise_clear_errors(call, words):
+  with pytest.raises(ValueError) as e:
+    call()
+  for w in words:
+    assert w in str(e.value)
+
+
+# ---------------------------------------------------------------- batches
+
+def toy(n=23, t=6):
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, t + 1, size=n)
+  return {"inputs": rng.normal(size=(n, t, 2)).astype(np.float32),
+          "labels": np.arange(n, dtype=np.int32),  # the example's own index
+          "mask": np.arange(t)[None, :] < lengths[:, None]}
+
+
+def collect(*args, **kw):
+  return list(data.batches(*args, **kw))
+
+
+def test_batches_are_deterministic_per_seed_and_epoch():
+  arrays = toy()
+  kw = dict(seed=3, shuffle=True, drop_remainder=False)
+  a = collect(arrays, 4, epoch=1, **kw)
+  b = collect(arrays, 4, epoch=1, **kw)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+  def order(**changes):
+    out = collect(arrays, 4, **{**kw, "epoch": 1, **changes})
+    return np.concatenate([x["labels"] for x in out])
+
+  first, other_epoch, other_seed = order(), order(epoch=2), order(seed=4)
+  assert not np.array_equal(first, other_epoch) and not np.array_equal(first, other_seed)
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_every_example_once_per_epoch_and_padding_has_weight_zero(bucket):
+  arrays = toy(n=23)
+  out = collect(arrays, 5, seed=0, epoch=0, shuffle=True, drop_remainder=False,
+                bucket_by_length=bucket, bucket_window=2)
+  assert len(out) == data.num_batches(23, 5, False) == 5
+  for x in out:
+    assert x["inputs"].shape == (5, 6, 2) and x["weight"].dtype == np.float32
+    assert x["example_id"].dtype == np.int32
+  weight = np.concatenate([x["weight"] for x in out])
+  labels = np.concatenate([x["labels"] for x in out])
+  np.testing.assert_array_equal(weight, [1] * 23 + [0] * 2)
+  np.testing.assert_array_equal(np.sort(labels[weight == 1]), np.arange(23))
+  np.testing.assert_array_equal(np.concatenate([x["example_id"] for x in out]), np.arange(25))
+  pads = out[-1]
+  assert pads["mask"][pads["weight"] == 0].any(axis=1).all()  # padding rows stay valid data
+  # Rows carry their own example's data.
+  for x in out:
+    np.testing.assert_array_equal(x["inputs"], arrays["inputs"][x["labels"]])
+
+
+def test_drop_remainder_and_no_shuffle():
+  arrays = toy(n=23)
+  out = collect(arrays, 5, seed=0, epoch=0, shuffle=False, drop_remainder=True)
+  assert len(out) == data.num_batches(23, 5, True) == 4
+  np.testing.assert_array_equal(np.concatenate([x["labels"] for x in out]), np.arange(20))
+  assert all(x["weight"].all() for x in out)
+
+
+def test_start_batch_resumes_exactly():
+  arrays = toy(n=23)
+  kw = dict(seed=1, epoch=4, shuffle=True, drop_remainder=False)
+  full = collect(arrays, 4, **kw)
+  resumed = collect(arrays, 4, start_batch=3, **kw)
+  assert len(resumed) == len(full) - 3
+  for x, y in zip(full[3:], resumed):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert collect(arrays, 4, start_batch=len(full), **kw) == []
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_process_slices_concatenate_to_the_global_batch(bucket):
+  arrays = toy(n=23)
+  kw = dict(seed=2, epoch=0, shuffle=True, drop_remainder=False, bucket_by_length=bucket,
+            trim_to_multiple=2 if bucket else None)
+  whole = collect(arrays, 6, **kw)
+  parts = [collect(arrays, 6, process_index=i, process_count=2, **kw) for i in range(2)]
+  for k, w in enumerate(whole):
+    for key in w:
+      assert parts[0][k][key].shape[0] == 3
+      np.testing.assert_array_equal(np.concatenate([parts[0][k][key], parts[1][k][key]]), w[key])
+
+
+def test_bucketing_reduces_padding_and_trimming_keeps_real_steps():
+  rng = np.random.default_rng(1)
+  n, t = 400, 50
+  lengths = rng.integers(1, t + 1, size=n)
+  arrays = {"inputs": np.zeros((n, t), np.int32), "labels": np.arange(n, dtype=np.int32),
+            "mask": np.arange(t)[None, :] < lengths[:, None]}
+  kw = dict(seed=0, epoch=0, shuffle=True, drop_remainder=True, trim_to_multiple=5)
+
+  def padded_steps(bucket):
+    out = collect(arrays, 16, bucket_by_length=bucket, **kw)
+    for x in out:
+      assert x["inputs"].shape[1] % 5 == 0 or x["inputs"].shape[1] == t
+      # Trimming drops only padding: every real step is kept.
+      np.testing.assert_array_equal(x["mask"].sum(1), lengths[x["labels"]])
+    return sum(x["mask"].size - x["mask"].sum() for x in out)
+
+  assert padded_steps(True) < 0.3 * padded_steps(False)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(batch_size=6, process_count=4), ["batch_size (6)", "process_count (4)"]),
+    (dict(batch_size=4, process_index=2, process_count=2), ["process_index"]),
+    (dict(batch_size=0), ["batch_size"]),
+    (dict(batch_size=4, start_batch=99), ["start_batch", "[0, 6]"]),
+    (dict(batch_size=4, epoch=-1), ["epoch"]),
+])
+def test_batches_bad_arguments_raise_at_call(kwargs, words):
+  kw = dict(seed=0, epoch=0, shuffle=True, drop_remainder=False)
+  kw.update(kwargs)
+  b = kw.pop("batch_size")
+  with pytest.raises(ValueError) as e:
+    data.batches(toy(), b, **kw)  # no next(): errors come at the call
+  for w in words:
+    assert w in str(e.value)
+
+
+def test_batches_rejects_mismatched_arrays():
+  with pytest.raises(ValueError, match="leading size N"):
+    data.batches({"a": np.zeros(3), "b": np.zeros(4)}, 2, seed=0, epoch=0, shuffle=False,
+                 drop_remainder=False)
+  with pytest.raises(ValueError, match="mask"):
+    data.batches({"a": np.zeros(3)}, 2, seed=0, epoch=0, shuffle=False, drop_remainder=False,
+                 bucket_by_length=True)
+
+
+# ---------------------------------------------------------------- public TFDS sets, mocked
+
+@pytest.fixture
+def mock_tfds(tmp_path):
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path / "meta")):
+    yield str(tmp_path / "data")
+
+
+def raw_tfds(name, split, data_dir):
+  import tensorflow_datasets as tfds
+  return list(tfds.as_numpy(tfds.builder(name, data_dir=data_dir).as_dataset(split=split)))
+
+
+def test_mnist_sequential_and_permuted(mock_tfds):
+  plain, info = data.load("mnist", "test", data_dir=mock_tfds)
+  assert (info.seq_len, info.input_dim, info.num_classes) == (784, 1, 10)
+  check_arrays(plain, info, "test", 24)
+  assert info.num_examples == {"train": 22, "validation": 2, "test": 24}  # 1/12 held out
+  raw = raw_tfds("mnist", "test", mock_tfds)
+  np.testing.assert_array_equal(plain["inputs"][..., 0] * 255,
+                                np.stack([r["image"].reshape(784) for r in raw]))
+  assert plain["mask"].all() and 0 <= plain["inputs"].min() and plain["inputs"].max() <= 1
+  permuted, pinfo = data.load("mnist", "test", permuted=True, data_dir=mock_tfds)
+  perm = pinfo.extras["permutation"]
+  np.testing.assert_array_equal(np.sort(perm), np.arange(784))
+  assert not np.array_equal(perm, np.arange(784))
+  np.testing.assert_array_equal(permuted["inputs"], plain["inputs"][:, perm])
+  train, _ = data.load("mnist", "train", data_dir=mock_tfds)
+  val, _ = data.load("mnist", "validation", data_dir=mock_tfds)
+  assert (len(train["labels"]), len(val["labels"])) == (22, 2)
+  rows = {r.tobytes() for r in train["inputs"]}
+  assert not any(r.tobytes() in rows for r in val["inputs"])  # disjoint
+
+
+def test_imdb_tokens_masks_and_truncation(mock_tfds):
+  from gru_jax.data.public import tokenize
+  arrays, info = data.load("imdb_reviews", "test", vocab_size=6, max_len=3, data_dir=mock_tfds)
+  check_arrays(arrays, info, "test", 24)
+  assert (info.task, info.input_kind, info.num_classes, info.input_dim) == (
+      "classification", "tokens", 2, 6)
+  vocab = info.extras["vocab"]
+  assert vocab[:2] == ["<pad>", "<unk>"]
+  mask, ids = arrays["mask"], arrays["inputs"]
+  lengths = mask.sum(1)
+  np.testing.assert_array_equal(mask, np.arange(3)[None] < lengths[:, None])  # prefix masks
+  assert (ids[~mask] == 0).all() and (ids[mask] != 0).all()
+  for row, r in enumerate(raw_tfds("imdb_reviews", "test", mock_tfds)):
+    words = tokenize(r["text"])[-3:] or ["<unk>"]
+    assert lengths[row] == len(words)
+    want = [w if w in vocab else "<unk>" for w in words]
+    assert [vocab[i] for i in ids[row, :lengths[row]]] == want
+    assert arrays["labels"][row] == r["label"]
+  assert tokenize(b"A <br />Great film!! Isn't it?") == ["a", "great", "film", "!", "!", "isn't",
+                                                        "it", "?"]
+
+
+def test_tiny_shakespeare_next_character_targets(mock_tfds):
+  arrays, info = data.load("tiny_shakespeare", "validation", seq_len=8, data_dir=mock_tfds)
+  text = "".join(r["text"].decode() for r in raw_tfds("tiny_shakespeare", "validation",
+                                                       mock_tfds))
+  n = (len(text) - 1) // 8
+  check_arrays(arrays, info, "validation", n)
+  assert info.task == "lm" and info.num_classes == info.input_dim == len(info.extras["vocab"])
+  vocab = np.array(info.extras["vocab"])
+  decoded = "".join(vocab[arrays["inputs"].reshape(-1)])
+  assert decoded == text[:n * 8]
+  assert "".join(vocab[arrays["labels"].reshape(-1)]) == text[1:n * 8 + 1]
