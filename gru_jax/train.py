@@ -362,7 +362,10 @@ def _checkpoint_manager(workdir: str):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+      # Synchronous saves: once a step's checkpoint is logged it is on disk, so a
+      # SIGKILL right after loses nothing that was reported as checkpointed.
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                           enable_async_checkpointing=False))
 
 
 def _save(mngr, step: int, state: TrainState):
@@ -530,6 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           dstate, results = run_eval(step, dstate)
         if step % ckpt_every == 0 or step == total_steps or preempt.requested:
           _save(mngr, step, runtime.host_state(dstate))
+          logging.info("checkpoint saved at step %d", step)
         if step == config.get("debug_kill_at_step", 0):
           os.kill(os.getpid(), signal.SIGKILL)  # fault injection for crash-recovery tests
         if preempt.requested:

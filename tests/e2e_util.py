@@ -1,0 +1,44 @@
+"""Runs the real entrypoint in a subprocess (fresh JAX runtime, real signals)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small, fast variant of the default digits run.
+FAST = ["--config.model.hidden_sizes=(16,16)", "--config.num_train_steps=24",
+        "--config.eval_every_steps=8", "--config.checkpoint_every_steps=8",
+        "--config.log_every_steps=1", "--config.bn_recalibrate_batches=2",
+        "--config.batch_size=32"]
+
+
+def run_train(workdir, *overrides, config="experiments/configs/digits.py", devices=1,
+              extra_env=None, timeout=300, wait=True):
+  cmd = [sys.executable, "-m", "experiments.train", f"--config={config}",
+         f"--workdir={workdir}", *overrides]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             GRU_JAX_DATA_DIR=os.environ.get("GRU_JAX_DATA_DIR",
+                                             os.path.join(ROOT, ".tfds_test_cache")))
+  env.update(extra_env or {})
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def checkpoint_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def restore_params(workdir, step=None):
+  import orbax.checkpoint as ocp
+  step = step if step is not None else checkpoint_steps(workdir)[-1]
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "default")
+  return ocp.StandardCheckpointer().restore(path)
