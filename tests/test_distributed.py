@@ -1,0 +1,43 @@
+"""Two processes on localhost through jax.distributed equal one process with two devices."""
+import os
+import subprocess
+
+import chex
+import numpy as np
+import pytest
+
+from tests.e2e_util import FAST, ROOT, metrics, restore_params, run_train
+
+
+def _launch(workdir, steps):
+  cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "-d", "1", "-w", workdir,
+         "--log_dir", os.path.join(workdir, "logs"), "--", *FAST,
+         f"--config.num_train_steps={steps}"]
+  env = dict(os.environ, PYTHONUNBUFFERED="1",
+             GRU_JAX_DATA_DIR=os.environ.get("GRU_JAX_DATA_DIR",
+                                             os.path.join(ROOT, ".tfds_test_cache")))
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  logs = ""
+  for i in range(2):
+    p = os.path.join(workdir, "logs", f"process_{i}.log")
+    if os.path.exists(p):
+      logs += open(p).read()[-3000:]
+  assert r.returncode == 0, r.stdout + r.stderr + logs
+  return logs
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_two_devices(tmp_path):
+  one = str(tmp_path / "one")
+  r = run_train(one, *FAST, devices=2)
+  assert r.returncode == 0, r.stderr
+  two = str(tmp_path / "two")
+  _launch(two, 16)            # stop early, then resume in both processes from the checkpoint
+  logs = _launch(two, 24)
+  assert "Resumed from" in logs
+  ref, got = metrics(one), metrics(two)
+  assert [(l["step"], l["split"]) for l in got] == [(l["step"], l["split"]) for l in ref]
+  np.testing.assert_allclose([l["loss"] for l in got], [l["loss"] for l in ref], rtol=1e-5)
+  chex.assert_trees_all_close(restore_params(two), restore_params(one), atol=1e-5)
+  # Only process 0 writes logs and metrics.
+  assert sorted(os.listdir(two)) == sorted(os.listdir(one)) + ["logs"]
