@@ -1,0 +1,801 @@
+"""Tests of launch/: the dry-run commands of the shell launchers, their process
+handling with stand-in trainers, and launch/sweep.py's trial generation, halving
+schedule, spec errors, local runs, emitted commands and results table.
+
+Nothing here needs experiments.train: stand-in trainers (tiny Python scripts)
+take its place through --entrypoint / --trainer, or fake srun/gcloud on PATH.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+
+_spec = importlib.util.spec_from_file_location("launch_sweep", LAUNCH / "sweep.py")
+sweep = importlib.util.module_from_spec(_spec)
+sys.modules["launch_sweep"] = sweep  # dataclasses look their module up here
+_spec.loader.exec_module(sweep)
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "PYTHON", "TPU_NAME", "ZONE", "PROJECT", "WORKDIR", "CONFIG",
+                      "EXTRA_ARGS", "TASKS_PER", "GPUS_PER_NODE", "SRUN_ARGS", "DRY_RUN",
+                      "CUDA_VISIBLE_DEVICES", "RETURNCODE_FILE") and not k.startswith("SLURM_")}
+  env.update(extra)
+  return env
+
+
+def sh(script, *args, env=None, timeout=60):
+  return subprocess.run(["bash", str(LAUNCH / script), *args], cwd=REPO, capture_output=True,
+                        text=True, env=env or _env(), timeout=timeout)
+
+
+def lines(proc):
+  assert proc.returncode == 0, proc.stderr
+  return proc.stdout.strip().splitlines()
+
+
+# ----------------------------------------------------------------------------- local.sh
+
+TRAIN = "python -m experiments.train --config=experiments/configs/digits.py"
+
+
+def test_local_dry_run_exact_commands():
+  out = lines(sh("local.sh", "-n", "3", "-d", "2", "-w", "/tmp/w", "--port", "12345", "--dry-run",
+                 "--config.batch_size=64", "--", "--note", "a b"))
+  assert out == [
+      "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 " + TRAIN +
+      f" --workdir=/tmp/w --coordinator_address=localhost:12345 --num_processes=3 --process_id={i}"
+      " --config.batch_size=64 --note 'a b'" for i in range(3)]
+  # The printed lines are real shell: they split back into the intended words.
+  assert shlex.split(out[1])[-3:] == ["--config.batch_size=64", "--note", "a b"]
+
+
+def test_local_dry_run_free_port_gpus_logs_and_existing_xla_flags():
+  out = lines(sh("local.sh", "--num_processes=2", "--gpus_per_process=2", "--workdir", "w",
+                 "--config", "c.py", "--log_dir", "logs", "--python", "py3", "--dry-run"))
+  ports = set()
+  for i, line in enumerate(out):
+    words = shlex.split(line)
+    assert words[0] == f"CUDA_VISIBLE_DEVICES={2 * i},{2 * i + 1}"
+    assert words[1:6] == ["py3", "-m", "experiments.train", "--config=c.py", "--workdir=w"]
+    assert words[-4:] == [f"--process_id={i}", ">", f"logs/process_{i}.log", "2>&1"]
+    address = next(w for w in words if w.startswith("--coordinator_address="))
+    host, port = address.split("=", 1)[1].split(":")
+    assert host == "localhost" and 1 <= int(port) <= 65535
+    ports.add(port)
+  assert len(ports) == 1  # every process dials the same coordinator
+  out = lines(sh("local.sh", "-n", "1", "-d", "4", "-w", "w", "-p", "9", "--dry-run",
+                 env=_env(XLA_FLAGS="--xla_dump_to=/tmp/d")))
+  assert shlex.split(out[0])[1] == \
+      "XLA_FLAGS=--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=4"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-n", "0", "-w", "w"], "--num_processes must be a positive integer, got '0'"),
+    (["-n", "two", "-w", "w"], "--num_processes must be a positive integer"),
+    (["-d", "x", "-w", "w"], "--cpu_devices must be a positive integer, got 'x'"),
+    (["-d", "2", "-g", "1", "-w", "w"], "--cpu_devices and --gpus_per_process exclude each other"),
+    (["-p", "70000", "-w", "w"], "--port must be in 1..65535, got '70000'"),
+    (["-n", "2"], "--workdir is required"),
+    (["-w"], "-w needs a value"),
+    (["-n", "2", "-w", "--config.x=1"], "-w needs a value"),
+])
+def test_local_bad_arguments(args, message):
+  proc = sh("local.sh", *args, "--dry-run")
+  assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_local_help():
+  proc = sh("local.sh", "-h")
+  assert proc.returncode == 0 and "Usage: launch/local.sh" in proc.stdout
+
+
+FAKE_PROCESS = textwrap.dedent("""\
+    import json, os, sys, time
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    i = int(args["process_id"])
+    out = os.path.join(args["workdir"], f"p{i}")
+    with open(out + ".json", "w") as f:
+      json.dump({"argv": sys.argv[1:], "xla": os.environ.get("XLA_FLAGS")}, f)
+    if i == int(os.environ.get("FAIL_ID", "-1")):
+      sys.exit(7)
+    time.sleep(float(os.environ.get("SLEEP", "0")))
+    open(out + ".done", "w").close()
+""")
+
+
+def test_local_runs_all_processes(tmp_path):
+  (tmp_path / "proc.py").write_text(FAKE_PROCESS)
+  proc = sh("local.sh", "-n", "3", "-d", "2", "-w", str(tmp_path), "--entrypoint",
+            f"{sys.executable} {tmp_path / 'proc.py'}", "--", "--config.seed=3")
+  assert proc.returncode == 0, proc.stderr
+  for i in range(3):
+    got = json.loads((tmp_path / f"p{i}.json").read_text())
+    assert got["xla"] == "--xla_force_host_platform_device_count=2"
+    assert got["argv"][-2:] == [f"--process_id={i}", "--config.seed=3"]
+    assert (tmp_path / f"p{i}.done").exists()
+
+
+def test_local_stops_the_others_when_one_fails(tmp_path):
+  (tmp_path / "proc.py").write_text(FAKE_PROCESS)
+  start = time.time()
+  proc = sh("local.sh", "-n", "3", "-w", str(tmp_path), "--log_dir", str(tmp_path / "logs"),
+            "--grace", "5", "--entrypoint", f"{sys.executable} {tmp_path / 'proc.py'}",
+            env=_env(FAIL_ID="1", SLEEP="60"))
+  assert proc.returncode == 7
+  assert time.time() - start < 20  # not the 60 s the survivors would sleep
+  assert "process 1 exited with status 7" in proc.stderr
+  assert not any((tmp_path / f"p{i}.done").exists() for i in range(3))
+  assert sorted(os.listdir(tmp_path / "logs")) == [f"process_{i}.log" for i in range(3)]
+
+
+def test_local_joins_a_real_jax_distributed_runtime(tmp_path):
+  # What the trainer will do with the flags: 2 processes x 2 CPU devices = 4 global devices.
+  (tmp_path / "jaxproc.py").write_text(textwrap.dedent("""\
+      import json, os, sys
+      a = dict(x[2:].split("=", 1) for x in sys.argv[1:] if x.startswith("--") and "=" in x)
+      import jax
+      jax.distributed.initialize(a["coordinator_address"], int(a["num_processes"]),
+                                 int(a["process_id"]))
+      with open(os.path.join(a["workdir"], f"p{a['process_id']}.json"), "w") as f:
+        json.dump([jax.device_count(), jax.local_device_count(), jax.process_index()], f)
+      jax.distributed.shutdown()
+  """))
+  proc = sh("local.sh", "-n", "2", "-d", "2", "-w", str(tmp_path), "--entrypoint",
+            f"{sys.executable} {tmp_path / 'jaxproc.py'}", timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)] == \
+      [[4, 2, 0], [4, 2, 1]]
+
+
+# ----------------------------------------------------------------------------- slurm.sbatch
+
+SRUN_TRAIN = "python -m experiments.train --config=experiments/configs/digits.py"
+
+
+def test_slurm_dry_run_one_task_per_gpu():
+  env = _env(DRY_RUN="1", SLURM_JOB_ID="42", SLURM_JOB_NAME="exp", SLURM_JOB_NUM_NODES="2",
+             SLURM_GPUS_ON_NODE="4", EXTRA_ARGS="--config.seed=1  --config.remat=True")
+  assert lines(sh("slurm.sbatch", "--config.batch_size=256", env=env)) == [
+      "srun --nodes=2 --ntasks=8 --ntasks-per-node=4 --kill-on-bad-exit=1 " + SRUN_TRAIN +
+      " --workdir=runs/exp_42 --config.seed=1 --config.remat=True --config.batch_size=256"]
+
+
+def test_slurm_dry_run_one_task_per_node():
+  env = _env(DRY_RUN="1", SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="3", SLURM_GPUS_ON_NODE="4",
+             SLURM_CPUS_ON_NODE="32", TASKS_PER="node", CONFIG="experiments/configs/x.py",
+             WORKDIR="/shared/r 1", PYTHON="python3", SRUN_ARGS="--mpi=none")
+  assert lines(sh("slurm.sbatch", env=env)) == [
+      "JAX_LOCAL_DEVICE_IDS=0,1,2,3 srun --nodes=3 --ntasks=3 --ntasks-per-node=1 "
+      "--kill-on-bad-exit=1 --cpus-per-task=32 --mpi=none python3 -m experiments.train "
+      "--config=experiments/configs/x.py --workdir='/shared/r 1'"]
+
+
+def test_slurm_dry_run_outside_a_job_and_gpu_count_fallbacks():
+  assert lines(sh("slurm.sbatch", env=_env(DRY_RUN="1"))) == [
+      "srun --nodes=1 --ntasks=8 --ntasks-per-node=8 --kill-on-bad-exit=1 " + SRUN_TRAIN +
+      " --workdir=runs/gru_jax_dryrun"]
+  env = _env(DRY_RUN="1", SLURM_JOB_ID="5", CUDA_VISIBLE_DEVICES="0,1")
+  assert "--ntasks=2 --ntasks-per-node=2" in lines(sh("slurm.sbatch", env=env))[0]
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(DRY_RUN="1", TASKS_PER="socket"), "TASKS_PER must be 'gpu' or 'node', got 'socket'"),
+    (dict(DRY_RUN="1", GPUS_PER_NODE="0"), "GPUS_PER_NODE must be a positive integer"),
+    (dict(DRY_RUN="1", SLURM_JOB_ID="5"), "cannot tell how many GPUs each node has"),
+    (dict(), "not inside a SLURM job"),
+])
+def test_slurm_errors(env, message):
+  proc = sh("slurm.sbatch", env=_env(**env))
+  assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def _fake_bin(tmp_path, name, rc):
+  """A stand-in for srun/gcloud on PATH that records its argv as JSON."""
+  bindir = tmp_path / "bin"
+  bindir.mkdir(exist_ok=True)
+  exe = bindir / name
+  exe.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                 f"json.dump(sys.argv[1:], open({str(tmp_path / (name + '.json'))!r}, 'w'))\n"
+                 f"sys.exit({rc})\n")
+  exe.chmod(0o755)
+  return f"{bindir}:{os.environ['PATH']}"
+
+
+def test_slurm_runs_srun_and_records_exit_status(tmp_path):
+  env = _env(PATH=_fake_bin(tmp_path, "srun", 5), SLURM_JOB_ID="9", SLURM_JOB_NUM_NODES="1",
+             SLURM_GPUS_ON_NODE="2", RETURNCODE_FILE=str(tmp_path / "rc"))
+  proc = sh("slurm.sbatch", "--config.seed=2", env=env)
+  assert proc.returncode == 5
+  assert (tmp_path / "rc").read_text().strip() == "5"
+  dry = lines(sh("slurm.sbatch", "--config.seed=2", env={**env, "DRY_RUN": "1"}))[0]
+  assert ["srun"] + json.loads((tmp_path / "srun.json").read_text()) == shlex.split(dry)
+
+
+# ----------------------------------------------------------------------------- tpu_vm.sh
+
+def test_tpu_dry_run_exact_command():
+  out = lines(sh("tpu_vm.sh", "-t", "pod", "-z", "us-central2-b", "-w", "gs://b/run",
+                 "--dry-run", "--config.batch_size=1024", "--", "--note", "a b"))
+  assert out == [
+      "gcloud compute tpus tpu-vm ssh pod --zone=us-central2-b --worker=all "
+      "--command='cd gru_jax && python3 -m experiments.train "
+      "--config=experiments/configs/digits.py --workdir=gs://b/run --config.batch_size=1024 "
+      "--note '\\''a b'\\'''"]
+  remote = shlex.split(out[0])[-1].split("=", 1)[1]
+  assert shlex.split(remote)[-2:] == ["--note", "a b"]  # survives both shells
+
+
+def test_tpu_dry_run_from_environment_with_setup_and_flags():
+  env = _env(TPU_NAME="v4", ZONE="z1", PROJECT="proj", WORKDIR="gs://b/w")
+  out = lines(sh("tpu_vm.sh", "--remote_dir", "~/src/gru jax", "--setup",
+                 "source ~/venv/bin/activate", "--gcloud_flag=--internal-ip", "--worker", "0",
+                 "--python", "python", "--dry-run", env=env))
+  words = shlex.split(out[0])
+  assert words[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "v4", "--zone=z1",
+                       "--project=proj", "--worker=0"]
+  assert words[9] == "--internal-ip"
+  remote = words[10].split("=", 1)[1]
+  assert remote.startswith("cd ~/'src/gru jax' && source ~/venv/bin/activate && python -m")
+  assert shlex.split(remote)[-1] == "--workdir=gs://b/w"
+
+
+def test_tpu_errors_and_local_workdir_note(tmp_path):
+  proc = sh("tpu_vm.sh", "-z", "z", "-w", "gs://b", "--dry-run")
+  assert proc.returncode == 2 and "--tpu (or TPU_NAME) is required" in proc.stderr
+  proc = sh("tpu_vm.sh", "-t", "t", "-z", "z", "--dry-run")
+  assert proc.returncode == 2 and "--workdir (or WORKDIR) is required" in proc.stderr
+  proc = sh("tpu_vm.sh", "-t", "t", "-z", "z", "-w", "/tmp/x", "--dry-run")
+  assert proc.returncode == 0 and "use gs://" in proc.stderr
+
+
+def test_tpu_runs_gcloud(tmp_path):
+  env = _env(PATH=_fake_bin(tmp_path, "gcloud", 0))
+  args = ["-t", "t", "-z", "z", "-w", "gs://b", "--", "--config.seed=1"]
+  assert sh("tpu_vm.sh", *args, env=env).returncode == 0
+  dry = lines(sh("tpu_vm.sh", "--dry-run", *args, env=env))[0]
+  assert ["gcloud"] + json.loads((tmp_path / "gcloud.json").read_text()) == shlex.split(dry)
+
+
+# ----------------------------------------------------------------------------- sweep: trials
+
+def parse(argv):
+  args, unknown = sweep.make_parser().parse_known_args(["--sweep_dir", "unused"] + argv)
+  return sweep.build_sweep(args, unknown)
+
+
+def overrides(definition):
+  return [t["overrides"] for t in definition["trials"]]
+
+
+def test_grid_is_the_product_with_typed_values():
+  d = parse(["--grid", "learning_rate=1e-3,3e-3", "--grid", "model.hidden_size=64,128,256",
+             "--grid", "model.cell=gru,lstm", "--grid", "remat=True"])
+  got = overrides(d)
+  assert len(got) == 12 and len({json.dumps(o, sort_keys=True) for o in got}) == 12
+  assert got[0] == {"learning_rate": 0.001, "model.hidden_size": 64, "model.cell": "gru",
+                    "remat": True}
+  assert [t["name"] for t in d["trials"]][:2] == ["trial_000", "trial_001"]
+  assert d["halving"] is None and d["mode"] == "min" and d["metric"] == "validation/loss"
+
+
+def test_random_is_deterministic_and_within_ranges():
+  argv = ["--random", "learning_rate=loguniform:1e-4:1e-2", "--random", "dropout=uniform:0:0.5",
+          "--random", "layers=int:1:3", "--random", "width=logint:16:256",
+          "--random", "cell=choice:gru,lstm", "--num_trials", "200", "--seed", "7"]
+  a, b = overrides(parse(argv)), overrides(parse(argv))
+  assert a == b and len(a) == 200
+  assert a != overrides(parse(argv[:-1] + ["8"]))
+  for o in a:
+    assert 1e-4 <= o["learning_rate"] <= 1e-2 and 0 <= o["dropout"] <= 0.5
+    assert o["layers"] in (1, 2, 3) and 16 <= o["width"] <= 256 and isinstance(o["width"], int)
+    assert o["cell"] in ("gru", "lstm")
+    assert float(f"{o['learning_rate']:.4g}") == o["learning_rate"]  # 4 significant digits
+  assert {o["layers"] for o in a} == {1, 2, 3} and {o["cell"] for o in a} == {"gru", "lstm"}
+
+
+def test_loguniform_is_uniform_in_log_space():
+  rng = random.Random(0)
+  log_draws = [sweep.parse_dist("loguniform:1e-4:1e-2", "t").sample(rng) for _ in range(4000)]
+  lin_draws = [sweep.parse_dist("uniform:1e-4:1e-2", "t").sample(rng) for _ in range(4000)]
+  below = lambda xs: sum(x < 1e-3 for x in xs) / len(xs)
+  assert abs(below(log_draws) - 0.5) < 0.04  # 1e-3 is the middle of [1e-4, 1e-2] in log space
+  assert below(lin_draws) < 0.12  # ... and 9% of the way along it linearly
+  decades = [sum(10 ** (-4 + i / 2) <= x < 10 ** (-4 + (i + 1) / 2) for x in log_draws)
+             for i in range(4)]
+  assert max(decades) - min(decades) < 200  # each half-decade gets ~1000 of 4000
+
+
+def test_logint_favours_small_values():
+  rng = random.Random(1)
+  draws = [sweep.parse_dist("logint:1:1000", "t").sample(rng) for _ in range(3000)]
+  assert min(draws) >= 1 and max(draws) <= 1000
+  assert abs(sum(d < 32 for d in draws) / 3000 - 0.5) < 0.05  # 32 ~ sqrt(1000)
+
+
+def test_grid_crossed_with_random_draws():
+  got = overrides(parse(["--grid", "seed=0,1,2", "--random", "learning_rate=uniform:0:1",
+                         "--num_trials", "4"]))
+  assert len(got) == 12
+  for draw in range(4):
+    group = got[3 * draw:3 * draw + 3]
+    assert [o["seed"] for o in group] == [0, 1, 2]
+    assert len({o["learning_rate"] for o in group}) == 1  # the same draw for every seed
+
+
+def test_spec_files_equal_flags(tmp_path):
+  spec = {"grid": {"model.hidden_size": [64, 128]},
+          "random": {"learning_rate": "loguniform:1e-4:1e-2", "model.cell": ["gru", "lstm"]},
+          "fixed": {"num_epochs": 2}, "num_trials": 3, "seed": 4, "metric": "validation/accuracy",
+          "halving": {"eta": 2, "min_steps": 10, "max_steps": 40}}
+  (tmp_path / "s.json").write_text(json.dumps(spec))
+  (tmp_path / "s.py").write_text(f"def get_sweep():\n  return {spec!r}\n")
+  from_json, from_py = parse(["--spec", str(tmp_path / "s.json")]), parse(["--spec", str(tmp_path / "s.py")])
+  flags = parse(["--grid", "model.hidden_size=64,128", "--random",
+                 "learning_rate=loguniform:1e-4:1e-2", "--random", "model.cell=choice:gru,lstm",
+                 "--set", "num_epochs=2", "--num_trials", "3", "--seed", "4", "--metric",
+                 "validation/accuracy", "--halving", "--eta", "2", "--min_steps", "10",
+                 "--max_steps", "40"])
+  assert from_json == from_py == flags
+  assert flags["mode"] == "max" and flags["halving"]["budgets"] == [10, 20, 40]
+  (tmp_path / "t.json").write_text(json.dumps({"trials": [{"a": 1}, {"a": 2, "b": "x"}]}))
+  assert overrides(parse(["--spec", str(tmp_path / "t.json")])) == [{"a": 1}, {"a": 2, "b": "x"}]
+
+
+# ----------------------------------------------------------------------------- sweep: bad specs
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grid", "learning_rate"], "--grid 'learning_rate': expected KEY=V1,V2"),
+    (["--grid", "=1,2"], "--grid '=1,2': expected KEY=V1,V2"),
+    (["--grid", "lr=1,,2"], "--grid 'lr=1,,2': empty value"),
+    (["--grid", "model..x=1"], "'model..x' is not a config key"),
+    (["--random", "lr=normal:0:1", "--num_trials", "2"], "unknown distribution 'normal:0:1'"),
+    (["--random", "lr=loguniform:0:1", "--num_trials", "2"], "needs LOW > 0"),
+    (["--random", "lr=uniform:2:1", "--num_trials", "2"], "'uniform:2:1' has LOW > HIGH"),
+    (["--random", "lr=uniform:a:b", "--num_trials", "2"], "bounds of 'uniform:a:b' must be numbers"),
+    (["--random", "lr=uniform:1", "--num_trials", "2"], "needs exactly two bounds"),
+    (["--random", "n=int:1.5:3", "--num_trials", "2"], "bounds of 'int:1.5:3' must be integers"),
+    (["--random", "n=logint:0:8", "--num_trials", "2"], "needs LOW >= 1"),
+    (["--random", "c=choice:a,,b", "--num_trials", "2"], "has an empty choice"),
+    (["--random", "lr=uniform:0:1"], "--num_trials is required with --random"),
+    (["--random", "lr=uniform:0:1", "--num_trials", "0"], "--num_trials must be an integer >= 1"),
+    (["--grid", "lr=1,2", "--num_trials", "3"], "--num_trials only applies to --random"),
+    (["--grid", "lr=1,2", "--random", "lr=uniform:0:1", "--num_trials", "2"],
+     "'lr' is already given by --grid 'lr=1,2'"),
+    (["--grid", "lr=1,2", "--set", "lr=3"], "'lr' is already given by --grid"),
+    (["--seed", "3"], "nothing to sweep"),
+    (["--grid", "lr=1,2", "--halving"], "--halving needs --min_steps and --max_steps"),
+    (["--grid", "lr=1,2", "--halving", "--min_steps", "10", "--max_steps", "20"],
+     "--max_steps (20) must be at least --min_steps * --eta (30)"),
+    (["--grid", "lr=1,2", "--halving", "--eta", "1", "--min_steps", "1", "--max_steps", "9"],
+     "--eta must be an integer >= 2"),
+    (["--grid", "lr=1,2", "--min_steps", "10"], "need --halving"),
+    (["--grid", "num_train_steps=10,20", "--halving", "--min_steps", "1", "--max_steps", "9"],
+     "successive halving sets num_train_steps itself"),
+    (["--grid", "lr=1,2", "--halving", "--min_steps", "1", "--max_steps", "9",
+      "--config.num_train_steps=5"], "successive halving sets num_train_steps itself"),
+    (["--grid", "lr=1,2", "--metric", "accuracy"], "--metric 'accuracy': expected SPLIT/NAME"),
+    (["--grid", "lr=1,2", "--metric", "validation/bleu"], "pass --mode max or --mode min"),
+])
+def test_bad_specs_name_the_bad_argument(argv, message):
+  with pytest.raises(sweep.SpecError) as err:
+    parse(argv)
+  assert message in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"grid": {"a": [1]}, "grdi": {}}', "unknown key(s) ['grdi']"),
+    ('{"grid": {"a": 1}}', "grid['a'] must be a non-empty list"),
+    ('{"grid": {"a": [1]', "not valid JSON"),
+    ('{"trials": [{"a": 1}], "grid": {"b": [1]}}', "drop grid/random"),
+    ('{"grid": {"a": [1]}, "halving": {"eta": 3, "rungs": 2}}', "unknown halving key(s) ['rungs']"),
+    ('{"random": {"a": 3}, "num_trials": 2}', "expected a string such as"),
+])
+def test_bad_spec_files(tmp_path, content, message):
+  path = tmp_path / "spec.json"
+  path.write_text(content)
+  with pytest.raises(sweep.SpecError) as err:
+    parse(["--spec", str(path)])
+  assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_bad_spec_file_paths(tmp_path):
+  with pytest.raises(sweep.SpecError, match="no such file"):
+    parse(["--spec", str(tmp_path / "nope.json")])
+  (tmp_path / "s.py").write_text("SWEEP = {}\n")
+  with pytest.raises(sweep.SpecError, match="must define get_sweep"):
+    parse(["--spec", str(tmp_path / "s.py")])
+
+
+def test_main_reports_errors_without_a_traceback(tmp_path, capsys):
+  d = str(tmp_path / "s")
+  assert sweep.main(["--sweep_dir", d, "--grid", "lr"]) == 2
+  assert "sweep.py: error: --grid 'lr'" in capsys.readouterr().err
+  assert sweep.main(["--sweep_dir", d]) == 2
+  assert "holds no sweep" in capsys.readouterr().err
+  for argv, message in [(["--grid", "a=1", "--parallel", "0"], "--parallel must be >= 1"),
+                        (["--grid", "a=1", "--emit", "slurm", "--trainer", "x"],
+                         "--trainer does not apply to --emit slurm"),
+                        (["--grid", "a=1,2,3", "--asha", "--min_steps", "1", "--max_steps", "3",
+                          "--emit", "shell"], "--asha decides promotions as trials finish")]:
+    assert sweep.main(["--sweep_dir", d] + argv) == 2
+    assert message in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    sweep.main(["--sweep_dir", d, "--gird", "a=1"])
+  assert "unrecognized arguments: --gird" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- sweep: halving
+
+def test_halving_budgets_and_survivors():
+  assert sweep.halving_budgets(100, 2700, 3) == [100, 300, 900, 2700]
+  assert sweep.halving_budgets(100, 1000, 3) == [111, 333, 1000]  # scaled down from max
+  assert sweep.halving_budgets(10, 40, 2) == [10, 20, 40]
+  assert sweep.survivors(27, 4, 3) == [27, 9, 3, 1]
+  assert sweep.survivors(8, 4, 3) == [8, 2, 1, 1]
+
+
+def _simulate(n, rungs, eta, quality, asynchronous=False, workers=1, fail=(), seed=0):
+  """Drives next_jobs like a runner with `workers` slots and random finishing order."""
+  rng = random.Random(seed)
+  scores = [dict() for _ in range(rungs)]
+  failed, busy, started = set(), set(), []
+  while True:
+    for job in sweep.next_jobs(n, scores, failed, busy, eta, asynchronous)[:workers - len(busy)]:
+      busy.add(job[0])
+      started.append(job)
+    if not busy:
+      return scores, failed, started
+    t = rng.choice(sorted(busy))
+    busy.remove(t)
+    rung = max(k for tt, k in started if tt == t)
+    if t in fail:
+      failed.add(t)
+    else:
+      scores[rung][t] = quality[t]
+
+
+def test_synchronous_halving_keeps_the_best_third():
+  quality = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6]  # lower is better: trial 1 best
+  scores, failed, started = _simulate(9, 3, 3, quality, workers=4, fail={5})
+  assert [len(s) for s in scores] == [8, 3, 1] and failed == {5}
+  assert set(scores[1]) == {1, 3, 7} and set(scores[2]) == {1}
+  # Rungs never overlap: every rung-1 job starts after the last rung-0 job.
+  assert max(i for i, (_, k) in enumerate(started) if k == 0) < \
+      min(i for i, (_, k) in enumerate(started) if k == 1)
+
+
+def test_synchronous_halving_waits_for_a_whole_rung():
+  scores = [{0: 1.0, 1: 2.0}, {}]
+  assert sweep.next_jobs(3, scores, set(), {2}, 3) == []  # trial 2 still running rung 0
+  assert sweep.next_jobs(3, scores, {2}, set(), 3) == [(0, 1)]  # it failed: go on without it
+  scores = [{0: None, 1: 2.0, 2: 3.0}, {}]  # a trial without the metric is never promoted
+  assert sweep.next_jobs(3, scores, set(), set(), 2) == [(1, 1)]
+
+
+def test_asha_promotes_early_and_finishes_the_top_rung():
+  # After 3 of 9 trials finished rung 0, the best of them is promoted at once.
+  scores = [{0: 0.3, 1: 0.2, 2: 0.9}, {}, {}]
+  jobs = sweep.next_jobs(9, scores, set(), {3}, 3, asynchronous=True)
+  assert jobs[0] == (1, 1) and (4, 0) in jobs and (3, 0) not in jobs
+  quality = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6]
+  for seed in range(5):
+    scores, _, started = _simulate(9, 3, 3, quality, asynchronous=True, workers=3, seed=seed)
+    assert len(scores[0]) == 9 and 1 in scores[2]  # the best trial gets the full budget
+    assert len(started) == len(set(started))  # no job runs twice
+
+
+# ----------------------------------------------------------------------------- sweep: results
+
+def _write_trial(root, name, records, rc=None):
+  (root / name).mkdir(parents=True)
+  (root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  if rc is not None:
+    (root / "logs").mkdir(exist_ok=True)
+    (root / "logs" / f"{name}.returncode").write_text(f"{rc}\n")
+
+
+def _fake_sweep(root, halving=None):
+  trials = [{"name": f"trial_00{i}", "overrides": {"learning_rate": lr}}
+            for i, lr in enumerate([0.1, 0.01, 0.001, 0.0001, 0.03])]
+  definition = {"config": "c.py", "workdir_root": str(root), "trials": trials, "fixed": {},
+                "extra_args": [], "halving": halving, "metric": "validation/accuracy",
+                "mode": "max", "spec": {}}
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "sweep.json").write_text(json.dumps(definition))
+  return definition
+
+
+def _records(step, acc, loss):
+  return [{"step": step // 2, "split": "train", "loss": 2.0},
+          {"step": step // 2, "split": "validation", "accuracy": acc / 2, "loss": 9.0},
+          {"step": step, "split": "train", "loss": 1.0},
+          {"step": step, "split": "validation", "accuracy": acc},
+          {"step": step, "split": "validation", "loss": loss},
+          {"step": step, "split": "test", "accuracy": 0.0}]
+
+
+def test_results_table_sorted_with_failures_marked(tmp_path, capsys):
+  root = tmp_path / "s"
+  _fake_sweep(root)
+  _write_trial(root, "trial_000", _records(100, 0.80, 0.5), rc=0)
+  _write_trial(root, "trial_001", _records(100, 0.95, 0.2), rc=0)
+  _write_trial(root, "trial_002", _records(40, 0.99, 0.1)[:2], rc=1)  # crashed part-way
+  _write_trial(root, "trial_003", _records(100, float("nan"), 0.9), rc=0)
+  (root / "trial_003" / "metrics.jsonl").open("a").write('{"step": 10')  # a torn last line
+  (root / "logs" / "trial_002.log").write_text("step 1\nValueError: boom\n")
+  # trial_004 never ran: no workdir, no return code.
+  assert sweep.main(["--sweep_dir", str(root), "--report"]) == 0
+  out = capsys.readouterr().out
+  table = out[out.index("rank"):].splitlines()
+  assert table[0].split() == ["rank", "trial", "status", "steps", "learning_rate",
+                              "validation/accuracy", "validation/loss"]
+  assert [l.split()[:3] for l in table[1:6]] == [
+      ["1", "trial_001", "ok"], ["2", "trial_000", "ok"], ["-", "trial_002", "failed"],
+      ["-", "trial_003", "ok"], ["-", "trial_004", "pending"]]
+  assert "failed (rc=1)" in table[3] and "nan" in table[4]
+  assert "trial_002 failed: ValueError: boom" in out
+  assert "best: trial_001 validation/accuracy=0.95  --config.learning_rate=0.01" in out
+  res = json.loads((root / "results.json").read_text())
+  assert [r["trial"] for r in res["trials"]][:2] == ["trial_001", "trial_000"]
+  assert res["trials"][0]["metrics"] == {"train/loss": 1.0, "validation/accuracy": 0.95,
+                                         "validation/loss": 0.2, "test/accuracy": 0.0}
+  csv_lines = (root / "results.csv").read_text().splitlines()
+  assert csv_lines[0] == ("rank,trial,status,returncode,steps,learning_rate,test/accuracy,"
+                          "train/loss,validation/accuracy,validation/loss")
+  assert csv_lines[1].startswith("1,trial_001,ok,0,100,0.01,0.0,1.0,0.95,0.2")
+  assert csv_lines[3].startswith(",trial_002,failed,1,20,0.001")
+  # The same sweep ranked by another metric, lower being better.
+  assert sweep.main(["--sweep_dir", str(root), "--report", "--metric", "validation/loss"]) == 0
+  out = capsys.readouterr().out
+  assert [l.split()[1] for l in out[out.index("rank"):].splitlines()[1:4]] == \
+      ["trial_001", "trial_000", "trial_003"]
+
+
+def test_results_under_halving_rank_longer_budgets_first(tmp_path, capsys):
+  root = tmp_path / "s"
+  _fake_sweep(root, halving={"eta": 3, "min_steps": 10, "max_steps": 30, "asynchronous": False,
+                             "budgets": [10, 30]})
+  # trial_000 was best at 10 steps, went on to 30 and fell below trial_002's 10-step score.
+  _write_trial(root, "trial_000", _records(10, 0.95, 0.5) + _records(30, 0.7, 0.5)[2:], rc=0)
+  for i, acc in [(1, 0.6), (2, 0.9), (3, 0.5), (4, 0.4)]:
+    _write_trial(root, f"trial_00{i}", _records(10, acc, 0.5), rc=0)
+  sweep.main(["--sweep_dir", str(root), "--report"])
+  out = capsys.readouterr().out
+  rows = [l.split() for l in out[out.index("rank"):].splitlines()[1:6]]
+  assert [r[1] for r in rows] == ["trial_000", "trial_002", "trial_001", "trial_003", "trial_004"]
+  assert [r[2] for r in rows] == ["ok"] + ["stopped"] * 4
+
+
+def test_missing_metric_is_reported(tmp_path, capsys):
+  root = tmp_path / "s"
+  _fake_sweep(root)
+  _write_trial(root, "trial_000", [{"step": 5, "split": "validation", "rmse": 1.0}], rc=0)
+  sweep.main(["--sweep_dir", str(root), "--report"])
+  assert ("validation/accuracy is missing from 1 finished trial(s) (trial_000); metrics found: "
+          "validation/rmse") in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- sweep: running
+
+FAKE_TRAINER = textwrap.dedent("""\
+    # Stands in for experiments.train: accuracy peaks at learning_rate 3e-3 and grows with
+    # steps; resumes from the last step in metrics.jsonl, like a checkpoint restore.
+    import json, math, os, signal, sys, time
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    wd = args["workdir"]
+    os.makedirs(wd, exist_ok=True)
+    with open(os.path.join(wd, "calls.jsonl"), "a") as f:
+      f.write(json.dumps(sys.argv[1:]) + "\\n")
+    if args.get("config.fail") == "True":
+      print("ValueError: this trial is broken", file=sys.stderr)
+      sys.exit(3)
+    def on_term(*_):
+      open(os.path.join(wd, "terminated"), "w").close()
+      sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    time.sleep(float(args.get("config.sleep", "0")))
+    lr = float(args.get("config.learning_rate", "0.01"))
+    steps = int(args.get("config.num_train_steps", "20"))
+    path = os.path.join(wd, "metrics.jsonl")
+    start = 0
+    if os.path.exists(path):
+      start = max(json.loads(l)["step"] for l in open(path) if l.strip())
+    with open(path, "a") as f:
+      for s in range(start + 1, steps + 1):
+        if s % 5 == 0 or s == steps:
+          acc = 1 - abs(math.log10(lr) + 2.5) / 10 - 1 / s
+          f.write(json.dumps({"step": s, "split": "validation", "accuracy": acc}) + "\\n")
+    time.sleep(float(args.get("config.linger", "0")))  # like writing the final checkpoint
+""")
+
+
+@pytest.fixture
+def trainer(tmp_path):
+  path = tmp_path / "fake_trainer.py"
+  path.write_text(FAKE_TRAINER)
+  return f"{sys.executable} {path}"
+
+
+def _calls(workdir):
+  path = pathlib.Path(workdir) / "calls.jsonl"
+  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_local_grid_runs_in_parallel_and_survives_failures(tmp_path, trainer, capsys):
+  d = tmp_path / "s"
+  argv = ["--sweep_dir", str(d), "--grid", "learning_rate=1e-4,3e-3,1e-1", "--grid",
+          "fail=False,True", "--parallel", "3", "--gpus_per_trial", "1", "--metric",
+          "validation/accuracy", "--trainer", trainer, "--config.num_epochs=1", "--", "--flag=x"]
+  assert sweep.main(argv) == 0
+  out = capsys.readouterr().out
+  table = out[out.index("rank"):].splitlines()
+  assert [l.split()[1:3] for l in table[1:4]] == [["trial_002", "ok"], ["trial_000", "ok"],
+                                                  ["trial_004", "ok"]]
+  assert all("failed (rc=3)" in l for l in table[4:7])
+  assert "trial_001 failed: ValueError: this trial is broken" in out
+  assert _calls(d / "trial_002") == [[
+      "--config=experiments/configs/digits.py", f"--workdir={d / 'trial_002'}",
+      "--config.learning_rate=0.003", "--config.fail=False", "--config.num_epochs=1",
+      "--flag=x"]]
+  log = (d / "logs" / "trial_002.log").read_text()
+  assert log.startswith("# ") and "CUDA_VISIBLE_DEVICES=" in log
+  assert (d / "logs" / "trial_001.returncode").read_text() == "3\n"
+  # Rerunning, with the same flags or with none, starts nothing and prints the same table.
+  assert sweep.main(argv) == 0
+  assert sweep.main(["--sweep_dir", str(d)]) == 0
+  assert "start" not in capsys.readouterr().out
+  assert all(len(_calls(d / f"trial_00{i}")) == 1 for i in range(6))
+  # --retry_failed runs the failed ones again (and they fail again).
+  assert sweep.main(["--sweep_dir", str(d), "--retry_failed", "--trainer", trainer]) == 0
+  assert [len(_calls(d / f"trial_00{i}")) for i in range(6)] == [1, 2, 1, 2, 1, 2]
+  # A different sweep in the same directory is refused.
+  assert sweep.main(["--sweep_dir", str(d), "--grid", "learning_rate=1,2"]) == 2
+  assert "already holds a different sweep (its trials" in capsys.readouterr().err
+
+
+def test_all_trials_failing_exits_non_zero(tmp_path, trainer, capsys):
+  assert sweep.main(["--sweep_dir", str(tmp_path / "s"), "--grid", "fail=True",
+                     "--trainer", trainer]) == 1
+  assert sweep.main(["--sweep_dir", str(tmp_path / "t"), "--grid", "a=1,2",
+                     "--trainer", str(tmp_path / "no_such_trainer")]) == 1
+  out = capsys.readouterr().out
+  assert out.count("failed (rc=127)") == 2 and "trial_001 failed: cannot start" in out
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_local_halving_resumes_survivors_in_their_workdirs(tmp_path, trainer, capsys,
+                                                           asynchronous):
+  d = tmp_path / "s"
+  lrs = ",".join(str(x) for x in [1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 1e-1, 1.0, 3e-5, 3e-4])
+  argv = ["--sweep_dir", str(d), "--grid", f"learning_rate={lrs}", "--halving" if not asynchronous
+          else "--asha", "--min_steps", "5", "--max_steps", "45", "--metric",
+          "validation/accuracy", "--parallel", "4", "--trainer", trainer, "--",
+          f"--config.linger={0 if asynchronous else 0.4}"]
+  assert sweep.main(argv) == 0
+  out = capsys.readouterr().out
+  # The stand-ins linger after writing their last metrics, as the trainer does while writing
+  # its final checkpoint; with 4 slots the 9th trial lingers alone while 3 slots are free.
+  # A rung must start only once every process of the rung before has exited.
+  if not asynchronous:
+    events = [l for l in out.splitlines() if l.startswith("[")]
+    last_done = max(i for i, l in enumerate(events) if " done " in l and "rung 1/3" in l)
+    first_next = min(i for i, l in enumerate(events) if " start " in l and "rung 2/3" in l)
+    assert last_done < first_next
+  assert "9 x 5 -> 3 x 15 -> 1 x 45 steps" in out
+  budgets = {i: [int(a.split("=")[1]) for call in _calls(d / f"trial_00{i}") for a in call
+                 if a.startswith("--config.num_train_steps=")] for i in range(9)}
+  assert budgets[3] == [5, 15, 45]  # learning_rate 3e-3, the best, goes all the way
+  assert all(b[0] == 5 for b in budgets.values())
+  if not asynchronous:
+    assert sorted(len(b) for b in budgets.values()) == [1] * 6 + [2] * 2 + [3]
+    assert {i for i, b in budgets.items() if len(b) >= 2} == {2, 3, 4}
+  # Survivors continued where they stopped: one metrics record per 5 steps, none repeated.
+  steps = [json.loads(l)["step"]
+           for l in (d / "trial_003" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == list(range(5, 50, 5))
+  table = out[out.index("rank"):].splitlines()
+  assert table[1].split()[1:4] == ["trial_003", "ok", "45"]
+  assert [l.split()[2] for l in table[2:]].count("stopped") == 8
+
+
+def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys, monkeypatch):
+  d = tmp_path / "s"
+  assert sweep.main(["--sweep_dir", str(d), "--grid", "learning_rate=1e-3,3e-3",
+                     "--parallel", "2", "--gpus_per_trial", "2", "--dry-run", "--",
+                     "--config.num_epochs=1"]) == 0
+  out = capsys.readouterr()
+  assert out.out.splitlines() == [
+      f"CUDA_VISIBLE_DEVICES=0,1 {sys.executable} -m experiments.train "
+      f"--config=experiments/configs/digits.py --workdir={d}/trial_000 "
+      f"--config.learning_rate=0.001 --config.num_epochs=1 >> {d}/logs/trial_000.log 2>&1",
+      f"CUDA_VISIBLE_DEVICES=2,3 {sys.executable} -m experiments.train "
+      f"--config=experiments/configs/digits.py --workdir={d}/trial_001 "
+      f"--config.learning_rate=0.003 --config.num_epochs=1 >> {d}/logs/trial_001.log 2>&1"]
+  assert "2 trials of experiments/configs/digits.py" in out.err
+  assert not d.exists()
+
+
+def test_emit_slurm_and_tpu_lines(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(REPO)
+  d = tmp_path / "sw"
+  common = ["--sweep_dir", str(d), "--grid", "learning_rate=1e-3,3e-3", "--halving",
+            "--min_steps", "10", "--max_steps", "30", "--dry-run"]
+  assert sweep.main(common + ["--emit", "slurm", "--sbatch_flags=--gpus-per-node=1 --time=60"]) == 0
+  assert capsys.readouterr().out.splitlines()[0] == (
+      f"CONFIG=experiments/configs/digits.py WORKDIR={d}/trial_000 "
+      f"RETURNCODE_FILE={d}/logs/trial_000.returncode sbatch --job-name=sw-trial_000 "
+      f"--output={d}/logs/trial_000.log --open-mode=append --gpus-per-node=1 --time=60 "
+      "launch/slurm.sbatch --config.learning_rate=0.001 --config.num_train_steps=10")
+  assert sweep.main(common + ["--emit", "tpu"]) == 0
+  assert capsys.readouterr().out.splitlines()[1] == (
+      f"launch/tpu_vm.sh --config=experiments/configs/digits.py --workdir={d}/trial_001 -- "
+      f"--config.learning_rate=0.003 --config.num_train_steps=10 >> {d}/logs/trial_001.log "
+      f"2>&1; echo $? > {d}/logs/trial_001.returncode")
+
+
+def test_emit_shell_runs_a_halving_sweep_rung_by_rung(tmp_path, trainer, capsys):
+  d = tmp_path / "s"
+  argv = ["--sweep_dir", str(d), "--grid", "learning_rate=1e-4,1e-3,3e-3,1e-2,1e-1,1.0",
+          "--halving", "--eta", "2", "--min_steps", "5", "--max_steps", "20", "--metric",
+          "validation/accuracy", "--emit", "shell", "--trainer", trainer]
+
+  def emit():
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr()
+    return out.out.splitlines(), out.err
+
+  rung0, err = emit()
+  assert len(rung0) == 6 and "6 x 5 -> 3 x 10 -> 1 x 20" in err
+  assert rung0[0] == (f"{trainer} --config=experiments/configs/digits.py "
+                      f"--workdir={d}/trial_000 --config.learning_rate=0.0001 "
+                      f"--config.num_train_steps=5 >> {d}/logs/trial_000.log 2>&1; "
+                      f"echo $? > {d}/logs/trial_000.returncode")
+  again, err = emit()  # nothing has run yet: nothing is emitted twice
+  assert again == [] and "6 job(s) emitted earlier have not finished" in err
+  for line in rung0:
+    subprocess.run(line, shell=True, executable="/bin/bash", check=True)
+  rung1, _ = emit()
+  # 1e-3 and 1e-2 tie with each other, 3e-3 is best: the top half of 6.
+  assert sorted(l.split("--workdir=")[1].split()[0][-9:] for l in rung1) == \
+      ["trial_001", "trial_002", "trial_003"]
+  assert all("--config.num_train_steps=10" in l for l in rung1)
+  for line in rung1:
+    subprocess.run(line, shell=True, executable="/bin/bash", check=True)
+  rung2, _ = emit()
+  assert len(rung2) == 1 and "trial_002" in rung2[0] and "num_train_steps=20" in rung2[0]
+  subprocess.run(rung2[0], shell=True, executable="/bin/bash", check=True)
+  done, err = emit()
+  assert done == [] and "best: trial_002" in err
+  assert json.loads((d / "results.json").read_text())["trials"][0]["steps"] == 20
+
+
+def test_interrupted_sweep_stops_trials_without_failing_them(tmp_path, trainer):
+  d = tmp_path / "s"
+  argv = [sys.executable, str(LAUNCH / "sweep.py"), "--sweep_dir", str(d), "--grid",
+          "learning_rate=1e-3,3e-3", "--parallel", "2", "--trainer", trainer]
+  proc = subprocess.Popen(argv + ["--", "--config.sleep=30"], stdout=subprocess.PIPE, text=True)
+  deadline = time.time() + 20
+  while time.time() < deadline and not all((d / f"trial_00{i}" / "calls.jsonl").exists()
+                                           for i in range(2)):
+    time.sleep(0.05)
+  time.sleep(0.3)  # let the stand-ins install their SIGTERM handler
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=30)
+  assert proc.returncode == 130 and "interrupted" in out
+  assert all((d / f"trial_00{i}" / "terminated").exists() for i in range(2))
+  assert not list((d / "logs").glob("*.returncode"))  # not failed: to be resumed
+  assert "pending" in out
