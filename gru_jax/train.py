@@ -513,7 +513,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for batch in data_lib.batches(splits["train"], config.batch_size, seed=config.seed,
                                     epoch=epoch, shuffle=True, drop_remainder=True,
                                     process_index=jax.process_index(),
-                                    process_count=jax.process_count(), start_batch=offset):
+                                    process_count=jax.process_count(), start_batch=offset,
+                                    bucket_by_length=config.bucket_by_length,
+                                    trim_to_multiple=config.trim_to_multiple or None):
         dstate, m = p_train(dstate, runtime.put_batch(batch), train_rng)
         step += 1
         if step % config.log_every_steps == 0 or step == total_steps:

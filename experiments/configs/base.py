@@ -19,6 +19,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.parallel = "jit"               # "jit" (sharded over a device mesh) or "pmap"
   c.remat = 0                      # > 0: recompute the scan in chunks of this many steps
   c.compute_dtype = "float32"      # or "bfloat16" (state and parameters stay float32)
+  c.bucket_by_length = False       # group similar lengths into training batches
+  c.trim_to_multiple = 0           # > 0: cut padding to the batch's longest sequence, rounded up
   c.debug_kill_at_step = 0         # > 0: SIGKILL itself after this step (crash-recovery tests)
 
   c.optimizer = ml_collections.ConfigDict()

@@ -20,5 +20,7 @@ def get_config():
   c.batch_size = 64
   c.num_epochs = 5
   c.optimizer.clip_norm = 1.0
-  c.eval_splits = ("test",)
+  c.eval_splits = ("validation", "test")
+  c.bucket_by_length = True
+  c.trim_to_multiple = 50
   return c

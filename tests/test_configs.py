@@ -1,0 +1,62 @@
+"""A few steps of every shipped config, in process, on small data (public sets mocked)."""
+import glob
+import importlib.util
+import math
+import os
+
+import pytest
+
+from gru_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "experiments",
+                                                                           "configs", "*.py"))
+                 if not os.path.basename(p).startswith(("_", "base")))
+PUBLIC = {"mnist", "imdb", "shakespeare"}
+SMALL_DATA = {"adding": dict(seq_len=12, num_train=64, num_validation=16, num_test=16),
+              "copy": dict(delay=5, num_train=64, num_validation=16, num_test=16),
+              "imdb": dict(vocab_size=50, max_len=30), "shakespeare": dict(seq_len=20)}
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", "configs",
+                                                                    f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def test_every_config_is_covered():
+  assert {"digits", "keras_faithful", "adding", "copy", "sunspots", "mnist", "imdb",
+          "shakespeare"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_trains_a_few_steps(name, tmp_path, request):
+  c = load_config(name)
+  assert c.get_type("seed") is int  # every config has the base keys
+  for key in ("batch_size", "num_epochs", "num_train_steps", "learning_rate", "eval_every_steps",
+              "checkpoint_every_steps", "model", "dataset"):
+    assert key in c
+  doc = importlib.util.spec_from_file_location(name, os.path.join(
+      ROOT, "experiments", "configs", f"{name}.py"))
+  assert "python -m experiments.train" in open(doc.origin).read()
+  c.num_train_steps = 3
+  c.eval_every_steps = 3
+  c.batch_size = 8
+  c.bn_recalibrate_batches = min(c.bn_recalibrate_batches, 1)
+  c.model.hidden_sizes = tuple(8 for _ in c.model.hidden_sizes)
+  c.remat = min(c.remat, 7)
+  c.dataset.update(SMALL_DATA.get(name, {}))
+  if name in PUBLIC:
+    import tensorflow_datasets as tfds
+    ctx = tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path / "meta"))
+    c.dataset.data_dir = str(tmp_path / "data")
+  else:
+    import contextlib
+    ctx = contextlib.nullcontext()
+  with ctx:
+    results = train.train_and_evaluate(c, str(tmp_path / "wd"))
+  for split in c.eval_splits:
+    assert math.isfinite(results[split]["loss"])
+    assert ("rmse" in results[split]) == (c.dataset.name in ("adding", "sunspots"))
