@@ -115,20 +115,36 @@ def recurrent_gates(w_h: Array, b_h: Array, h: Array, xp: Array, *, variant: str
   Matmuls run in ``w_h``'s dtype (bf16 compute) and accumulate in h's dtype.
   """
   hsz = h.shape[-1]
+  g, _ = split_gates(w_h, b_h[2 * hsz:], h, xp[..., :hsz], xp[..., hsz:2 * hsz],
+                     xp[..., 2 * hsz:], variant=variant, h_drop=h_drop)
+  return g
+
+
+def split_gates(w_h: Array, b_hn: Array, h: Array, xz: Array, xr: Array, xc: Array, *,
+                variant: str, h_drop: Array | None = None) -> tuple[Gates, Array | None]:
+  """`recurrent_gates` with the projection given per gate: xz, xr, xc each [B,H].
+
+  ``b_hn`` [H] is the candidate's recurrent bias (used by "reset_after" only).
+  Returns the gates and, for "reset_after", hn = h·W_hn + b_hn (None for
+  "seed"), which the hand-written backward pass reuses.  Loops pass whole
+  per-gate blocks: on XLA:CPU, slicing columns of a per-step slice of the
+  projection inside the gate fusion defeats vectorisation.
+  """
+  hsz = h.shape[-1]
   hin = h if h_drop is None else h_drop
   if variant == "seed":
     # Two dependent matmuls: the candidate's input r⊙h needs r first.
     hzr = matmul(hin, w_h[:, :2 * hsz], h.dtype)
-    z = jax.nn.sigmoid(xp[..., :hsz] + hzr[..., :hsz])
-    r = jax.nn.sigmoid(xp[..., hsz:2 * hsz] + hzr[..., hsz:])
-    hc = matmul(r * hin, w_h[:, 2 * hsz:], h.dtype)
-    cand = jnp.tanh(xp[..., 2 * hsz:] + hc)
-  else:
-    hh = matmul(hin, w_h, h.dtype)
-    z = jax.nn.sigmoid(xp[..., :hsz] + hh[..., :hsz])
-    r = jax.nn.sigmoid(xp[..., hsz:2 * hsz] + hh[..., hsz:2 * hsz])
-    cand = jnp.tanh(xp[..., 2 * hsz:] + r * (hh[..., 2 * hsz:] + b_h[2 * hsz:].astype(h.dtype)))
-  return Gates(z, r, cand)
+    z = jax.nn.sigmoid(xz + hzr[..., :hsz])
+    r = jax.nn.sigmoid(xr + hzr[..., hsz:])
+    cand = jnp.tanh(xc + matmul(r * hin, w_h[:, 2 * hsz:], h.dtype))
+    return Gates(z, r, cand), None
+  hh = matmul(hin, w_h, h.dtype)
+  z = jax.nn.sigmoid(xz + hh[..., :hsz])
+  r = jax.nn.sigmoid(xr + hh[..., hsz:2 * hsz])
+  hn = hh[..., 2 * hsz:] + b_hn.astype(h.dtype)
+  cand = jnp.tanh(xc + r * hn)
+  return Gates(z, r, cand), hn
 
 
 def matmul(a: Array, w: Array, out_dtype) -> Array:

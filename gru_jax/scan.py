@@ -1,7 +1,17 @@
-"""The GRU run over a whole sequence with `jax.lax.scan`.
+"""The GRU run over a whole sequence.
 
-The input projection for every time step is one matmul outside the loop;
-the loop body does only the recurrent work, on time-major data.
+The input projection for every time step is done outside the loop; the loop
+does only the recurrent work.  Three implementations of the loop
+(``backend``):
+
+* "xla": an XLA loop with a hand-written VJP (`gru_jax.kernels.fused_rnn`):
+  stores the gate activations, runs one reverse loop, and computes dW_h with
+  large matmuls after it.  Works on every device; the default.
+* "pallas": the same VJP with the loops as fused Pallas kernels
+  (`gru_jax.kernels.pallas_gru`): GPU, or interpret mode on CPU (slow, for tests).
+* "scan": a plain `jax.lax.scan` differentiated by JAX.  The only path with
+  forward-mode AD, ``return_gates`` and ``remat_chunk``.
+* "auto": "pallas" on GPU when the kernel applies, else "xla".
 """
 from __future__ import annotations
 
@@ -13,9 +23,10 @@ import jax.numpy as jnp
 
 from gru_jax import cell as cell_lib
 from gru_jax.cell import Gates, GRUParams
+from gru_jax.kernels import fused_rnn as rec_lib
 
 Array = jax.Array
-BACKENDS = ("xla",)
+BACKENDS = ("auto", "xla", "pallas", "scan")
 
 
 def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
@@ -74,6 +85,32 @@ def _project(params: GRUParams, xs: Array, *, time_major: bool, variant: str,
   return xp + bias.astype(state_dtype)
 
 
+def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype,
+                    state_dtype, return_gates: bool = False, remat_chunk=None,
+                    platform: str | None = None) -> str:
+  """The implementation `gru` will run: "xla", "pallas" or "scan".
+
+  "scan" is forced by ``return_gates`` and ``remat_chunk`` (the fused paths
+  store their own residuals and return no gates).  "pallas" falls back to
+  "xla", without error, where the kernel does not apply (see
+  `gru_jax.kernels.pallas_gru.supported`); "auto" picks "pallas" only on GPU.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend == "scan" or return_gates or remat_chunk is not None:
+    return "scan"
+  if backend == "xla":
+    return "xla"
+  platform = platform or jax.default_backend()
+  if backend == "auto" and platform != "gpu":
+    return "xla"
+  from gru_jax.kernels import pallas_gru  # lazily: Pallas is only needed here
+  ok, _ = pallas_gru.supported(hidden_size=hidden_size, batch=batch,
+                               compute_dtype=compute_dtype, state_dtype=state_dtype,
+                               platform=platform)
+  return "pallas" if ok else "xla"
+
+
 def _recurrence_xla(w_h, b_h, xp, h0, mask_tm, rec_mask, *, variant, reverse, unroll,
                     return_gates, remat_chunk):
   """The time loop. xp [T,B,3H], h0 [B,H], mask_tm [T,B] or None -> (h_last, hs [T,B,H], gates)."""
@@ -121,7 +158,7 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
         reverse: bool = False, time_major: bool = False, variant: str = "seed",
         unroll: int = 1, return_gates: bool = False,
         input_dropout_mask: Array | None = None, recurrent_dropout_mask: Array | None = None,
-        compute_dtype=None, remat_chunk: int | None = None, backend: str = "xla"):
+        compute_dtype=None, remat_chunk: int | None = None, backend: str = "auto"):
   """Runs a GRU over a batch of sequences.
 
   Args:
@@ -145,7 +182,10 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
       accumulation and outputs stay in xs's dtype.
     remat_chunk: if set, recompute activations in chunks of this many steps
       in the backward pass (memory O(T/chunk + chunk) instead of O(T)).
-    backend: "xla".
+    backend: "auto" (default), "xla", "pallas" or "scan"; see the module
+      docstring.  Every backend gives the same results; "pallas" and "auto"
+      fall back to "xla" where the kernel does not apply, and
+      ``return_gates``/``remat_chunk`` always run "scan".
 
   Returns:
     ``(h_last [B,H], hs [B,T,H])``, plus gates when ``return_gates``.
@@ -154,16 +194,31 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
                    time_major, variant, backend, remat_chunk)
   state_dtype = xs.dtype
   compute_dtype = jnp.dtype(compute_dtype or state_dtype)
-  xp = _project(params, xs, time_major=time_major, variant=variant,
-                input_dropout_mask=input_dropout_mask, compute_dtype=compute_dtype,
-                state_dtype=state_dtype)
+  impl = resolve_backend(backend, hidden_size=params.hidden_size, batch=b,
+                         compute_dtype=compute_dtype, state_dtype=state_dtype,
+                         return_gates=return_gates, remat_chunk=remat_chunk)
   if h0 is None:
     h0 = jnp.zeros((b, params.hidden_size), state_dtype)
   h0 = h0.astype(state_dtype)
+  rec_mask = None if recurrent_dropout_mask is None else recurrent_dropout_mask.astype(state_dtype)
+  if impl != "scan":
+    if input_dropout_mask is not None:
+      xs = xs * (input_dropout_mask[None] if time_major else input_dropout_mask[:, None])
+    # No bias and no transpose here: the loops add the bias per step and
+    # read xp in the caller's layout (see gru_jax.kernels.fused_rnn).
+    xp = cell_lib.matmul(xs, params.w_x.astype(compute_dtype), state_dtype)
+    return rec_lib.recurrence(
+        params.w_h.astype(compute_dtype), cell_lib.folded_bias(params, variant).astype(state_dtype),
+        params.b_h[2 * params.hidden_size:].astype(state_dtype), xp, h0,
+        None if mask is None else mask.astype(bool), rec_mask, variant=variant,
+        reverse=reverse, time_axis=0 if time_major else 1, impl=impl, unroll=unroll,
+        interpret=jax.default_backend() != "gpu")
+  xp = _project(params, xs, time_major=time_major, variant=variant,
+                input_dropout_mask=input_dropout_mask, compute_dtype=compute_dtype,
+                state_dtype=state_dtype)
   mask_tm = None
   if mask is not None:
     mask_tm = mask.astype(bool) if time_major else mask.astype(bool).T
-  rec_mask = None if recurrent_dropout_mask is None else recurrent_dropout_mask.astype(state_dtype)
   h_last, hs, gs = _recurrence_xla(
       params.w_h.astype(compute_dtype), params.b_h.astype(state_dtype), xp, h0, mask_tm, rec_mask,
       variant=variant, reverse=reverse, unroll=unroll, return_gates=return_gates,

@@ -1,0 +1,297 @@
+"""The GRU recurrence with a hand-written VJP, shared by the XLA-loop and Pallas paths.
+
+`recurrence` takes the hoisted input projection xp = x·w_x ([T,B,3H] when
+``time_axis=0``, [B,T,3H] when ``time_axis=1``, gate blocks z, r, h̃) and
+runs only the recurrent work.  Its backward pass
+
+* reuses the gate activations the forward loop stored (z, r, h̃ and, for
+  "reset_after", hn = h·W_hn + b_hn), so no matmul is recomputed;
+* runs one reverse loop that carries dh and writes the gradient of xp,
+  doing one [B,3H]x[3H,H] matmul per step ("reset_after") or two dependent
+  ones ("seed", as its equations demand);
+* computes dW_h after the loop with large [H,T·B]x[T·B,·] matmuls instead of
+  accumulating h_{t-1}ᵀ·dA_t inside it.
+
+Layout choices come from profiling XLA:CPU (docs/benchmarks.md):
+
+* the loops read and write each gate's [B,H] block of xp with a dynamic slice
+  at a static column offset; slicing columns out of a per-step [B,3H] slice
+  instead compiles to unvectorised code, 5-10x slower;
+* the time axis follows the caller's layout, so no [T,B]<->[B,T] transposes;
+* peak temporary memory is kept low (no zero-filled output buffers, the
+  backward loop writes into the dead xp), because XLA:CPU mmaps a temporary
+  buffer above 32 MiB afresh on every call and pays a page fault per 4 KiB.
+
+The loop bodies are pluggable (``impl``): "xla" here, "pallas" in
+`gru_jax.kernels.pallas_gru`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gru_jax import cell as cell_lib
+
+Array = jax.Array
+
+
+class Config(NamedTuple):
+  """Static settings that change the compiled program."""
+  variant: str
+  reverse: bool
+  time_axis: int  # 0: arrays are [T,B,.]; 1: [B,T,.]
+  impl: str  # "xla" or "pallas"
+  unroll: int = 1
+  interpret: bool = False  # Pallas interpret mode (CPU)
+
+
+class Residuals(NamedTuple):
+  """What the backward pass needs, each [T,B,H]/[B,T,H]."""
+  prev: Array  # h_{t-1}: the carried state entering each step
+  z: Array
+  r: Array
+  c: Array  # candidate h̃
+  hn: Array | None  # "reset_after" only: h·W_hn + b_hn
+
+
+def take(a: Array, t, axis: int) -> Array:
+  """a[t] along the time ``axis``: one [B,H] block."""
+  return lax.dynamic_index_in_dim(a, t, axis, keepdims=False)
+
+
+def put(buf: Array, v: Array, t, axis: int) -> Array:
+  return lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), t, axis)
+
+
+def take_gate(xp: Array, t, gate: int, hsz: int, axis: int) -> Array:
+  """Gate ``gate``'s [B,H] block of xp at step t, as one dynamic slice."""
+  start = [0, 0, gate * hsz]
+  start[axis] = t
+  size = list(xp.shape[:2]) + [hsz]
+  size[axis] = 1
+  return lax.squeeze(lax.dynamic_slice(xp, start, size), (axis,))
+
+
+def put_gate(buf: Array, v: Array, t, gate: int, axis: int) -> Array:
+  start = [0, 0, gate * v.shape[-1]]
+  start[axis] = t
+  return lax.dynamic_update_slice(buf, jnp.expand_dims(v.astype(buf.dtype), axis), start)
+
+
+# ---------------------------------------------------------------- XLA loops
+
+def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
+  """The forward loop. Returns (h_last [B,H], hs, Residuals or None).
+
+  With ``save`` the loop writes the state entering each step and the gate
+  activations for the backward pass, and ``hs`` is derived from the states;
+  without it, only the outputs.
+  """
+  ax = cfg.time_axis
+  n = xp.shape[ax]
+  sd = h0.dtype
+  hsz = h0.shape[-1]
+  shape = xp.shape[:2] + (hsz,)
+  # The input bias is added per step inside the gate fusion: added to xp
+  # outside, XLA:CPU makes an extra pass and temporary.
+  bias = [b_x[i * hsz:(i + 1) * hsz] for i in range(3)]
+
+  def body(i, carry):
+    h, bufs = carry
+    t = n - 1 - i if cfg.reverse else i
+    hin = h if rm is None else h * rm
+    xz, xr, xc = (take_gate(xp, t, g, hsz, ax) + bias[g] for g in range(3))
+    g, hn = cell_lib.split_gates(w_h, b_hn, h, xz, xr, xc, variant=cfg.variant,
+                                 h_drop=None if rm is None else hin)
+    h_cell = cell_lib.blend(h, g)
+    h_new = h_cell
+    if mask is not None:
+      keep = take(mask, t, ax)[:, None]
+      h_new = jnp.where(keep, h_cell, h)
+    if save:
+      parts = (h, g.z, g.r, g.candidate) + ((hn,) if hn is not None else ())
+    else:
+      parts = (h_cell if mask is None else jnp.where(keep, h_cell, jnp.zeros_like(h_cell)),)
+    return h_new, tuple(put(b, v, t, ax) for b, v in zip(bufs, parts))
+
+  n_bufs = (5 if cfg.variant == "reset_after" else 4) if save else 1
+  bufs = tuple(jnp.zeros(shape, sd) for _ in range(n_bufs))
+  h_last, bufs = lax.fori_loop(0, n, body, (h0, bufs), unroll=cfg.unroll)
+  if not save:
+    return h_last, bufs[0], None
+  res = Residuals(*bufs[:4], hn=bufs[4] if len(bufs) == 5 else None)
+  return h_last, outputs_from_prev(res.prev, h_last, mask, reverse=cfg.reverse, axis=ax), res
+
+
+def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg: Config):
+  """The reverse loop. Returns (dh0 [B,H], dxp, drm [B,H] or None).
+
+  Per step, with d the gradient reaching h_t:
+    dã_c = d·z·(1−h̃²), dã_z = d·(h̃−h_{t-1})·z·(1−z),
+    seed:        dq = dã_c·W_hcᵀ, dã_r = dq·h·r·(1−r), dh += dq·r + [dã_z,dã_r]·W_zrᵀ
+    reset_after: dhn = dã_c·r,    dã_r = dhn·hn·(1−r), dh += [dã_z,dã_r,dhn]·W_hᵀ
+  and dh += d·(1−z); dxp_t = [dã_z, dã_r, dã_c].  At a masked step d is zero
+  and dh passes unchanged.  ``scratch`` is a dead array shaped like xp (the
+  forward's xp itself) that the loop overwrites, every step in full: a fresh
+  zero-filled buffer would be hoisted by XLA's scheduler to before the
+  forward loop and raise peak memory.
+  """
+  ax = cfg.time_axis
+  n = res.z.shape[ax]
+  sd = res.z.dtype
+  hsz = res.z.shape[-1]
+  seed = cfg.variant == "seed"
+  # Transposed once here, so every step's matmul reads a contiguous operand.
+  if seed:
+    wt_zr, wt_c = w_h[:, :2 * hsz].T, w_h[:, 2 * hsz:].T
+  else:
+    wt = w_h.T
+
+  def body(i, carry):
+    dh, drm, buf = carry
+    t = i if cfg.reverse else n - 1 - i  # opposite to the forward loop
+    hp = take(res.prev, t, ax)
+    hin = hp if rm is None else hp * rm
+    z, r, c = take(res.z, t, ax), take(res.r, t, ax), take(res.c, t, ax)
+    d = dh + take(g_hs, t, ax)
+    if mask is not None:
+      keep = take(mask, t, ax)[:, None]
+      d = jnp.where(keep, d, jnp.zeros_like(d))
+    da_c = d * z * (1 - c * c)
+    da_z = d * (c - hp) * z * (1 - z)
+    if seed:
+      dq = cell_lib.matmul(da_c, wt_c, sd)
+      da_r = dq * hin * r * (1 - r)
+      dhin = dq * r + cell_lib.matmul(jnp.concatenate([da_z, da_r], -1), wt_zr, sd)
+    else:
+      dhn = da_c * r
+      da_r = dhn * take(res.hn, t, ax) * (1 - r)
+      dhin = cell_lib.matmul(jnp.concatenate([da_z, da_r, dhn], -1), wt, sd)
+    direct = d * (1 - z)
+    if mask is not None:
+      direct = jnp.where(keep, direct, dh)
+    if rm is not None:
+      drm = drm + hp * dhin
+      dhin = dhin * rm
+    for gate, v in enumerate((da_z, da_r, da_c)):
+      buf = put_gate(buf, v, t, gate, ax)
+    return direct + dhin, drm, buf
+
+  drm0 = None if rm is None else jnp.zeros_like(rm)
+  dh0, drm, dxp = lax.fori_loop(0, n, body, (g_last.astype(sd), drm0, scratch.astype(sd)),
+                                unroll=cfg.unroll)
+  return dh0, dxp, drm
+
+
+# ---------------------------------------------------------------- shared pieces
+
+def outputs_from_prev(prev: Array, h_last: Array, mask, *, reverse: bool, axis: int) -> Array:
+  """Outputs from the states entering each step.
+
+  h_t is the state entering the next step in running order (h_last after
+  the last), zeroed at masked steps.  The loops store h_{t-1} rather than h_t
+  because dW_h needs exactly that array; shifting h_t afterwards fuses the
+  shift into the transpose feeding the dW_h matmul, which XLA:CPU compiles
+  10x slower than this copy.
+  """
+  n = prev.shape[axis]
+  last = jnp.expand_dims(h_last, axis).astype(prev.dtype)
+  if n == 1:
+    states = last
+  elif reverse:
+    states = jnp.concatenate([last, lax.slice_in_dim(prev, 0, n - 1, axis=axis)], axis)
+  else:
+    states = jnp.concatenate([lax.slice_in_dim(prev, 1, n, axis=axis), last], axis)
+  if mask is None:
+    return states
+  return jnp.where(jnp.expand_dims(mask, -1), states, jnp.zeros_like(states))
+
+
+def weight_grads(w_h, b_x, b_hn, res: Residuals, rm, dxp, *, cfg: Config):
+  """(dW_h [H,3H], db_x [3H], db_hn [H]) as large matmuls over all T·B rows.
+
+  dW_h[:, z|r] = h_inᵀ·dã_{z|r}; the candidate block is (r⊙h_in)ᵀ·dã_c for
+  "seed" (its matmul input is r⊙h) and h_inᵀ·(r⊙dã_c) for "reset_after"
+  (dhn = r⊙dã_c).
+  """
+  hsz = res.z.shape[-1]
+  sd = res.z.dtype
+  hin = res.prev
+  if rm is not None:
+    hin = hin * jnp.expand_dims(rm, cfg.time_axis)
+  contract = lambda a, b: jnp.tensordot(a, b, axes=((0, 1), (0, 1)),
+                                        preferred_element_type=sd).astype(sd)
+  db_x = jnp.sum(dxp, axis=(0, 1))
+  dxc = dxp[..., 2 * hsz:]
+  if cfg.variant == "reset_after":
+    dhn = dxc * res.r
+    dw_c = contract(hin, dhn)
+    db_hn = jnp.sum(dhn, axis=(0, 1))
+  else:
+    dw_c = contract(res.r * hin, dxc)
+    db_hn = jnp.zeros_like(b_hn)
+  dw = jnp.concatenate([contract(hin, dxp[..., :2 * hsz]), dw_c], axis=1)
+  return dw.astype(w_h.dtype), db_x.astype(b_x.dtype), db_hn.astype(b_hn.dtype)
+
+
+def _loops(impl: str):
+  if impl == "xla":
+    return xla_forward, xla_backward
+  if impl == "pallas":
+    from gru_jax.kernels import pallas_gru  # imported lazily: Pallas is optional
+    return pallas_gru.forward, pallas_gru.backward
+  raise ValueError(f"impl must be 'xla' or 'pallas', got {impl!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _make(cfg: Config):
+  forward, backward = _loops(cfg.impl)
+
+  @jax.custom_vjp
+  def fn(w_h, b_x, b_hn, xp, h0, mask, rm):
+    h_last, hs, _ = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=False)
+    return h_last, hs
+
+  def fn_fwd(w_h, b_x, b_hn, xp, h0, mask, rm):
+    h_last, hs, res = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=True)
+    return (h_last, hs), (w_h, b_x, b_hn, xp, h0, mask, rm, res)
+
+  def fn_bwd(saved, cts):
+    w_h, b_x, b_hn, xp, h0, mask, rm, res = saved
+    g_last, g_hs = cts
+    dh0, dxp, drm = backward(w_h, b_hn, res, mask, rm, g_last, g_hs, xp, cfg=cfg)
+    dw, db_x, db_hn = weight_grads(w_h, b_x, b_hn, res, rm, dxp, cfg=cfg)
+    return (dw, db_x, db_hn, dxp.astype(xp.dtype), dh0.astype(h0.dtype), None,
+            None if rm is None else drm.astype(rm.dtype))
+
+  fn.defvjp(fn_fwd, fn_bwd)
+  return fn
+
+
+def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
+               mask: Array | None = None, rm: Array | None = None, *, variant: str = "seed",
+               reverse: bool = False, time_axis: int = 0, impl: str = "xla", unroll: int = 1,
+               interpret: bool = False) -> tuple[Array, Array]:
+  """Runs the recurrence over the projected inputs with the hand-written VJP.
+
+  Args:
+    w_h: recurrent weights [H,3H] in the matmul (compute) dtype.
+    b_x: the bias [3H] added to the input projection (`gru_jax.cell.folded_bias`).
+    b_hn: the candidate's recurrent bias [H] ("reset_after"; unused by "seed").
+    xp: input projection x·w_x without bias, [T,B,3H] (``time_axis=0``) or
+      [B,T,3H] (``time_axis=1``), gate blocks (z, r, h̃), in the state dtype.
+    h0: initial state [B,H] (state dtype).
+    mask: bool [T,B] / [B,T] or None; a masked step carries h and outputs zero.
+    rm: recurrent dropout multiplier [B,H] or None (applied where h enters the gates).
+
+  Returns:
+    (h_last [B,H], hs [T,B,H] / [B,T,H]).  Differentiable in reverse mode
+    (also twice); forward-mode AD is not supported (the "scan" backend of
+    `gru_jax.gru` supports it).
+  """
+  cfg = Config(variant, bool(reverse), int(time_axis), impl, int(unroll), bool(interpret))
+  return _make(cfg)(w_h, b_x, b_hn, xp, h0, mask, rm)
