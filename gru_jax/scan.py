@@ -72,19 +72,6 @@ def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dro
   return b, t
 
 
-def _project(params: GRUParams, xs: Array, *, time_major: bool, variant: str,
-             input_dropout_mask, compute_dtype, state_dtype) -> Array:
-  """All steps' input projections at once, returned time-major [T,B,3H] in state dtype."""
-  if input_dropout_mask is not None:
-    xs = xs * (input_dropout_mask[None] if time_major else input_dropout_mask[:, None])
-  bias = cell_lib.folded_bias(params, variant)
-  if not time_major:
-    # Transposing x (width D) is cheaper than transposing xp (width 3H).
-    xs = jnp.swapaxes(xs, 0, 1)
-  xp = cell_lib.matmul(xs, params.w_x.astype(compute_dtype), state_dtype)
-  return xp + bias.astype(state_dtype)
-
-
 def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype,
                     state_dtype, return_gates: bool = False, remat_chunk=None,
                     platform: str | None = None) -> str:
@@ -111,9 +98,13 @@ def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype
   return "pallas" if ok else "xla"
 
 
-def _recurrence_xla(w_h, b_h, xp, h0, mask_tm, rec_mask, *, variant, reverse, unroll,
-                    return_gates, remat_chunk):
-  """The time loop. xp [T,B,3H], h0 [B,H], mask_tm [T,B] or None -> (h_last, hs [T,B,H], gates)."""
+def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant, reverse,
+                     unroll, return_gates, remat_chunk):
+  """The plain `lax.scan` loop, differentiated by JAX.
+
+  ``project`` maps inputs [...,D] to input projections [...,3H].  xs_tm
+  [T,B,D], h0 [B,H], mask_tm [T,B] or None -> (h_last, hs [T,B,H], gates).
+  """
 
   def body(h, inp):
     xp_t, m_t = inp
@@ -128,26 +119,29 @@ def _recurrence_xla(w_h, b_h, xp, h0, mask_tm, rec_mask, *, variant, reverse, un
     return h_new, (out, g if return_gates else None)
 
   if remat_chunk is None:
-    h_last, (hs, gs) = jax.lax.scan(body, h0, (xp, mask_tm), reverse=reverse, unroll=unroll)
+    h_last, (hs, gs) = jax.lax.scan(body, h0, (project(xs_tm), mask_tm), reverse=reverse,
+                                    unroll=unroll)
     return h_last, hs, gs
 
-  # Chunked rematerialisation: only chunk-boundary states are kept for the
-  # backward pass; each chunk's steps are recomputed from its first state.
-  t, b = xp.shape[:2]
+  # Chunked rematerialisation: the backward pass keeps only each chunk's first
+  # state and recomputes the chunk, input projection included, so neither the
+  # [T,B,3H] projections nor per-step gates are ever stored for all T.
+  t, b = xs_tm.shape[:2]
   n_chunks = math.ceil(t / remat_chunk)
   pad = n_chunks * remat_chunk - t
   if mask_tm is None:
     mask_tm = jnp.ones((t, b), bool)
   if pad:  # padded steps are masked out, so they carry the state unchanged
-    xp = jnp.concatenate([xp, jnp.zeros((pad,) + xp.shape[1:], xp.dtype)])
+    xs_tm = jnp.concatenate([xs_tm, jnp.zeros((pad,) + xs_tm.shape[1:], xs_tm.dtype)])
     mask_tm = jnp.concatenate([mask_tm, jnp.zeros((pad, b), bool)])
   chunked = lambda a: a.reshape((n_chunks, remat_chunk) + a.shape[1:])
 
   @jax.checkpoint
   def chunk_body(h, inp):
-    return jax.lax.scan(body, h, inp, reverse=reverse, unroll=unroll)
+    x_c, m_c = inp
+    return jax.lax.scan(body, h, (project(x_c), m_c), reverse=reverse, unroll=unroll)
 
-  h_last, (hs, gs) = jax.lax.scan(chunk_body, h0, (chunked(xp), chunked(mask_tm)),
+  h_last, (hs, gs) = jax.lax.scan(chunk_body, h0, (chunked(xs_tm), chunked(mask_tm)),
                                   reverse=reverse)
   unchunk = lambda a: a.reshape((n_chunks * remat_chunk,) + a.shape[2:])[:t]
   return h_last, unchunk(hs), jax.tree.map(unchunk, gs)
@@ -213,15 +207,18 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
         None if mask is None else mask.astype(bool), rec_mask, variant=variant,
         reverse=reverse, time_axis=0 if time_major else 1, impl=impl, unroll=unroll,
         interpret=jax.default_backend() != "gpu")
-  xp = _project(params, xs, time_major=time_major, variant=variant,
-                input_dropout_mask=input_dropout_mask, compute_dtype=compute_dtype,
-                state_dtype=state_dtype)
+  xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)  # x is D wide: cheaper than moving xp
+  if input_dropout_mask is not None:
+    xs_tm = xs_tm * input_dropout_mask[None]
+  w_x = params.w_x.astype(compute_dtype)
+  bias = cell_lib.folded_bias(params, variant).astype(state_dtype)
   mask_tm = None
   if mask is not None:
     mask_tm = mask.astype(bool) if time_major else mask.astype(bool).T
-  h_last, hs, gs = _recurrence_xla(
-      params.w_h.astype(compute_dtype), params.b_h.astype(state_dtype), xp, h0, mask_tm, rec_mask,
-      variant=variant, reverse=reverse, unroll=unroll, return_gates=return_gates,
+  h_last, hs, gs = _recurrence_scan(
+      lambda x: cell_lib.matmul(x, w_x, state_dtype) + bias,
+      params.w_h.astype(compute_dtype), params.b_h.astype(state_dtype), xs_tm, h0, mask_tm,
+      rec_mask, variant=variant, reverse=reverse, unroll=unroll, return_gates=return_gates,
       remat_chunk=remat_chunk)
   if not time_major:
     hs = jnp.swapaxes(hs, 0, 1)
