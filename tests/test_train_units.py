@@ -104,3 +104,26 @@ def test_train_step_reduces_loss_on_fixed_batch():
     losses.append(float(metrics["loss"]))
   assert int(state.step) == 30
   assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bf16_compute_keeps_float32_params_and_tracks_float32():
+  kw = dict(task="classification", num_outputs=3, hidden_sizes=(16,), dropout=0.0)
+  m32 = models.SequenceModel(**kw)
+  m16 = models.SequenceModel(**kw, compute_dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (8, 12, 4))
+  batch = {"inputs": x, "mask": jnp.ones((8, 12), bool), "labels": jnp.arange(8) % 3,
+           "weight": jnp.ones(8), "example_id": jnp.arange(8)}
+  tx = optax.adam(1e-2)
+  state = train.init_state(m32, tx, None, jax.random.key(1), batch)
+  v = {"params": state.params, "batch_stats": state.batch_stats}
+  y32, y16 = m32.apply(v, x), m16.apply(v, x)
+  assert float(jnp.linalg.norm(y16 - y32) / jnp.linalg.norm(y32)) < 3e-2
+  s16, _ = train.train_step(state, batch, jax.random.key(2), model=m16, tx=tx)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(s16.params))
+  s32, _ = train.train_step(state, batch, jax.random.key(2), model=m32, tx=tx)
+  # Adam's first step is lr·sign(g): bf16 gradients must agree in sign almost everywhere.
+  d16 = jax.tree.leaves(jax.tree.map(lambda a, b: a - b, s16.params, state.params))
+  d32 = jax.tree.leaves(jax.tree.map(lambda a, b: a - b, s32.params, state.params))
+  agree = np.mean(np.concatenate([np.sign(a).ravel() == np.sign(b).ravel()
+                                  for a, b in zip(d16, d32)]))
+  assert agree > 0.9
