@@ -1,7 +1,282 @@
-"""Fused Pallas GRU kernels (work in progress: not yet implemented, never selected)."""
+"""Fused Pallas GRU kernels: the whole time loop in one kernel, forward and backward.
+
+Batch rows are independent, so the grid runs one program per tile of
+``BATCH_TILE`` rows.  Each program loads the three recurrent [H,H] weight
+blocks once, keeps them on chip, and loops over all T steps inside the
+kernel (a `fori_loop`), reading the precomputed input projection xp[t] and
+writing h_t, without returning to XLA between steps.  The backward kernel
+runs the same loop in reverse time and writes d xp; the weight gradients are
+then large XLA matmuls shared with the XLA path
+(`gru_jax.kernels.fused_rnn.weight_grads`).
+
+Written for the Triton-style `pl.pallas_call` with BlockSpecs: on GPU it
+compiles with Triton (``num_warps``), elsewhere it runs in Pallas interpret
+mode (slow; for tests).  Every load and store is a [tile,H] or [H,H] block,
+so H must be a power of two (a Triton requirement), and the weights must fit
+in shared memory (`supported`).  The state and all elementwise math are
+float32 (the state dtype); the matmuls run in the weights' dtype (bf16 or
+f32) with f32 accumulation.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from gru_jax.kernels.fused_rnn import Config, Residuals, outputs_from_prev
+
+Array = jax.Array
+
+# Tuned on an H100 for the forward kernel (ANCHORS.md: 32- and 64-row tiles
+# were 1.7x and 6x slower than 16-row ones); experiments/gpu_check.py sweeps them.
+BATCH_TILE = 16
+NUM_WARPS = 4
+# Shared memory an H100 program may use is 227 KB; leave room for the tiles.
+SMEM_BUDGET_BYTES = 200 * 1024
 
 
-def supported(*, hidden_size, batch, compute_dtype, state_dtype, platform):
-  """(applies, reason): the kernel is not implemented yet, so never."""
-  del hidden_size, batch, compute_dtype, state_dtype, platform
-  return False, "the Pallas kernel is not implemented yet"
+def weight_bytes(hidden_size: int, compute_dtype) -> int:
+  """On-chip bytes of the recurrent weights: 3·H·H·itemsize."""
+  return 3 * hidden_size * hidden_size * jnp.dtype(compute_dtype).itemsize
+
+
+def supported(*, hidden_size: int, batch: int, compute_dtype, state_dtype,
+              platform: str) -> tuple[bool, str]:
+  """(applies, reason) for running the kernel on ``platform``."""
+  if hidden_size & (hidden_size - 1):
+    return False, f"hidden_size={hidden_size} is not a power of two"
+  if jnp.dtype(state_dtype) != jnp.float32:
+    return False, f"the kernel keeps a float32 state; got state dtype {jnp.dtype(state_dtype)}"
+  if jnp.dtype(compute_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    return False, f"compute dtype must be float32 or bfloat16, got {jnp.dtype(compute_dtype)}"
+  if platform != "gpu":
+    return True, "interpret mode"
+  if hidden_size < 16:
+    return False, f"hidden_size={hidden_size} < 16, the smallest Triton matmul"
+  if batch % BATCH_TILE:
+    return False, f"batch={batch} is not a multiple of the {BATCH_TILE}-row tile"
+  need = weight_bytes(hidden_size, compute_dtype)
+  if need > SMEM_BUDGET_BYTES:
+    return False, (f"recurrent weights need {need // 1024} KB of shared memory "
+                   f"(3·H·H·{jnp.dtype(compute_dtype).itemsize} B), more than the "
+                   f"{SMEM_BUDGET_BYTES // 1024} KB budget")
+  return True, "fits"
+
+
+def _tile(batch: int, interpret: bool) -> int:
+  if not interpret:
+    return BATCH_TILE
+  for bt in (BATCH_TILE, 8, 4, 2, 1):
+    if batch % bt == 0:
+      return bt
+  return 1
+
+
+def _at(ax: int, t, *rest):
+  """Index (t along the time axis ``ax``, all batch rows of the tile, *rest)."""
+  return ((t, slice(None)) if ax == 0 else (slice(None), t)) + rest
+
+
+def _dot(a: Array, w: Array, interpret: bool) -> Array:
+  """a·w with a cast to w's dtype, float32 result.
+
+  XLA:CPU (interpret mode) has no bf16×bf16→f32 dot; there the product is
+  rounded and cast, as in `gru_jax.cell.matmul`.
+  """
+  a = a.astype(w.dtype)
+  if interpret:
+    return jnp.dot(a, w).astype(jnp.float32)
+  return jnp.dot(a, w, preferred_element_type=jnp.float32)
+
+
+def _specs(cfg: Config, n: int, bt: int, hsz: int):
+  """BlockSpecs for the per-tile arrays, in the caller's layout."""
+  if cfg.time_axis == 0:
+    seq = lambda *tail: pl.BlockSpec((n, bt) + tail, lambda i: (0, i) + (0,) * len(tail))
+  else:
+    seq = lambda *tail: pl.BlockSpec((bt, n) + tail, lambda i: (i, 0) + (0,) * len(tail))
+  return dict(
+      gates=seq(3, hsz),  # xp / dxp viewed as [..,3,H]
+      seq=seq(hsz),  # [T,B,H] / [B,T,H]
+      mask=seq(),  # [T,B] / [B,T]
+      state=pl.BlockSpec((bt, hsz), lambda i: (i, 0)),
+      weights=pl.BlockSpec((3, hsz, hsz), lambda i: (0, 0, 0)),
+      bias3=pl.BlockSpec((3, hsz), lambda i: (0, 0)),
+      bias=pl.BlockSpec((hsz,), lambda i: (0,)),
+  )
+
+
+def _call(kernel, cfg: Config, batch: int, out_shape, in_specs, out_specs, bt: int):
+  kw = {}
+  if not cfg.interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kw["compiler_params"] = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch // bt,), in_specs=in_specs,
+                        out_specs=out_specs, interpret=cfg.interpret, **kw)
+
+
+# ---------------------------------------------------------------- forward
+
+def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_rm: bool):
+  refs = list(refs)
+  xp_ref, w_ref, b_ref, bhn_ref, h0_ref = refs[:5]
+  mask_ref = refs[5] if has_mask else None
+  rm_ref = refs[5 + has_mask] if has_rm else None
+  out_refs = refs[5 + has_mask + has_rm:]
+  ax, seed = cfg.time_axis, cfg.variant == "seed"
+  # Loaded once: the recurrent weights stay on chip for all T steps.
+  wz, wr, wc = w_ref[0], w_ref[1], w_ref[2]
+  bz, br, bc = b_ref[0], b_ref[1], b_ref[2]
+  bhn = bhn_ref[...]
+  rm = rm_ref[...] if has_rm else None
+
+  def body(i, h):
+    t = n - 1 - i if cfg.reverse else i
+    xz, xr, xc = (xp_ref[_at(ax, t, g, slice(None))] for g in range(3))
+    hin = h if rm is None else h * rm
+    z = jax.nn.sigmoid(xz + bz + _dot(hin, wz, cfg.interpret))
+    r = jax.nn.sigmoid(xr + br + _dot(hin, wr, cfg.interpret))
+    if seed:
+      hn = None
+      c = jnp.tanh(xc + bc + _dot(r * hin, wc, cfg.interpret))
+    else:
+      hn = _dot(hin, wc, cfg.interpret) + bhn
+      c = jnp.tanh(xc + bc + r * hn)
+    h_cell = h + z * (c - h)
+    h_new = h_cell
+    if has_mask:
+      keep = (mask_ref[_at(ax, t)] != 0)[:, None]
+      h_new = jnp.where(keep, h_cell, h)
+    if save:
+      parts = (h, z, r, c) + (() if seed else (hn,))
+    else:
+      parts = (h_cell if not has_mask else jnp.where(keep, h_cell, 0.0),)
+    for ref, v in zip(out_refs[:-1], parts):
+      ref[_at(ax, t)] = v.astype(ref.dtype)
+    return h_new
+
+  out_refs[-1][...] = jax.lax.fori_loop(0, n, body, h0_ref[...].astype(jnp.float32))
+
+
+def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
+  """Same contract as `gru_jax.kernels.fused_rnn.xla_forward`."""
+  ax = cfg.time_axis
+  n, batch = (xp.shape[0], xp.shape[1]) if ax == 0 else (xp.shape[1], xp.shape[0])
+  hsz = h0.shape[-1]
+  bt = _tile(batch, cfg.interpret)
+  sp = _specs(cfg, n, bt, hsz)
+  seq_shape = xp.shape[:2] + (hsz,)
+  args = [xp.reshape(xp.shape[:2] + (3, hsz)), w_h.reshape(hsz, 3, hsz).transpose(1, 0, 2),
+          b_x.reshape(3, hsz), b_hn, h0]
+  in_specs = [sp["gates"], sp["weights"], sp["bias3"], sp["bias"], sp["state"]]
+  if mask is not None:
+    args.append(mask.astype(jnp.int32))
+    in_specs.append(sp["mask"])
+  if rm is not None:
+    args.append(rm)
+    in_specs.append(sp["state"])
+  n_seq = (5 if cfg.variant == "reset_after" else 4) if save else 1
+  out_shape = [jax.ShapeDtypeStruct(seq_shape, h0.dtype)] * n_seq + [
+      jax.ShapeDtypeStruct(h0.shape, h0.dtype)]
+  out_specs = [sp["seq"]] * n_seq + [sp["state"]]
+  kernel = functools.partial(_forward_kernel, cfg=cfg, n=n, save=save,
+                             has_mask=mask is not None, has_rm=rm is not None)
+  *seqs, h_last = _call(kernel, cfg, batch, out_shape, in_specs, out_specs, bt)(*args)
+  if not save:
+    return h_last, seqs[0], None
+  res = Residuals(*seqs[:4], hn=seqs[4] if len(seqs) == 5 else None)
+  return h_last, outputs_from_prev(res.prev, h_last, mask, reverse=cfg.reverse, axis=ax), res
+
+
+# ---------------------------------------------------------------- backward
+
+def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
+  refs = list(refs)
+  seed = cfg.variant == "seed"
+  wt_ref, prev_ref, z_ref, r_ref, c_ref = refs[:5]
+  k = 5
+  hn_ref = None
+  if not seed:
+    hn_ref, k = refs[k], k + 1
+  g_ref, glast_ref = refs[k], refs[k + 1]
+  k += 2
+  mask_ref = refs[k] if has_mask else None
+  rm_ref = refs[k + has_mask] if has_rm else None
+  dxp_ref, dh0_ref = refs[k + has_mask + has_rm:][:2]
+  drm_ref = refs[-1] if has_rm else None
+  ax = cfg.time_axis
+  # Wᵀ blocks, loaded once: dh_in = Σ_g dã_g·W_gᵀ.
+  wzt, wrt, wct = wt_ref[0], wt_ref[1], wt_ref[2]
+  rm = rm_ref[...] if has_rm else None
+
+  def body(i, carry):
+    dh, drm = carry
+    t = i if cfg.reverse else n - 1 - i  # opposite to the forward loop
+    at = _at(ax, t)
+    hp, z, r, c = prev_ref[at], z_ref[at], r_ref[at], c_ref[at]
+    hin = hp if rm is None else hp * rm
+    d = dh + g_ref[at]
+    if has_mask:
+      keep = (mask_ref[at] != 0)[:, None]
+      d = jnp.where(keep, d, 0.0)
+    da_c = d * z * (1 - c * c)
+    da_z = d * (c - hp) * z * (1 - z)
+    if seed:
+      dq = _dot(da_c, wct, cfg.interpret)
+      da_r = dq * hin * r * (1 - r)
+      dhin = dq * r + _dot(da_z, wzt, cfg.interpret) + _dot(da_r, wrt, cfg.interpret)
+    else:
+      dhn = da_c * r
+      da_r = dhn * hn_ref[at] * (1 - r)
+      dhin = (_dot(da_z, wzt, cfg.interpret) + _dot(da_r, wrt, cfg.interpret)
+              + _dot(dhn, wct, cfg.interpret))
+    direct = d * (1 - z)
+    if has_mask:
+      direct = jnp.where(keep, direct, dh)
+    if rm is not None:
+      drm = drm + hp * dhin
+      dhin = dhin * rm
+    for g, v in enumerate((da_z, da_r, da_c)):
+      dxp_ref[_at(ax, t, g, slice(None))] = v.astype(dxp_ref.dtype)
+    return direct + dhin, drm
+
+  dh = glast_ref[...].astype(jnp.float32)
+  drm0 = jnp.zeros_like(dh)
+  dh, drm = jax.lax.fori_loop(0, n, body, (dh, drm0))
+  dh0_ref[...] = dh
+  if has_rm:
+    drm_ref[...] = drm
+
+
+def backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg: Config):
+  """Same contract as `gru_jax.kernels.fused_rnn.xla_backward`."""
+  del b_hn, scratch  # hn is stored; the kernel writes a fresh dxp
+  ax = cfg.time_axis
+  n, batch = (res.z.shape[0], res.z.shape[1]) if ax == 0 else (res.z.shape[1], res.z.shape[0])
+  hsz = res.z.shape[-1]
+  sd = res.z.dtype
+  bt = _tile(batch, cfg.interpret)
+  sp = _specs(cfg, n, bt, hsz)
+  wt = w_h.reshape(hsz, 3, hsz).transpose(1, 2, 0)  # wt[g] = W_gᵀ
+  seqs = [res.prev, res.z, res.r, res.c] + ([] if res.hn is None else [res.hn])
+  args = [wt] + seqs + [g_hs.astype(sd), g_last.astype(sd)]
+  in_specs = [sp["weights"]] + [sp["seq"]] * (len(seqs) + 1) + [sp["state"]]
+  if mask is not None:
+    args.append(mask.astype(jnp.int32))
+    in_specs.append(sp["mask"])
+  if rm is not None:
+    args.append(rm)
+    in_specs.append(sp["state"])
+  gates_shape = res.z.shape[:2] + (3, hsz)
+  out_shape = [jax.ShapeDtypeStruct(gates_shape, sd), jax.ShapeDtypeStruct((batch, hsz), sd)]
+  out_specs = [sp["gates"], sp["state"]]
+  if rm is not None:
+    out_shape.append(jax.ShapeDtypeStruct((batch, hsz), sd))
+    out_specs.append(sp["state"])
+  kernel = functools.partial(_backward_kernel, cfg=cfg, n=n, has_mask=mask is not None,
+                             has_rm=rm is not None)
+  outs = _call(kernel, cfg, batch, out_shape, in_specs, out_specs, bt)(*args)
+  dxp, dh0 = outs[0].reshape(res.z.shape[:2] + (3 * hsz,)), outs[1]
+  return dh0, dxp, outs[2] if rm is not None else None

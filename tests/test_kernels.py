@@ -1,0 +1,232 @@
+"""The fused recurrences (backend "xla" and "pallas") against the plain scan and the float64 reference.
+
+The "scan" backend is `jax.lax.scan` differentiated by JAX; "xla" and
+"pallas" use the hand-written VJP in `gru_jax.kernels.fused_rnn`.  Pallas runs
+in interpret mode on CPU, so sizes stay tiny.
+"""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import gru_jax
+from gru_jax import scan
+from gru_jax.kernels import pallas_gru
+from tests import reference
+from tests.test_cell_scan import VARIANTS, random_params
+
+FUSED = ["xla", "pallas"]
+
+
+def problem(seed, b=3, t=6, d=4, h=8, dtype=jnp.float32):
+  """Params, xs [B,T,D], h0, a mask with a fully masked row, dropout masks."""
+  key = jax.random.key(seed)
+  p = random_params(key, d, h, dtype)
+  xs = jax.random.normal(jax.random.fold_in(key, 2), (b, t, d), dtype)
+  h0 = 0.5 * jax.random.normal(jax.random.fold_in(key, 3), (b, h), dtype)
+  mask = np.array(jax.random.bernoulli(jax.random.fold_in(key, 4), 0.7, (b, t)))
+  mask[-1] = False
+  m_in = 2.0 * jax.random.bernoulli(jax.random.fold_in(key, 5), 0.5, (b, d)).astype(dtype)
+  m_rec = 2.0 * jax.random.bernoulli(jax.random.fold_in(key, 6), 0.5, (b, h)).astype(dtype)
+  return p, xs, h0, jnp.asarray(mask), m_in, m_rec
+
+
+def loss_fn(backend, variant, **kw):
+  """sum(hs·ct) + sum(h_last·ct_last): exercises both cotangents."""
+  def loss(p, xs, h0, ct, ct_last):
+    h_last, hs = gru_jax.gru(p, xs, h0, variant=variant, backend=backend, **kw)
+    return jnp.sum(hs * ct) + jnp.sum(h_last * ct_last)
+  return loss
+
+
+def cotangents(xs, h, seed=0):
+  b, t = xs.shape[:2]
+  k = jax.random.key(100 + seed)
+  return (jax.random.normal(k, (b, t, h), xs.dtype),
+          jax.random.normal(jax.random.fold_in(k, 1), (b, h), xs.dtype))
+
+
+def grads(backend, variant, p, xs, h0, ct, ct_last, **kw):
+  return jax.grad(loss_fn(backend, variant, **kw), argnums=(0, 1, 2))(p, xs, h0, ct, ct_last)
+
+
+# ---------------------------------------------------------------- forward values
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_matches_float64_reference(backend, variant, reverse):
+  p, xs, h0, mask, _, _ = problem(1)
+  h_last, hs = gru_jax.gru(p, xs, h0, mask=mask, reverse=reverse, variant=variant,
+                           backend=backend)
+  ref_last, ref_hs = reference.run(p, xs, np.asarray(h0), mask=np.asarray(mask),
+                                   reverse=reverse, variant=variant)
+  np.testing.assert_allclose(hs, ref_hs, atol=2e-5)
+  np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("time_major", [False, True])
+def test_time_major_and_no_mask(backend, time_major):
+  p, xs, h0, _, _, _ = problem(2)
+  ref_last, ref_hs = reference.run(p, xs, np.asarray(h0))
+  xs_in = jnp.swapaxes(xs, 0, 1) if time_major else xs
+  h_last, hs = gru_jax.gru(p, xs_in, h0, time_major=time_major, backend=backend)
+  if time_major:
+    hs = jnp.swapaxes(hs, 0, 1)
+  np.testing.assert_allclose(hs, ref_hs, atol=2e-5)
+  np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
+
+
+# ---------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_grads_match_autodiff_of_scan(backend, variant, reverse):
+  """Masks, h0, both dropout masks, both cotangents: vs jax.grad of lax.scan."""
+  p, xs, h0, mask, m_in, m_rec = problem(3)
+  ct, ct_last = cotangents(xs, p.hidden_size)
+  kw = dict(mask=mask, reverse=reverse, input_dropout_mask=m_in, recurrent_dropout_mask=m_rec)
+  want = grads("scan", variant, p, xs, h0, ct, ct_last, **kw)
+  got = grads(backend, variant, p, xs, h0, ct, ct_last, **kw)
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dropout_mask_gradients(variant):
+  """The fused VJP also differentiates w.r.t. the recurrent dropout multiplier."""
+  p, xs, h0, mask, m_in, m_rec = problem(4)
+  ct, _ = cotangents(xs, p.hidden_size)
+
+  def f(backend, m_rec):
+    return jnp.sum(gru_jax.gru(p, xs, h0, mask=mask, variant=variant, backend=backend,
+                               recurrent_dropout_mask=m_rec)[1] * ct)
+
+  np.testing.assert_allclose(jax.grad(lambda m: f("xla", m))(m_rec),
+                             jax.grad(lambda m: f("scan", m))(m_rec), atol=2e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_xla_check_grads_float64(variant):
+  """Finite differences, first and second order (reverse over reverse).
+
+  Reversed, with a mask and recurrent dropout; tests/test_cell_scan.py runs
+  the forward direction through the default backend.
+  """
+  reverse = True
+  with jax.enable_x64(True):
+    p, xs, h0, mask, _, m_rec = problem(5, b=2, t=5, d=3, h=4, dtype=jnp.float64)
+    f = lambda p, xs, h0, m_rec: gru_jax.gru(p, xs, h0, mask=mask, reverse=reverse,
+                                             variant=variant, backend="xla",
+                                             recurrent_dropout_mask=m_rec)
+    check_grads(f, (p, xs, h0, m_rec), order=2, modes=("rev",), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_xla_grads_match_float64_scan(variant):
+  """float32 fused gradients against float64 autodiff of the scan."""
+  p, xs, h0, mask, _, _ = problem(6, t=30)
+  ct, ct_last = cotangents(xs, p.hidden_size)
+  got = grads("xla", variant, p, xs, h0, ct, ct_last, mask=mask)
+  with jax.enable_x64(True):
+    to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+    want = grads("scan", variant, *to64((p, xs, h0, ct, ct_last)), mask=mask)
+  chex.assert_trees_all_close(got, jax.tree.map(np.asarray, want), atol=5e-5, rtol=5e-5)
+
+
+def test_unroll_does_not_change_xla_results():
+  p, xs, h0, mask, _, _ = problem(7, t=7)
+  ct, ct_last = cotangents(xs, p.hidden_size)
+  base = grads("xla", "reset_after", p, xs, h0, ct, ct_last, mask=mask)
+  for unroll in (3,):
+    got = grads("xla", "reset_after", p, xs, h0, ct, ct_last, mask=mask, unroll=unroll)
+    chex.assert_trees_all_close(got, base, atol=1e-6)
+
+
+# ---------------------------------------------------------------- bf16 weights, f32 state
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_compute_float32_state(backend, variant):
+  p, xs, h0, mask, _, _ = problem(8, t=12, h=16)
+  ct, ct_last = cotangents(xs, p.hidden_size)
+  kw = dict(mask=mask, compute_dtype=jnp.bfloat16)
+  h_last, hs = gru_jax.gru(p, xs, h0, variant=variant, backend=backend, **kw)
+  assert hs.dtype == jnp.float32 and h_last.dtype == jnp.float32
+  _, ref_hs = reference.run(p, xs, np.asarray(h0), mask=np.asarray(mask), variant=variant)
+  np.testing.assert_allclose(hs, ref_hs, atol=3e-2)
+  got = grads(backend, variant, p, xs, h0, ct, ct_last, **kw)
+  want = grads("scan", variant, p, xs, h0, ct, ct_last, mask=mask)  # float32 autodiff
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype
+    rel = float(jnp.linalg.norm(g - w) / (jnp.linalg.norm(w) + 1e-12))
+    assert rel < 3e-2, rel
+
+
+# ---------------------------------------------------------------- dispatch
+
+def test_auto_picks_xla_on_cpu_and_fused_paths_fall_back():
+  kw = dict(hidden_size=128, batch=64, compute_dtype=jnp.float32, state_dtype=jnp.float32)
+  assert scan.resolve_backend("auto", **kw) == "xla"
+  assert scan.resolve_backend("auto", platform="tpu", **kw) == "xla"
+  assert scan.resolve_backend("xla", **kw) == "xla"
+  assert scan.resolve_backend("pallas", **kw) == "pallas"  # interpret mode on CPU
+  assert scan.resolve_backend("pallas", return_gates=True, **kw) == "scan"
+  assert scan.resolve_backend("auto", remat_chunk=8, **kw) == "scan"
+  with pytest.raises(ValueError, match="backend must be one of"):
+    scan.resolve_backend("cudnn", **kw)
+
+
+def test_auto_on_gpu_uses_pallas_only_when_weights_fit_on_chip():
+  kw = dict(batch=64, state_dtype=jnp.float32, platform="gpu")
+  assert scan.resolve_backend("auto", hidden_size=128, compute_dtype=jnp.float32, **kw) == "pallas"
+  # f32 H=256 needs 768 KB of recurrent weights: more than an H100's 227 KB.
+  assert scan.resolve_backend("auto", hidden_size=256, compute_dtype=jnp.float32, **kw) == "xla"
+  assert scan.resolve_backend("pallas", hidden_size=1024, compute_dtype=jnp.float32,
+                              **kw) == "xla"
+  ok, why = pallas_gru.supported(hidden_size=256, batch=64, compute_dtype=jnp.float32,
+                                 state_dtype=jnp.float32, platform="gpu")
+  assert not ok and "shared memory" in why
+
+
+def test_pallas_request_that_does_not_apply_falls_back_without_error():
+  p, xs, h0, _, _, _ = problem(9, h=6)  # H=6: not a power of two, the kernel does not apply
+  np.testing.assert_allclose(gru_jax.gru(p, xs, h0, backend="pallas")[1],
+                             gru_jax.gru(p, xs, h0, backend="scan")[1], atol=1e-6)
+
+
+def test_forward_mode_ad_needs_the_scan_backend():
+  p, xs, h0, _, _, _ = problem(10)
+  f = lambda backend: lambda xs: gru_jax.gru(p, xs, h0, backend=backend)[1]
+  jax.jvp(f("scan"), (xs,), (xs,))
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(f("xla"), (xs,), (xs,))
+
+
+@pytest.mark.parametrize("time_axis", [0, 1])
+def test_kernels_lower_to_triton_for_gpu(time_axis):
+  """Without a GPU: lowering for CUDA runs the Pallas Triton lowering rules
+  (power-of-two blocks, supported ops) on both kernels, train step included."""
+  from gru_jax.kernels import fused_rnn
+  b, t, h = 32, 5, 32
+  ks = jax.random.split(jax.random.key(11), 3)
+  w_h = 0.1 * jax.random.normal(ks[0], (h, 3 * h))
+  xp = jax.random.normal(ks[1], (t, b, 3 * h) if time_axis == 0 else (b, t, 3 * h))
+  h0, rm = jnp.zeros((b, h)), jnp.ones((b, h))
+  mask = jnp.ones(xp.shape[:2], bool)
+  for variant in VARIANTS:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      def loss(w_h, xp, h0):
+        _, hs = fused_rnn.recurrence(w_h.astype(dtype), jnp.zeros(3 * h), jnp.zeros(h), xp, h0,
+                                     mask, rm, variant=variant, time_axis=time_axis,
+                                     impl="pallas", interpret=False)
+        return jnp.sum(hs)
+      exported = jax.export.export(
+          jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+      )(w_h, xp, h0)
+      text = exported.mlir_module()
+      assert "_forward_kernel" in text and "_backward_kernel" in text
