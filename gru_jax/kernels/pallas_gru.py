@@ -108,6 +108,16 @@ def _specs(cfg: Config, n: int, bt: int, hsz: int):
   )
 
 
+def _add_optional(args: list, in_specs: list, sp: dict, mask, rm) -> None:
+  """Appends the mask (as int32: Triton loads no bools) and the dropout multiplier when given."""
+  if mask is not None:
+    args.append(mask.astype(jnp.int32))
+    in_specs.append(sp["mask"])
+  if rm is not None:
+    args.append(rm)
+    in_specs.append(sp["state"])
+
+
 def _call(kernel, cfg: Config, batch: int, out_shape, in_specs, out_specs, bt: int):
   kw = {}
   if not cfg.interpret:
@@ -171,12 +181,7 @@ def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
   args = [xp.reshape(xp.shape[:2] + (3, hsz)), w_h.reshape(hsz, 3, hsz).transpose(1, 0, 2),
           b_x.reshape(3, hsz), b_hn, h0]
   in_specs = [sp["gates"], sp["weights"], sp["bias3"], sp["bias"], sp["state"]]
-  if mask is not None:
-    args.append(mask.astype(jnp.int32))
-    in_specs.append(sp["mask"])
-  if rm is not None:
-    args.append(rm)
-    in_specs.append(sp["state"])
+  _add_optional(args, in_specs, sp, mask, rm)
   n_seq = (5 if cfg.variant == "reset_after" else 4) if save else 1
   out_shape = [jax.ShapeDtypeStruct(seq_shape, h0.dtype)] * n_seq + [
       jax.ShapeDtypeStruct(h0.shape, h0.dtype)]
@@ -263,12 +268,7 @@ def backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg:
   seqs = [res.prev, res.z, res.r, res.c] + ([] if res.hn is None else [res.hn])
   args = [wt] + seqs + [g_hs.astype(sd), g_last.astype(sd)]
   in_specs = [sp["weights"]] + [sp["seq"]] * (len(seqs) + 1) + [sp["state"]]
-  if mask is not None:
-    args.append(mask.astype(jnp.int32))
-    in_specs.append(sp["mask"])
-  if rm is not None:
-    args.append(rm)
-    in_specs.append(sp["state"])
+  _add_optional(args, in_specs, sp, mask, rm)
   gates_shape = res.z.shape[:2] + (3, hsz)
   out_shape = [jax.ShapeDtypeStruct(gates_shape, sd), jax.ShapeDtypeStruct((batch, hsz), sd)]
   out_specs = [sp["gates"], sp["state"]]
