@@ -1,0 +1,350 @@
+r"""Times one GRU layer in gru_jax and its peers, in one process, interleaved.
+
+  python -m experiments.benchmark --shapes=64x100x128x128,64x100x512x512,16x500x64x256 \
+      --mode=train --out_dir=runs/bench
+
+Shapes are BxTxDxH.  "train" is forward + backward of sum(outputs · a fixed
+random cotangent) w.r.t. the parameters and the inputs; "forward" returns the
+outputs.  Every implementation is built and warmed up first, then timed in
+rounds (one call of each per round, so machine load hits all alike), each
+call synchronised (`block_until_ready`, `torch.cuda.synchronize`) and
+preceded by an untimed ``--gap_ms`` pause: on a small CPU the previous call's
+thread pool (XLA's or torch's OpenMP) otherwise still spins and the next
+implementation is measured against it (back to back on 2 cores, torch's
+train step measured 1.4 s instead of 32 ms).
+Reported: median ms per step over the rounds (and the 25th/75th percentiles),
+tokens/s = B·T / median, and the ratio median / median of "gru_jax" (the
+default backend, reset_after form: the form every peer but Haiku computes).
+
+Implementations (``--impls``, default all that are installed and apply):
+  gru_jax/<backend>/<variant>  backend "xla", "pallas" (GPU only; interpret
+                               mode elsewhere is not a speed), "scan"
+  flax      nn.RNN(nn.GRUCell)           equinox  eqx.nn.GRUCell + lax.scan
+  haiku     hk.GRU + hk.dynamic_unroll   keras    keras.layers.GRU, JAX backend, stateless_call
+  torch     torch.nn.GRU (oneDNN on CPU, cuDNN on GPU)
+With --dtype=bfloat16, gru_jax runs bf16 matmuls with a float32 state; the
+peers run in their own bf16 mode (Flax/Keras: bf16 compute, f32 params;
+Equinox/Haiku/torch: everything cast to bf16).
+
+Writes <out_dir>/benchmark.json and benchmark.png (tokens/s against T and H,
+one line per implementation) and prints a table.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports keras
+
+from absl import app, flags
+
+flags.DEFINE_list("shapes", ["64x100x128x128"], "Comma-separated BxTxDxH shapes.")
+flags.DEFINE_enum("mode", "train", ["train", "forward", "both"], "What one step is.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Matmul / parameter dtype.")
+flags.DEFINE_list("impls", ["all"], "Implementations to time (see the module docstring); "
+                  "'all' = every one installed that applies on this device.")
+flags.DEFINE_integer("repeats", 30, "Timed rounds (one call of each implementation per round).")
+flags.DEFINE_integer("warmup", 3, "Untimed calls of each implementation after compiling.")
+flags.DEFINE_float("gap_ms", 10.0, "Idle pause before each timed call (not timed).")
+flags.DEFINE_string("out_dir", "runs/benchmark", "Where benchmark.json and benchmark.png go.")
+FLAGS = flags.FLAGS
+
+REFERENCE = "gru_jax"  # the default backend, reset_after form
+PEERS = ("flax", "equinox", "haiku", "keras", "torch")
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+  try:
+    b, t, d, h = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"--shapes entries must be BxTxDxH, got {text!r}") from None
+  return b, t, d, h
+
+
+def default_impls(platform_name: str) -> list[str]:
+  """gru_jax's paths that apply here (Pallas only on GPU), then every peer."""
+  backends = ["xla", "scan"] + (["pallas"] if platform_name == "gpu" else [])
+  return ([REFERENCE] + [f"gru_jax/{b}/{v}" for b in backends for v in ("reset_after", "seed")]
+          + list(PEERS))
+
+
+# ---------------------------------------------------------------- implementations
+# Each builder returns step() -> something to synchronise on.
+
+def _jax_step(loss_or_fn, params, x, mode):
+  import jax
+  if mode == "train":
+    fn = jax.jit(jax.grad(loss_or_fn, argnums=(0, 1)))
+  else:
+    fn = jax.jit(loss_or_fn)
+  return lambda: jax.block_until_ready(fn(params, x))
+
+
+def _inputs(shape, dtype):
+  import jax
+  b, t, d, h = shape
+  k = jax.random.key(0)
+  x = jax.random.normal(k, (b, t, d), dtype)
+  ct = jax.random.normal(jax.random.fold_in(k, 1), (b, t, h), dtype)
+  return x, ct
+
+
+def build(impl: str, shape, mode: str, dtype_name: str):
+  """A zero-argument step for ``impl`` on ``shape``; raises if it does not apply."""
+  import jax
+  import jax.numpy as jnp
+  b, t, d, h = shape
+  bf16 = dtype_name == "bfloat16"
+  act = jnp.bfloat16 if bf16 else jnp.float32
+  key = jax.random.key(42)
+
+  def finish(apply, params, x, ct):
+    if mode == "train":
+      return _jax_step(lambda p, x: jnp.sum(apply(p, x).astype(jnp.float32) * ct), params, x, mode)
+    return _jax_step(apply, params, x, mode)
+
+  if impl == REFERENCE or impl.startswith("gru_jax/"):
+    import gru_jax
+    backend, variant = ("auto", "reset_after") if impl == REFERENCE else impl.split("/")[1:]
+    x, ct = _inputs(shape, jnp.float32)
+    params = gru_jax.cell.init(key, d, h)
+    apply = lambda p, x: gru_jax.gru(p, x, variant=variant, backend=backend,
+                                     compute_dtype=act)[1]
+    return finish(apply, params, x, ct)
+
+  if impl == "flax":
+    import flax.linen as nn
+    x, ct = _inputs(shape, act)
+    rnn = nn.RNN(nn.GRUCell(h, dtype=act, param_dtype=jnp.float32))
+    return finish(rnn.apply, rnn.init(key, x), x, ct)
+
+  if impl == "equinox":
+    import equinox as eqx
+    x, ct = _inputs(shape, act)
+    cell = eqx.nn.GRUCell(d, h, key=key)
+    params, static = eqx.partition(cell, eqx.is_array)
+    params = jax.tree.map(lambda a: a.astype(act), params)
+
+    def apply(p, x):
+      c = eqx.combine(p, static)
+      step = lambda hs, xt: (jax.vmap(c)(xt, hs),) * 2
+      return jnp.swapaxes(jax.lax.scan(step, jnp.zeros((b, h), act), jnp.swapaxes(x, 0, 1))[1],
+                          0, 1)
+    return finish(apply, params, x, ct)
+
+  if impl == "haiku":
+    import haiku as hk
+    x, ct = _inputs(shape, act)
+
+    def fwd(x):
+      core = hk.GRU(h)
+      hs, _ = hk.dynamic_unroll(core, jnp.swapaxes(x, 0, 1), core.initial_state(b).astype(act))
+      return jnp.swapaxes(hs, 0, 1)
+    model = hk.without_apply_rng(hk.transform(fwd))
+    params = jax.tree.map(lambda a: a.astype(act), model.init(key, x))
+    return finish(model.apply, params, x, ct)
+
+  if impl == "keras":
+    import keras
+    if keras.backend.backend() != "jax":
+      raise RuntimeError(f"keras uses the {keras.backend.backend()} backend, not jax")
+    x, ct = _inputs(shape, act)
+    layer = keras.layers.GRU(h, return_sequences=True,
+                             dtype="mixed_bfloat16" if bf16 else "float32")
+    layer.build((b, t, d))
+    trainable = [v.value for v in layer.trainable_variables]
+    fixed = [v.value for v in layer.non_trainable_variables]
+    apply = lambda p, x: layer.stateless_call(p, fixed, x)[0]
+    return finish(apply, trainable, x, ct)
+
+  if impl == "torch":
+    import torch
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tdt = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(d, h, batch_first=True).to(dev, tdt)
+    xt = torch.randn(b, t, d, device=dev, dtype=tdt, requires_grad=mode == "train")
+    ctt = torch.randn(b, t, h, device=dev, dtype=tdt)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def step():
+      if mode == "train":
+        for p in gru.parameters():
+          p.grad = None
+        xt.grad = None
+        out, _ = gru(xt)
+        (out * ctt).sum().backward()
+      else:
+        with torch.no_grad():
+          gru(xt)
+      sync()
+    return step
+
+  raise ValueError(f"unknown implementation {impl!r}; see --helpfull")
+
+
+# ---------------------------------------------------------------- timing
+
+def time_interleaved(steps: dict, repeats: int, warmup: int, gap_s: float = 0.01) -> dict:
+  """{name: [seconds per call]}: after warm-up, ``repeats`` rounds of one call each."""
+  for step in steps.values():
+    for _ in range(warmup):
+      step()
+  times = {name: [] for name in steps}
+  for _ in range(repeats):
+    for name, step in steps.items():
+      time.sleep(gap_s)
+      t0 = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def summarise(seconds: list, shape) -> dict:
+  import numpy as np
+  s = np.asarray(seconds)
+  b, t = shape[:2]
+  med = float(np.median(s))
+  return dict(median_ms=1e3 * med, p25_ms=1e3 * float(np.percentile(s, 25)),
+              p75_ms=1e3 * float(np.percentile(s, 75)), runs=len(s), tokens_per_s=b * t / med)
+
+
+def machine_info() -> dict:
+  import jax
+  info = dict(jax_platform=jax.default_backend(), jax_device=str(jax.devices()[0].device_kind),
+              cpu_count=os.cpu_count(), python=platform.python_version(),
+              processor=platform.processor() or platform.machine(), argv=" ".join(sys.argv),
+              date=datetime.datetime.now().isoformat(timespec="seconds"))
+  try:
+    with open("/proc/cpuinfo") as f:
+      info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  versions = {}
+  for mod in ("jax", "jaxlib", "flax", "equinox", "haiku", "keras", "torch"):
+    m = sys.modules.get(mod)
+    if m is not None:
+      versions[mod] = getattr(m, "__version__", "?")
+  info["versions"] = versions
+  return info
+
+
+def run(shapes, mode: str = "train", dtype: str = "float32", impls=("all",), repeats: int = 30,
+        warmup: int = 3, gap_ms: float = 10.0, out_dir: str = "runs/benchmark", plot: bool = True,
+        log=print) -> dict:
+  """Times every implementation on every shape; writes JSON (+ PNG) to ``out_dir``.
+
+  Returns the result dict.  An implementation that fails to build or run on a
+  shape is recorded with its error and left out of that shape's timing.
+  """
+  import jax
+  shapes = [parse_shape(s) if isinstance(s, str) else tuple(s) for s in shapes]
+  names = default_impls(jax.default_backend()) if list(impls) == ["all"] else list(impls)
+  modes = ["train", "forward"] if mode == "both" else [mode]
+  results = []
+  for m in modes:
+    for shape in shapes:
+      steps, errors = {}, {}
+      for name in names:
+        try:
+          step = build(name, shape, m, dtype)
+          step()  # compile
+          steps[name] = step
+        except Exception as e:  # noqa: BLE001 - a peer that does not apply is reported, not fatal
+          errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+          log(f"  {name} on {shape} ({m}): {errors[name]}")
+          if os.environ.get("BENCHMARK_DEBUG"):
+            traceback.print_exc()
+      times = time_interleaved(steps, repeats, warmup, gap_ms / 1e3)
+      row = {name: summarise(s, shape) for name, s in times.items()}
+      ref = row.get(REFERENCE)
+      for name, r in row.items():
+        r["ratio_to_gru_jax"] = r["median_ms"] / ref["median_ms"] if ref else None
+      results.append(dict(mode=m, shape=list(shape), dtype=dtype, timings=row, errors=errors))
+      log(format_row(results[-1]))
+  out = dict(machine=machine_info(), repeats=repeats, warmup=warmup, gap_ms=gap_ms,
+             results=results)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "benchmark.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  if plot:
+    make_plot(out, os.path.join(out_dir, "benchmark.png"))
+  log(format_table(out))
+  return out
+
+
+def format_row(res: dict) -> str:
+  shape = "x".join(map(str, res["shape"]))
+  parts = [f"{n} {r['median_ms']:.2f}" for n, r in res["timings"].items()]
+  return f"{res['mode']} {shape}: " + ", ".join(parts)
+
+
+def format_table(out: dict) -> str:
+  """Markdown table: one row per (mode, shape), one column per implementation, 'ms (×ref)'."""
+  names = []
+  for res in out["results"]:
+    names += [n for n in list(res["timings"]) + list(res["errors"]) if n not in names]
+  lines = ["| step | B×T×D×H | " + " | ".join(names) + " |",
+           "|---|---|" + "---|" * len(names)]
+  for res in out["results"]:
+    cells = []
+    for n in names:
+      r = res["timings"].get(n)
+      if r is None:
+        cells.append("n/a" if n in res["errors"] else "")
+      elif r["ratio_to_gru_jax"] is None:
+        cells.append(f"{r['median_ms']:.2f}")
+      else:
+        cells.append(f"{r['median_ms']:.2f} ({r['ratio_to_gru_jax']:.2f}×)")
+    lines.append(f"| {res['mode']} | {'×'.join(map(str, res['shape']))} | " + " | ".join(cells)
+                 + " |")
+  return "\n".join(lines)
+
+
+def make_plot(out: dict, path: str) -> None:
+  """tokens/s against T (shapes sharing the commonest B,D,H) and against H
+  (shapes sharing the commonest B,T), per mode; one line per implementation."""
+  import collections
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  modes = sorted({r["mode"] for r in out["results"]})
+  fig, axes = plt.subplots(len(modes), 2, figsize=(11, 4 * len(modes)), squeeze=False)
+  for row, m in zip(axes, modes):
+    res = [r for r in out["results"] if r["mode"] == m]
+    for ax, (xi, keep) in zip(row, [(1, (0, 2, 3)), (3, (0, 1))]):
+      groups = collections.Counter(tuple(r["shape"][i] for i in keep) for r in res)
+      common = groups.most_common(1)[0][0]
+      sel = sorted((r for r in res if tuple(r["shape"][i] for i in keep) == common),
+                   key=lambda r: r["shape"][xi])
+      names = sorted({n for r in sel for n in r["timings"]})
+      for n in names:
+        pts = [(r["shape"][xi], r["timings"][n]["tokens_per_s"]) for r in sel if n in r["timings"]]
+        ax.plot(*zip(*pts), marker="o", label=n)
+      fixed = ", ".join(f"{'BTDH'[i]}={v}" for i, v in zip(keep, common))
+      ax.set(xlabel="T (sequence length)" if xi == 1 else "H (hidden size)", ylabel="tokens/s",
+             yscale="log", title=f"{m}, {fixed}")
+      ax.grid(True, alpha=0.3)
+    row[1].legend(fontsize=7, loc="best")
+  info = out["machine"]
+  fig.suptitle(f"{info['jax_device']} ({info.get('cpu_model', info['processor'])}), "
+               f"{out['results'][0]['dtype']}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run(FLAGS.shapes, mode=FLAGS.mode, dtype=FLAGS.dtype, impls=FLAGS.impls,
+      repeats=FLAGS.repeats, warmup=FLAGS.warmup, gap_ms=FLAGS.gap_ms, out_dir=FLAGS.out_dir)
+
+
+if __name__ == "__main__":
+  app.run(main)
