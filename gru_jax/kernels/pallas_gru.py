@@ -79,16 +79,9 @@ def _at(ax: int, t, *rest):
   return ((t, slice(None)) if ax == 0 else (slice(None), t)) + rest
 
 
-def _dot(a: Array, w: Array, interpret: bool) -> Array:
-  """a·w with a cast to w's dtype, float32 result.
-
-  XLA:CPU (interpret mode) has no bf16×bf16→f32 dot; there the product is
-  rounded and cast, as in `gru_jax.cell.matmul`.
-  """
-  a = a.astype(w.dtype)
-  if interpret:
-    return jnp.dot(a, w).astype(jnp.float32)
-  return jnp.dot(a, w, preferred_element_type=jnp.float32)
+def _dot(a: Array, w: Array) -> Array:
+  """a·w with a cast to w's dtype, float32 accumulation and result."""
+  return jnp.dot(a.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def _specs(cfg: Config, n: int, bt: int, hsz: int):
@@ -146,13 +139,13 @@ def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_
     t = n - 1 - i if cfg.reverse else i
     xz, xr, xc = (xp_ref[_at(ax, t, g, slice(None))] for g in range(3))
     hin = h if rm is None else h * rm
-    z = jax.nn.sigmoid(xz + bz + _dot(hin, wz, cfg.interpret))
-    r = jax.nn.sigmoid(xr + br + _dot(hin, wr, cfg.interpret))
+    z = jax.nn.sigmoid(xz + bz + _dot(hin, wz))
+    r = jax.nn.sigmoid(xr + br + _dot(hin, wr))
     if seed:
       hn = None
-      c = jnp.tanh(xc + bc + _dot(r * hin, wc, cfg.interpret))
+      c = jnp.tanh(xc + bc + _dot(r * hin, wc))
     else:
-      hn = _dot(hin, wc, cfg.interpret) + bhn
+      hn = _dot(hin, wc) + bhn
       c = jnp.tanh(xc + bc + r * hn)
     h_cell = h + z * (c - h)
     h_new = h_cell
@@ -229,14 +222,14 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
     da_c = d * z * (1 - c * c)
     da_z = d * (c - hp) * z * (1 - z)
     if seed:
-      dq = _dot(da_c, wct, cfg.interpret)
+      dq = _dot(da_c, wct)
       da_r = dq * hin * r * (1 - r)
-      dhin = dq * r + _dot(da_z, wzt, cfg.interpret) + _dot(da_r, wrt, cfg.interpret)
+      dhin = dq * r + _dot(da_z, wzt) + _dot(da_r, wrt)
     else:
       dhn = da_c * r
       da_r = dhn * hn_ref[at] * (1 - r)
-      dhin = (_dot(da_z, wzt, cfg.interpret) + _dot(da_r, wrt, cfg.interpret)
-              + _dot(dhn, wct, cfg.interpret))
+      dhin = (_dot(da_z, wzt) + _dot(da_r, wrt)
+              + _dot(dhn, wct))
     direct = d * (1 - z)
     if has_mask:
       direct = jnp.where(keep, direct, dh)
