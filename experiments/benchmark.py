@@ -6,7 +6,8 @@ r"""Times one GRU layer in gru_jax and its peers, in one process, interleaved.
 Shapes are BxTxDxH.  "train" is forward + backward of sum(outputs · a fixed
 random cotangent) w.r.t. the parameters and the inputs; "forward" returns the
 outputs.  Every implementation is built and warmed up first, then timed in
-rounds (one call of each per round, so machine load hits all alike), each
+rounds (one call of each per round, so machine load hits all alike; the
+order rotates every round), each
 call synchronised (`block_until_ready`, `torch.cuda.synchronize`) and
 preceded by an untimed ``--gap_ms`` pause: on a small CPU the previous call's
 thread pool (XLA's or torch's OpenMP) otherwise still spins and the next
@@ -196,8 +197,11 @@ def time_interleaved(steps: dict, repeats: int, warmup: int, gap_s: float = 0.01
     for _ in range(warmup):
       step()
   times = {name: [] for name in steps}
-  for _ in range(repeats):
-    for name, step in steps.items():
+  names = list(steps)
+  for i in range(repeats):
+    # Each round starts one implementation later, so none always runs first.
+    for name in names[i % len(names):] + names[:i % len(names)]:
+      step = steps[name]
       time.sleep(gap_s)
       t0 = time.perf_counter()
       step()
