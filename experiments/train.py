@@ -38,6 +38,8 @@ def main(argv):
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (train.TrainingError, ValueError) as e:
+    if os.environ.get("GRU_JAX_TRACEBACK"):  # for debugging the library itself
+      raise
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

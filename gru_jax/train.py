@@ -160,7 +160,8 @@ def train_step(state: TrainState, batch: dict, rng: Array, *, model: nn.Module,
   params = optax.apply_updates(state.params, updates)
   new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                       batch_stats=upd.get("batch_stats", state.batch_stats))
-  return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return new, {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params)}
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, num_classes: int,
@@ -243,9 +244,15 @@ class Runtime:
 
   def put_state(self, state: TrainState) -> TrainState:
     if self.mode == "pmap":
-      return flax.jax_utils.replicate(state)
-    return jax.device_put(state, jax.sharding.NamedSharding(self.mesh,
-                                                            jax.sharding.PartitionSpec()))
+      return flax.jax_utils.replicate(jax.tree.map(_host, state))
+    # From host values, so no device-to-device copy crosses hosts (a restored
+    # state is committed to this process's first device).
+    return jax.tree.map(lambda a: jax.make_array_from_callback(
+        a.shape, self.replicated, lambda idx, h=_host(a): h[idx]), state)
+
+  @property
+  def replicated(self):
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
   def host_state(self, state: TrainState) -> TrainState:
     """A single, fully-addressable copy (for checkpoints and host metrics)."""
@@ -269,9 +276,14 @@ class Runtime:
 def make_runtime(mode: str) -> Runtime:
   if mode not in PARALLEL_MODES:
     raise ValueError(f"config.parallel must be one of {PARALLEL_MODES}, got {mode!r}")
-  if mode == "pmap":
-    return Runtime("pmap")
-  return Runtime("jit", jax.sharding.Mesh(np.array(jax.devices()), (AXIS,)))
+  return Runtime(mode, jax.sharding.Mesh(np.array(jax.devices()), (AXIS,)))
+
+
+def _host(a) -> np.ndarray:
+  """A replicated array's value on this host, also when other processes hold copies."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    a = a.addressable_data(0)
+  return np.asarray(a)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -373,10 +385,13 @@ def _save(mngr, step: int, state: TrainState):
   mngr.save(step, args=ocp.args.StandardSave(state), force=True)
 
 
-def _restore(mngr, template: TrainState) -> TrainState:
+def _restore(mngr, template: TrainState, sharding) -> TrainState:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   step = mngr.latest_step()
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+  # Restored replicated over all devices of all processes: the topology it was
+  # saved with, or a new one (orbax reshards).
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                          template)
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # orbax raises several types for a tree/shape mismatch
@@ -477,7 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _check_workdir_config(workdir, config)
   mngr = _checkpoint_manager(workdir)
   if mngr.latest_step() is not None:
-    state = _restore(mngr, state)
+    state = _restore(mngr, state, runtime.replicated)
     logging.info("Resumed from %s at step %d", mngr.directory, int(state.step))
   start = int(state.step)
   writer = MetricsWriter(workdir, start)
@@ -518,13 +533,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     trim_to_multiple=config.trim_to_multiple or None):
         dstate, m = p_train(dstate, runtime.put_batch(batch), train_rng)
         step += 1
-        if step % config.log_every_steps == 0 or step == total_steps:
+        log_now = step % config.log_every_steps == 0 or step == total_steps
+        save_now = step % ckpt_every == 0 or step == total_steps or preempt.requested
+        if log_now or save_now:  # never checkpoint a diverged state
           loss = float(runtime.scalar(m["loss"]))
-          if not math.isfinite(loss):
+          # The loss is the pre-update one; the parameter norm vouches for the update.
+          bad = loss if not math.isfinite(loss) else float(runtime.scalar(m["param_norm"]))
+          if not math.isfinite(bad):
+            what = "loss" if not math.isfinite(loss) else "the parameters' norm"
             raise TrainingError(
-                f"loss became {loss} at step {step}; the last good checkpoint "
+                f"{what} became {bad} at step {step}; the last good checkpoint "
                 f"(step {mngr.latest_step()}) in {mngr.directory} is kept. Try a lower "
                 "learning_rate or optimizer.clip_norm")
+        if log_now:
           rate = (step - last_log) / max(time.time() - t0, 1e-9)
           t0, last_log = time.time(), step
           logging.info("step %d/%d epoch %d loss %.4f %.1f steps/s ETA %s", step, total_steps,
@@ -533,7 +554,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        "grad_norm": float(runtime.scalar(m["grad_norm"]))})
         if step % eval_every == 0 or step == total_steps:
           dstate, results = run_eval(step, dstate)
-        if step % ckpt_every == 0 or step == total_steps or preempt.requested:
+        if save_now:
           _save(mngr, step, runtime.host_state(dstate))
           logging.info("checkpoint saved at step %d", step)
         if step == config.get("debug_kill_at_step", 0):

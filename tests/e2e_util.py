@@ -41,4 +41,10 @@ def restore_params(workdir, step=None):
   import orbax.checkpoint as ocp
   step = step if step is not None else checkpoint_steps(workdir)[-1]
   path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "default")
-  return ocp.StandardCheckpointer().restore(path)
+  import jax
+  ckptr = ocp.StandardCheckpointer()
+  # Onto this process's device, whatever topology (e.g. 2 processes) saved it.
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
+                          ckptr.metadata(path).item_metadata.tree)
+  return ckptr.restore(path, abstract)

@@ -40,4 +40,4 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
   np.testing.assert_allclose([l["loss"] for l in got], [l["loss"] for l in ref], rtol=1e-5)
   chex.assert_trees_all_close(restore_params(two), restore_params(one), atol=1e-5)
   # Only process 0 writes logs and metrics.
-  assert sorted(os.listdir(two)) == sorted(os.listdir(one)) + ["logs"]
+  assert sorted(os.listdir(two)) == sorted(os.listdir(one) + ["logs"])

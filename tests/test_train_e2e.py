@@ -4,6 +4,7 @@ import signal
 import time
 
 import chex
+import jax
 import numpy as np
 import pytest
 
@@ -76,10 +77,23 @@ def test_sigterm_checkpoints_then_resume_equals_uninterrupted(reference_run, tmp
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
   wd = str(tmp_path)
-  r = run_train(wd, *FAST, "--config.learning_rate=1e30", "--config.model.batch_norm=False",
-                "--config.model.dropout=0.0")
+  # An infinite learning rate makes the parameters non-finite after the first update.
+  r = run_train(wd, *FAST, "--config.learning_rate=inf", "--config.checkpoint_every_steps=1",
+                "--config.log_every_steps=5")
   assert r.returncode == 1, r.stdout + r.stderr
-  assert "loss became nan at step" in r.stderr or "loss became inf at step" in r.stderr
+  assert "the parameters' norm became nan at step 1; the last good checkpoint (step None)" \
+      in r.stderr
+  assert checkpoint_steps(wd) == []
+  # A finite run that diverges later keeps its earlier, finite checkpoint.
+  wd2 = str(tmp_path / "late")
+  assert run_train(wd2, *FAST, "--config.num_train_steps=2",
+                   "--config.checkpoint_every_steps=1").returncode == 0
+  r = run_train(wd2, *FAST, "--config.learning_rate=inf", "--config.checkpoint_every_steps=1")
+  assert r.returncode == 1
+  assert "became nan at step 3; the last good checkpoint (step 2)" in r.stderr, r.stderr
+  assert checkpoint_steps(wd2)[-1] == 2
+  params = restore_params(wd2)
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize("args,match", [
