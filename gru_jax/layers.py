@@ -79,7 +79,7 @@ class GRU(nn.Module):
   unroll: int = 1
   compute_dtype: Any = None
   remat_chunk: int | None = None
-  backend: str = "xla"
+  backend: str = "auto"
   layer_norm: bool = False
 
   def _params(self, input_size: int) -> cell_lib.GRUParams:

@@ -50,7 +50,7 @@ class SequenceModel(nn.Module):
   unroll: int = 1
   compute_dtype: Any = None
   remat_chunk: int | None = None
-  backend: str = "xla"
+  backend: str = "auto"
 
   @nn.compact
   def __call__(self, inputs: Array, mask: Array | None = None, *, train: bool = False,

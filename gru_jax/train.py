@@ -91,8 +91,9 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int
   return opt
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, info: data_lib.DatasetInfo,
-               rng: Array, batch: dict) -> TrainState:
+def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array,
+               batch: dict) -> TrainState:
+  """A fresh state; ``batch`` ("inputs", "mask") only gives the input shapes."""
   variables = model.init(rng, batch["inputs"][:1], batch["mask"][:1], train=False)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -400,6 +401,28 @@ def _restore(mngr, template: TrainState, sharding) -> TrainState:
         f"({type(e).__name__}: {str(e)[:300]}); use a fresh --workdir") from e
 
 
+def restore_for_inference(workdir: str):
+  """(config, model, variables, info) of the latest checkpoint in a training workdir.
+
+  The config is the one the run saved in ``<workdir>/config.json``.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{workdir} holds no config.json: is it a gru_jax training workdir?")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  ds_opts = {k: v for k, v in config.dataset.to_dict().items() if k != "name"}
+  arrays, info = data_lib.load(config.dataset.name, "train", **ds_opts)
+  model = create_model(config, info)
+  batch = {"inputs": arrays["inputs"][:1], "mask": arrays["mask"][:1]}
+  state = init_state(model, create_optimizer(config, 1), jax.random.key(0), batch)
+  mngr = _checkpoint_manager(workdir)
+  if mngr.latest_step() is None:
+    raise ValueError(f"{workdir} holds no checkpoint yet")
+  state = _restore(mngr, state, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  return config, model, {"params": state.params, "batch_stats": state.batch_stats}, info
+
+
 def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict):
   """Refuses to resume a workdir written by a different model or dataset."""
   path = os.path.join(workdir, "config.json")
@@ -487,7 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init_rng, train_rng = jax.random.split(rng)
   first = next(data_lib.batches(splits["train"], config.batch_size, seed=config.seed, epoch=0,
                                 shuffle=False, drop_remainder=True))
-  state = init_state(model, tx, info, init_rng, first)
+  state = init_state(model, tx, init_rng, first)
 
   _check_workdir_config(workdir, config)
   mngr = _checkpoint_manager(workdir)

@@ -60,3 +60,21 @@ def test_config_trains_a_few_steps(name, tmp_path, request):
   for split in c.eval_splits:
     assert math.isfinite(results[split]["loss"])
     assert ("rmse" in results[split]) == (c.dataset.name in ("adding", "sunspots"))
+
+
+def test_shakespeare_train_then_sample(tmp_path):
+  """The LM path end to end: train on mocked text, then sample from the workdir."""
+  import tensorflow_datasets as tfds
+  from experiments import sample
+  c = load_config("shakespeare")
+  c.num_train_steps, c.batch_size = 2, 4
+  c.model.hidden_sizes = (8,)
+  c.dataset.update(seq_len=20, data_dir=str(tmp_path / "data"))
+  with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path / "meta")):
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
+    _, _, _, info = train.restore_for_inference(str(tmp_path / "wd"))
+    text = sample.sample_text(str(tmp_path / "wd"), "ab", 15, 1.0, 0)
+  assert text.startswith("ab") and len(text) == 17
+  assert set(text[2:]) <= set(info.extras["vocab"])
+  with pytest.raises(ValueError, match="no config.json"):
+    train.restore_for_inference(str(tmp_path))

@@ -96,7 +96,7 @@ def test_train_step_reduces_loss_on_fixed_batch():
   batch = {"inputs": x, "mask": jnp.ones((16, 5), bool), "labels": labels,
            "weight": jnp.ones(16), "example_id": jnp.arange(16)}
   tx = optax.adam(1e-2)
-  state = train.init_state(m, tx, None, jax.random.key(1), batch)
+  state = train.init_state(m, tx, jax.random.key(1), batch)
   step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(2), model=m, tx=tx))
   losses = []
   for _ in range(30):
@@ -114,7 +114,7 @@ def test_bf16_compute_keeps_float32_params_and_tracks_float32():
   batch = {"inputs": x, "mask": jnp.ones((8, 12), bool), "labels": jnp.arange(8) % 3,
            "weight": jnp.ones(8), "example_id": jnp.arange(8)}
   tx = optax.adam(1e-2)
-  state = train.init_state(m32, tx, None, jax.random.key(1), batch)
+  state = train.init_state(m32, tx, jax.random.key(1), batch)
   v = {"params": state.params, "batch_stats": state.batch_stats}
   y32, y16 = m32.apply(v, x), m16.apply(v, x)
   assert float(jnp.linalg.norm(y16 - y32) / jnp.linalg.norm(y32)) < 3e-2

@@ -45,7 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.bn_momentum = 0.99
   c.model.bn_epsilon = 1e-3
   c.model.unroll = 1
-  c.model.backend = "xla"
+  c.model.backend = "auto"         # "auto" | "xla" | "pallas" | "scan" (see gru_jax.gru)
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "sequential_digits"
