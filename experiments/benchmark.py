@@ -9,10 +9,13 @@ outputs.  Every implementation is built and warmed up first, then timed in
 rounds (one call of each per round, so machine load hits all alike; the
 order rotates every round), each
 call synchronised (`block_until_ready`, `torch.cuda.synchronize`) and
-preceded by an untimed ``--gap_ms`` pause: on a small CPU the previous call's
-thread pool (XLA's or torch's OpenMP) otherwise still spins and the next
-implementation is measured against it (back to back on 2 cores, torch's
-train step measured 1.4 s instead of 32 ms).
+preceded by an untimed ``--gap_ms`` pause and one untimed call of the same
+implementation, so each timed call is a steady-state, back-to-back step as
+in a training loop.  Without them, on a small CPU the previous call's thread
+pool (XLA's or torch's OpenMP) still spins, and its freed buffers have been
+returned to the OS so the next call page-faults its own back in: back to
+back on 2 cores, torch's train step measured 1.4 s instead of 32 ms, and the
+JAX implementation timed after torch 10-20 ms slow.
 Reported: median ms per step over the rounds (and the 25th/75th percentiles),
 tokens/s = B·T / median, and the ratio median / median of "gru_jax" (the
 default backend, reset_after form: the form every peer but Haiku computes).
@@ -203,6 +206,7 @@ def time_interleaved(steps: dict, repeats: int, warmup: int, gap_s: float = 0.01
     for name in names[i % len(names):] + names[:i % len(names)]:
       step = steps[name]
       time.sleep(gap_s)
+      step()  # untimed: the previous implementation's frees and idle threads are its problem
       t0 = time.perf_counter()
       step()
       times[name].append(time.perf_counter() - t0)
