@@ -224,7 +224,7 @@ def summarize(sums: dict, task: str, extras: dict | None = None) -> dict:
 class Runtime:
   """How arrays reach devices and which compiled steps run: "jit" (sharded) or "pmap"."""
   mode: str
-  mesh: Any = None
+  mesh: jax.sharding.Mesh  # 1-D over all devices of all processes
 
   @property
   def axis_name(self):
@@ -246,8 +246,7 @@ class Runtime:
   def put_state(self, state: TrainState) -> TrainState:
     if self.mode == "pmap":
       return flax.jax_utils.replicate(jax.tree.map(_host, state))
-    # From host values, so no device-to-device copy crosses hosts (a restored
-    # state is committed to this process's first device).
+    # From host values, so no device-to-device copy ever crosses hosts.
     return jax.tree.map(lambda a: jax.make_array_from_callback(
         a.shape, self.replicated, lambda idx, h=_host(a): h[idx]), state)
 
@@ -256,7 +255,7 @@ class Runtime:
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
   def host_state(self, state: TrainState) -> TrainState:
-    """A single, fully-addressable copy (for checkpoints and host metrics)."""
+    """The state as checkpoints take it: one copy for pmap, the global arrays for jit."""
     if self.mode == "pmap":
       return flax.jax_utils.unreplicate(state)
     return state
@@ -271,7 +270,7 @@ class Runtime:
 
   def scalar(self, x) -> np.ndarray:
     """A replicated device value on the host (also when other processes hold shards)."""
-    return np.asarray(x[0] if self.mode == "pmap" else x.addressable_data(0))
+    return np.asarray(x[0]) if self.mode == "pmap" else _host(x)
 
 
 def make_runtime(mode: str) -> Runtime:
