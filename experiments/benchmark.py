@@ -157,6 +157,8 @@ def build(impl: str, shape, mode: str, dtype_name: str):
     import keras
     if keras.backend.backend() != "jax":
       raise RuntimeError(f"keras uses the {keras.backend.backend()} backend, not jax")
+    # With bf16, Keras 3.15's JAX GRU fails ("mixed_bfloat16": its scan carry changes
+    # dtype; "bfloat16": the orthogonal initialiser has no bf16 QR); reported as n/a.
     x, ct = _inputs(shape, act)
     layer = keras.layers.GRU(h, return_sequences=True,
                              dtype="mixed_bfloat16" if bf16 else "float32")
