@@ -5,6 +5,10 @@ r"""The adding problem (Hochreiter & Schmidhuber 1997; Le et al. 2015) at T=200.
 Regression on the sum of the two marked values; predicting 1 everywhere
 gives MSE ≈ 0.167.  One GRU(128), no batch norm or dropout (a
 regression from one step's state needs neither).
+
+Measured 2026-11-27 on the project's 2-core CPU machine: test MSE 0.0010 after
+2,000 steps (validation 0.0010; it leaves the 0.16 plateau between steps 1,000 and
+1,250), 138 s wall.
 """
 from experiments.configs import base
 

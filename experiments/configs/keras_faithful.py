@@ -10,6 +10,10 @@ re-estimation).  After only ~200 steps those averages still lag far behind
 the weights, so validation accuracy is poor although training accuracy is
 high (ANCHORS.md measured 0.30-0.58 with real Keras).  digits.py fixes this
 by re-estimating the statistics before evaluation.
+
+Measured 2026-11-27 on the project's 2-core CPU machine, seeds 0/1/2: test
+accuracy 0.737 / 0.822 / 0.763 (validation 0.822 / 0.844 / 0.796), 9-17 s wall;
+with --config.bn_recalibrate_batches=20 the same runs score 0.978 / 0.970 / 0.967.
 """
 from experiments.configs import base
 
