@@ -65,15 +65,19 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
   h0 = jnp.zeros((b, hsz), xs.dtype) if h0 is None else h0
   mask_tm = None if mask is None else mask.astype(bool).T
   w_h, b_h = params.w_h, params.b_h
+  # Gate-block slices of the weights and LN parameters, taken once outside the loop.
+  w_zr, w_c = w_h[:, :2 * hsz], w_h[:, 2 * hsz:]
+  g_zr, g_c = ln.gamma_h[:2 * hsz], ln.gamma_h[2 * hsz:]
+  be_zr, be_c = ln.beta_h[:2 * hsz], ln.beta_h[2 * hsz:]
 
   def body(h, inp):
     ax_t, m_t = inp
     if variant == "seed":
-      ah = _ln(h @ w_h[:, :2 * hsz], ln.gamma_h[:2 * hsz], ln.beta_h[:2 * hsz], 2, eps)
+      ah = _ln(h @ w_zr, g_zr, be_zr, 2, eps)
       ah = ah + b_h[:2 * hsz]
       z = jax.nn.sigmoid(ax_t[:, :hsz] + ah[:, :hsz])
       r = jax.nn.sigmoid(ax_t[:, hsz:2 * hsz] + ah[:, hsz:])
-      hc = _ln((r * h) @ w_h[:, 2 * hsz:], ln.gamma_h[2 * hsz:], ln.beta_h[2 * hsz:], 1, eps)
+      hc = _ln((r * h) @ w_c, g_c, be_c, 1, eps)
       cand = jnp.tanh(ax_t[:, 2 * hsz:] + hc + b_h[2 * hsz:])
     else:
       ah = _ln(h @ w_h, ln.gamma_h, ln.beta_h, 3, eps) + b_h

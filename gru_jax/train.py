@@ -207,9 +207,9 @@ def summarize(sums: dict, task: str, extras: dict | None = None) -> dict:
   tp = np.diag(cm)
   recall = np.where(support > 0, tp / np.maximum(support, 1e-12), np.nan)
   precision = np.where(predicted > 0, tp / np.maximum(predicted, 1e-12), 0.0)
-  f1 = np.where(precision + np.nan_to_num(recall) > 0,
-                2 * precision * np.nan_to_num(recall) /
-                np.maximum(precision + np.nan_to_num(recall), 1e-12), 0.0)
+  rec0 = np.nan_to_num(recall)  # absent classes are excluded from the mean below
+  f1 = np.where(precision + rec0 > 0, 2 * precision * rec0 / np.maximum(precision + rec0, 1e-12),
+                0.0)
   present = support > 0
   out["macro_f1"] = float(f1[present].mean()) if present.any() else 0.0
   out["balanced_accuracy"] = float(np.nanmean(recall)) if present.any() else 0.0

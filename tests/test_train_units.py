@@ -81,8 +81,15 @@ def test_optimizers_match_optax_references():
   # Adam's first step moves each parameter by lr·sign(g) (bias-corrected moments).
   np.testing.assert_allclose(one_step(train.create_optimizer(_cfg(), 100)),
                              [1.0 - 1e-3, -2.0, 3.0 + 1e-3], rtol=1e-6)
-  sched = train.create_optimizer(_cfg(schedule="warmup_cosine", warmup_steps=10), 100)
-  assert sched is not None
+  # Warmup starts at learning rate 0: the first update leaves the parameters unchanged,
+  # and the second moves them by lr(1) = 1e-3 / 10 per Adam's sign rule.
+  warm = train.create_optimizer(_cfg(schedule="warmup_cosine", warmup_steps=10), 100)
+  state = warm.init(params)
+  upd, state = warm.update(grads, state, params)
+  np.testing.assert_allclose(optax.apply_updates(params, upd)["w"], params["w"], atol=0)
+  upd, _ = warm.update(grads, state, params)
+  np.testing.assert_allclose(optax.apply_updates(params, upd)["w"], [1.0 - 1e-4, -2.0, 3.0 + 1e-4],
+                             rtol=1e-5)
   with pytest.raises(ValueError, match="optimizer.name must be"):
     train.create_optimizer(_cfg(name="sgd"), 10)
   with pytest.raises(ValueError, match="optimizer.schedule must be"):
