@@ -11,13 +11,15 @@ r"""One prepared GPU session: Pallas-vs-XLA correctness, then timings of every i
    sum(hs·ct) + sum(h_last·ct_last) w.r.t. params, inputs and h0, with a
    padding mask, both variants, float32 and bf16 weights.  Relative error
    ‖a−b‖/‖b‖ per output, limits 2e-3 (f32, TF32 dots) and 3e-2 (bf16).
-3. Timing: `experiments.benchmark` on the ANCHORS.md shapes, the two cuDNN
-   targets first, each written to its own JSON as soon as it is done, until
-   ``--budget_s`` runs out; then a short sweep of the kernel's batch tile and
-   warps on the first target shape.
-Writes <out_dir>/env.json, correctness.json, bench_*.json/png, sweep.json and
-summary.md (tables and the issue's targets, met or not).  Exit status 1 if a
-correctness check failed.
+3. Kernel sweep on the first cuDNN target shape (batch tile, warps, prefetch,
+   bf16 weights); the fastest float32 configuration is used from then on.
+4. Timing: `experiments.benchmark` on the ANCHORS.md shapes, the two cuDNN
+   targets first, until ``--budget_s`` runs out.
+Every phase is guarded (an error is recorded, the next phase still runs) and
+results.json is rewritten after each step, so a run cut off by the device's
+time limit still returns what it measured.  Files (the device tool returns at
+most 8): <out_dir>/results.json, summary.md, benchmark.png.  Exit status 1 if
+a correctness check failed.
 """
 from __future__ import annotations
 
@@ -33,10 +35,10 @@ from absl import app, flags
 from experiments import benchmark  # defines --out_dir, --repeats, --impls, used here too
 
 flags.DEFINE_bool("tiny", False, "Tiny shapes (CPU rehearsal: Pallas runs in interpret mode).")
-flags.DEFINE_float("budget_s", 420.0, "Wall-clock budget for the timing phase.")
+flags.DEFINE_float("budget_s", 420.0, "Wall-clock budget for the whole run; phases past it are skipped.")
 FLAGS = flags.FLAGS
 FLAGS.set_default("out_dir", os.environ.get("OUT", "runs/gpu_check"))
-FLAGS.set_default("repeats", 20)
+FLAGS.set_default("repeats", 10)
 
 # ANCHORS.md, H100 table: (mode, shape), the cuDNN targets first.
 ANCHOR_SHAPES = [
@@ -47,6 +49,21 @@ ANCHOR_SHAPES = [
     ("forward", "16x2000x256x256"),
 ]
 TINY_SHAPES = [("train", "16x12x16x32"), ("forward", "16x12x16x32"), ("train", "32x6x8x16")]
+# (shape, variant, dtype, reverse) checked against xla and scan; masks always on.
+CHECKS = [("64x100x128x128", "reset_after", "float32", False),
+          ("64x100x128x128", "seed", "float32", True),
+          ("64x100x128x128", "reset_after", "bfloat16", False),
+          ("64x1000x128x128", "reset_after", "float32", False),
+          ("32x50x64x64", "seed", "bfloat16", False)]
+TINY_CHECKS = [("16x12x16x32", "reset_after", "float32", False),
+               ("16x12x16x32", "seed", "bfloat16", True)]
+# Kernel configurations swept: (batch tile, warps, prefetch, weight dtype).
+SWEEP = [(16, 4, True, "float32"), (16, 4, False, "float32"), (16, 8, True, "float32"),
+         (16, 8, False, "float32"), (16, 16, True, "float32"), (32, 8, True, "float32"),
+         (16, 8, True, "bfloat16"), (16, 4, True, "bfloat16")]
+GPU_IMPLS = ["gru_jax", "gru_jax/xla/reset_after", "gru_jax/pallas/reset_after",
+             "gru_jax/scan/reset_after", "gru_jax/pallas/seed", "flax", "equinox", "haiku",
+             "keras", "torch"]
 # Issue 5 targets: (mode, shape, gru_jax must be at least as fast as ...).
 TARGETS = [("train", "64x1000x128x128", "torch"), ("train", "128x500x1024x1024", "torch")]
 TOLERANCE = {"float32": 2e-3, "bfloat16": 3e-2}
@@ -74,7 +91,7 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
 
 
-def compare(shape, variant: str, dtype: str) -> dict:
+def compare(shape, variant: str, dtype: str, reverse: bool = False) -> dict:
   """Pallas vs XLA vs scan on one problem with a padding mask: forward and gradients."""
   import jax
   import jax.numpy as jnp
@@ -95,7 +112,7 @@ def compare(shape, variant: str, dtype: str) -> dict:
   def run(backend):
     def loss(p, x, h0):
       h_last, hs = gru_jax.gru(p, x, h0, mask=mask, variant=variant, backend=backend,
-                               compute_dtype=cd)
+                               compute_dtype=cd, reverse=reverse)
       return jnp.sum(hs * ct) + jnp.sum(h_last * ct_last), (h_last, hs)
     (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
         params, x, h0)
@@ -107,7 +124,8 @@ def compare(shape, variant: str, dtype: str) -> dict:
   vs_xla = {n: rel_err(a, b) for n, a, b in zip(names, flat(got), flat(xla))}
   vs_scan = {n: rel_err(a, b) for n, a, b in zip(names, flat(got), flat(scan))}
   worst = max(list(vs_xla.values()) + list(vs_scan.values()))
-  return dict(shape=list(shape), variant=variant, dtype=dtype, vs_xla=vs_xla, vs_scan=vs_scan,
+  return dict(shape=list(shape), variant=variant, dtype=dtype, reverse=reverse, vs_xla=vs_xla,
+              vs_scan=vs_scan,
               worst=worst, ok=bool(worst <= TOLERANCE[dtype]))
 
 
@@ -138,37 +156,40 @@ def kernel_applies(shape, dtype: str) -> bool:
   return ok
 
 
-def sweep(shape, out_dir: str, repeats: int) -> list:
-  """Forward+backward time of the Pallas backend for a few batch tiles and warp counts."""
+def set_kernel(tile: int, warps: int, prefetch: bool) -> None:
   from gru_jax.kernels import fused_rnn, pallas_gru
+  pallas_gru.BATCH_TILE, pallas_gru.NUM_WARPS, pallas_gru.PREFETCH = tile, warps, prefetch
+  fused_rnn._make.cache_clear()  # the kernels are built per configuration
+
+
+def sweep(shape, repeats: int, log) -> list:
+  """Forward and train times of the Pallas backend for each SWEEP configuration."""
   rows = []
-  saved = pallas_gru.BATCH_TILE, pallas_gru.NUM_WARPS
-  try:
-    for tile in (16, 32):
-      for warps in (4, 8):
-        if shape[0] % tile:
-          continue
-        pallas_gru.BATCH_TILE, pallas_gru.NUM_WARPS = tile, warps
-        fused_rnn._make.cache_clear()  # the kernels are built per config
-        steps = {m: benchmark.build("gru_jax/pallas/reset_after", shape, m, "float32")
-                 for m in ("forward", "train")}
-        times = benchmark.time_interleaved(steps, repeats, warmup=2, gap_s=0.0)
-        rows.append(dict(tile=tile, num_warps=warps, **{
-            m: benchmark.summarise(s, shape)["median_ms"] for m, s in times.items()}))
-  finally:
-    pallas_gru.BATCH_TILE, pallas_gru.NUM_WARPS = saved
-    fused_rnn._make.cache_clear()
-  with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-    json.dump(rows, f, indent=1)
+  for tile, warps, prefetch, dtype in SWEEP:
+    if shape[0] % tile:
+      continue
+    set_kernel(tile, warps, prefetch)
+    row = dict(tile=tile, num_warps=warps, prefetch=prefetch, dtype=dtype)
+    try:
+      steps = {m: benchmark.build("gru_jax/pallas/reset_after", shape, m, dtype)
+               for m in ("forward", "train")}
+      for s in steps.values():
+        s()
+      times = benchmark.time_interleaved(steps, repeats, warmup=2, gap_s=0.0)
+      row.update({m: benchmark.summarise(s, shape)["median_ms"] for m, s in times.items()})
+    except Exception as e:  # noqa: BLE001 - one configuration failing is a result
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    log("sweep", json.dumps(row))
+    rows.append(row)
   return rows
 
 
 def targets_text(bench: list) -> list[str]:
   """The issue's GPU targets from the timings that were made."""
   lines = []
-  by = {(r["mode"], "x".join(map(str, r["shape"]))): r for r in bench}
+  by = {(r["mode"], r["dtype"], "x".join(map(str, r["shape"]))): r for r in bench}
   for mode, shape, peer in TARGETS:
-    r = by.get((mode, shape))
+    r = by.get((mode, "float32", shape))
     if r is None or peer not in r["timings"]:
       lines.append(f"- {mode} {shape}: at least {peer}'s speed: not measured")
       continue
@@ -184,7 +205,7 @@ def targets_text(bench: list) -> list[str]:
              if n in r["timings"]}
     if ours is not None and peers:
       slower = [n for n, v in peers.items() if ours > v]
-      lines.append(f"- {r['mode']} {'x'.join(map(str, r['shape']))}: faster than "
+      lines.append(f"- {r['mode']} {r['dtype']} {'x'.join(map(str, r['shape']))}: faster than "
                    f"{', '.join(peers)}: {'yes' if not slower else 'no (' + ', '.join(slower) + ')'}")
   return lines
 
@@ -195,60 +216,114 @@ def main(argv):
   out_dir = FLAGS.out_dir
   os.makedirs(out_dir, exist_ok=True)
   t_start = time.time()
-  log = lambda *a: print(*a, flush=True)
+  left = lambda: FLAGS.budget_s - (time.time() - t_start)
+  log = lambda *a: print(f"[{time.time() - t_start:6.1f}s]", *a, flush=True)
+  results = dict(errors=[])
+
+  def save():
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+
+  def guarded(name, fn, *args, **kw):
+    try:
+      return fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - recorded; the next phase still runs
+      import traceback
+      traceback.print_exc()
+      results["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:2000]}")
+      log(f"{name} FAILED: {type(e).__name__}: {str(e)[:500]}")
+      return None
+    finally:
+      save()
 
   env = environment()
+  results["env"] = env
   log("environment:", json.dumps(env))
-  with open(os.path.join(out_dir, "env.json"), "w") as f:
-    json.dump(env, f, indent=1)
+  save()
 
-  shapes = TINY_SHAPES if FLAGS.tiny else ANCHOR_SHAPES
-  checks = [reference_check()]
-  log("float64 reference:", checks[0])
-  for shape_text in dict.fromkeys(s for _, s in shapes):
+  # 2. correctness
+  checks = []
+  results["correctness"] = checks
+  ref = guarded("float64 reference", reference_check)
+  if ref is not None:
+    checks.append(ref)
+    log("float64 reference:", ref)
+  for shape_text, variant, dtype, reverse in (TINY_CHECKS if FLAGS.tiny else CHECKS):
     shape = benchmark.parse_shape(shape_text)
-    for dtype in ("float32", "bfloat16"):
-      if not kernel_applies(shape, dtype):
-        log(f"correctness {shape_text} {dtype}: kernel does not apply (falls back to xla)")
-        continue
-      for variant in ("reset_after", "seed"):
-        c = compare(shape, variant, dtype)
-        checks.append(c)
-        log(f"correctness {shape_text} {variant} {dtype}: worst rel err {c['worst']:.2e} "
-            f"{'ok' if c['ok'] else 'FAILED'}")
-  with open(os.path.join(out_dir, "correctness.json"), "w") as f:
-    json.dump(checks, f, indent=1)
-  all_ok = all(c["ok"] for c in checks)
-
-  impls = FLAGS.impls
-  if FLAGS.tiny and impls == ["all"]:  # exercise the Pallas path in interpret mode too
-    impls = ["gru_jax", "gru_jax/xla/reset_after", "gru_jax/pallas/reset_after", "flax", "torch"]
-  bench, t_bench = [], time.time()
-  for mode, shape_text in shapes:
-    if time.time() - t_bench > FLAGS.budget_s:
-      log(f"budget spent: skipping {mode} {shape_text}")
+    if not kernel_applies(shape, dtype):
+      log(f"correctness {shape_text} {dtype}: kernel does not apply (falls back to xla)")
       continue
-    res = benchmark.run([shape_text], mode=mode, impls=impls, repeats=FLAGS.repeats, warmup=2,
-                        gap_ms=0.0 if env["platform"] == "gpu" else 10.0,
-                        out_dir=os.path.join(out_dir, f"bench_{mode}_{shape_text}"), log=log)
-    bench += res["results"]
-  rows = []
-  if bench and time.time() - t_bench < FLAGS.budget_s and kernel_applies(
-      benchmark.parse_shape(shapes[0][1]), "float32"):
-    rows = sweep(benchmark.parse_shape(shapes[0][1]), out_dir, max(3, FLAGS.repeats // 2))
+    c = guarded(f"correctness {shape_text} {variant} {dtype}", compare, shape, variant, dtype,
+                reverse)
+    if c is not None:
+      checks.append(c)
+      log(f"correctness {shape_text} {variant} {dtype} reverse={reverse}: worst rel err "
+          f"{c['worst']:.2e} {'ok' if c['ok'] else 'FAILED'}")
+  all_ok = bool(checks) and all(c["ok"] for c in checks) and not results["errors"]
+
+  # 3. kernel sweep; keep the fastest float32 train configuration
+  shapes = TINY_SHAPES if FLAGS.tiny else ANCHOR_SHAPES
+  first = benchmark.parse_shape(shapes[0][1])
+  if kernel_applies(first, "float32"):
+    rows = guarded("sweep", sweep, first, FLAGS.repeats, log) or []
+    results["sweep"] = rows
+    good = [r for r in rows if "train" in r and r["dtype"] == "float32"]
+    if good:
+      best = min(good, key=lambda r: r["train"])
+      set_kernel(best["tile"], best["num_warps"], best["prefetch"])
+      results["kernel_config"] = best
+      log("kernel configuration used below:", best)
+    save()
+
+  # 4. benchmark
+  impls = FLAGS.impls
+  if impls == ["all"]:
+    impls = GPU_IMPLS if env["platform"] == "gpu" else [
+        "gru_jax", "gru_jax/xla/reset_after", "gru_jax/pallas/reset_after", "flax", "torch"]
+  bench = []
+  results["bench"] = bench
+  runs = [(m, s, "float32") for m, s in shapes] + [("train", shapes[0][1], "bfloat16")]
+  for mode, shape_text, dtype in runs:
+    if left() < 20:
+      log(f"budget spent: skipping {mode} {shape_text} {dtype}")
+      results.setdefault("skipped", []).append(f"{mode} {shape_text} {dtype}")
+      continue
+    names = impls if dtype == "float32" else [n for n in impls if n != "gru_jax/pallas/seed"]
+    res = guarded(f"bench {mode} {shape_text} {dtype}", benchmark.run, [shape_text], mode=mode,
+                  dtype=dtype, impls=names, repeats=FLAGS.repeats, warmup=2,
+                  gap_ms=0.0 if env["platform"] == "gpu" else 10.0, out_dir=out_dir,
+                  plot=False, log=log)
+    if res is not None:
+      bench += res["results"]
+      results["machine"] = res["machine"]
+      save()
+  if bench:
+    guarded("plot", benchmark.make_plot, dict(machine=results["machine"], results=[
+        r for r in bench if r["dtype"] == "float32"]), os.path.join(out_dir, "benchmark.png"))
+  try:
+    os.remove(os.path.join(out_dir, "benchmark.json"))  # results.json holds it all
+  except OSError:
+    pass
 
   summary = ["# gpu_check summary", "", f"devices: {env['devices']}", "",
              "## Correctness (pallas vs xla / scan; relative error, worst output)", ""]
-  summary += [f"- {c.get('shape', 'tiny')} {c.get('variant', '')} {c.get('dtype', '')}: "
-              f"{c.get('worst', c.get('max_abs'))} {'ok' if c['ok'] else 'FAILED'}" for c in checks]
-  summary += ["", "## Timings (median ms, ratio to gru_jax)", "",
-              benchmark.format_table(dict(results=bench)) if bench else "none",
-              "", "## Targets", ""] + targets_text(bench)
-  if rows:
-    summary += ["", "## Kernel sweep (ms)", ""] + [json.dumps(r) for r in rows]
+  summary += [f"- {c.get('shape', 'tiny')} {c.get('variant', '')} {c.get('dtype', '')} "
+              f"reverse={c.get('reverse', '')}: {c.get('worst', c.get('max_abs'))} "
+              f"{'ok' if c['ok'] else 'FAILED'}" for c in checks]
+  summary += ["", "## Kernel sweep (median ms)", ""] + [json.dumps(r) for r in
+                                                        results.get("sweep", [])]
+  summary += ["", "## Timings (median ms, ratio to gru_jax)", ""]
+  for dtype in ("float32", "bfloat16"):
+    part = [r for r in bench if r["dtype"] == dtype]
+    if part:
+      summary += [f"### {dtype}", "", benchmark.format_table(dict(results=part)), ""]
+  summary += ["## Targets", ""] + targets_text(bench)
+  summary += ["", "## Errors", ""] + (results["errors"] or ["none"])
   tf = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets"))
   summary += ["", f"TensorFlow modules imported: {tf or 'none'}",
               f"total wall time {time.time() - t_start:.0f} s"]
+  results["wall_s"] = time.time() - t_start
+  save()
   with open(os.path.join(out_dir, "summary.md"), "w") as f:
     f.write("\n".join(summary) + "\n")
   log("\n".join(summary))

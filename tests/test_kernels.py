@@ -221,3 +221,23 @@ def test_kernels_lower_to_triton_for_gpu(time_axis):
       )(w_h, xp, h0)
       text = exported.mlir_module()
       assert "_forward_kernel" in text and "_backward_kernel" in text
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pallas_prefetch_on_and_off_match_reference_and_scan_grads(prefetch, variant, monkeypatch):
+  """The software-pipelined loop (inputs of step t+1 loaded during step t) and the
+  plain loop compute the same forward values and gradients, masks and reverse time included."""
+  monkeypatch.setattr(pallas_gru, "PREFETCH", prefetch)
+  p, xs, h0, mask, _, _ = problem(21)
+  for reverse in (False, True):
+    h_last, hs = gru_jax.gru(p, xs, h0, mask=mask, reverse=reverse, variant=variant,
+                             backend="pallas")
+    ref_last, ref_hs = reference.run(p, xs, np.asarray(h0), mask=np.asarray(mask),
+                                     reverse=reverse, variant=variant)
+    np.testing.assert_allclose(hs, ref_hs, atol=2e-5)
+    np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
+    ct, ct_last = cotangents(xs, h0.shape[-1], seed=3)
+    got = grads("pallas", variant, p, xs, h0, ct, ct_last, mask=mask, reverse=reverse)
+    want = grads("scan", variant, p, xs, h0, ct, ct_last, mask=mask, reverse=reverse)
+    chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)

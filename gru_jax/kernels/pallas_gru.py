@@ -33,6 +33,9 @@ Array = jax.Array
 # were 1.7x and 6x slower than 16-row ones); experiments/gpu_check.py sweeps them.
 BATCH_TILE = 16
 NUM_WARPS = 4
+# Load step t+1's inputs while step t computes, so their memory latency is off
+# the recurrence's critical path (ANCHORS.md names this as cuDNN's lead).
+PREFETCH = True
 # Shared memory an H100 program may use is 227 KB; leave room for the tiles.
 SMEM_BUDGET_BYTES = 200 * 1024
 
@@ -101,6 +104,22 @@ def _specs(cfg: Config, n: int, bt: int, hsz: int):
   )
 
 
+def _time_loop(n: int, load, step, init):
+  """fori_loop over i < n of ``step(i, carry, load(i))``, optionally software-pipelined.
+
+  With PREFETCH the loads for i+1 are issued at the top of iteration i (clamped
+  at the end) and carried, instead of being waited on inside iteration i+1.
+  """
+  if not PREFETCH:
+    return jax.lax.fori_loop(0, n, lambda i, c: step(i, c, load(i)), init)
+
+  def body(i, c):
+    carry, cur = c
+    nxt = load(jnp.minimum(i + 1, n - 1))
+    return step(i, carry, cur), nxt
+  return jax.lax.fori_loop(0, n, body, (init, load(0)))[0]
+
+
 def _add_optional(args: list, in_specs: list, sp: dict, mask, rm) -> None:
   """Appends the mask (as int32: Triton loads no bools) and the dropout multiplier when given."""
   if mask is not None:
@@ -115,7 +134,8 @@ def _call(kernel, cfg: Config, batch: int, out_shape, in_specs, out_specs, bt: i
   kw = {}
   if not cfg.interpret:
     from jax.experimental.pallas import triton as plgpu
-    kw["compiler_params"] = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+    params = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # renamed
+    kw["compiler_params"] = params(num_warps=NUM_WARPS, num_stages=1)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch // bt,), in_specs=in_specs,
                         out_specs=out_specs, interpret=cfg.interpret, **kw)
 
@@ -135,9 +155,16 @@ def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_
   bhn = bhn_ref[...]
   rm = rm_ref[...] if has_rm else None
 
-  def body(i, h):
-    t = n - 1 - i if cfg.reverse else i
-    xz, xr, xc = (xp_ref[_at(ax, t, g, slice(None))] for g in range(3))
+  time_of = lambda i: n - 1 - i if cfg.reverse else i
+
+  def load(i):
+    t = time_of(i)
+    xs = tuple(xp_ref[_at(ax, t, g, slice(None))] for g in range(3))
+    return xs + ((mask_ref[_at(ax, t)],) if has_mask else ())
+
+  def body(i, h, inputs):
+    t = time_of(i)
+    xz, xr, xc = inputs[:3]
     hin = h if rm is None else h * rm
     z = jax.nn.sigmoid(xz + bz + _dot(hin, wz))
     r = jax.nn.sigmoid(xr + br + _dot(hin, wr))
@@ -150,7 +177,7 @@ def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_
     h_cell = h + z * (c - h)
     h_new = h_cell
     if has_mask:
-      keep = (mask_ref[_at(ax, t)] != 0)[:, None]
+      keep = (inputs[3] != 0)[:, None]
       h_new = jnp.where(keep, h_cell, h)
     if save:
       parts = (h, z, r, c) + (() if seed else (hn,))
@@ -160,7 +187,7 @@ def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_
       ref[_at(ax, t)] = v.astype(ref.dtype)
     return h_new
 
-  out_refs[-1][...] = jax.lax.fori_loop(0, n, body, h0_ref[...].astype(jnp.float32))
+  out_refs[-1][...] = _time_loop(n, load, body, h0_ref[...].astype(jnp.float32))
 
 
 def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
@@ -209,15 +236,23 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
   wzt, wrt, wct = wt_ref[0], wt_ref[1], wt_ref[2]
   rm = rm_ref[...] if has_rm else None
 
-  def body(i, carry):
+  time_of = lambda i: i if cfg.reverse else n - 1 - i  # opposite to the forward loop
+  seq_refs = [prev_ref, z_ref, r_ref, c_ref, g_ref] + ([] if seed else [hn_ref]) + (
+      [mask_ref] if has_mask else [])
+
+  def load(i):
+    at = _at(ax, time_of(i))
+    return tuple(ref[at] for ref in seq_refs)
+
+  def body(i, carry, inputs):
     dh, drm = carry
-    t = i if cfg.reverse else n - 1 - i  # opposite to the forward loop
-    at = _at(ax, t)
-    hp, z, r, c = prev_ref[at], z_ref[at], r_ref[at], c_ref[at]
+    t = time_of(i)
+    hp, z, r, c, g = inputs[:5]
+    hn = None if seed else inputs[5]
     hin = hp if rm is None else hp * rm
-    d = dh + g_ref[at]
+    d = dh + g
     if has_mask:
-      keep = (mask_ref[at] != 0)[:, None]
+      keep = (inputs[-1] != 0)[:, None]
       d = jnp.where(keep, d, 0.0)
     da_c = d * z * (1 - c * c)
     da_z = d * (c - hp) * z * (1 - z)
@@ -227,7 +262,7 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
       dhin = dq * r + _dot(da_z, wzt) + _dot(da_r, wrt)
     else:
       dhn = da_c * r
-      da_r = dhn * hn_ref[at] * (1 - r)
+      da_r = dhn * hn * (1 - r)
       dhin = (_dot(da_z, wzt) + _dot(da_r, wrt)
               + _dot(dhn, wct))
     direct = d * (1 - z)
@@ -242,7 +277,7 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
 
   dh = glast_ref[...].astype(jnp.float32)
   drm0 = jnp.zeros_like(dh)
-  dh, drm = jax.lax.fori_loop(0, n, body, (dh, drm0))
+  dh, drm = _time_loop(n, load, body, (dh, drm0))
   dh0_ref[...] = dh
   if has_rm:
     drm_ref[...] = drm
