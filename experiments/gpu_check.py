@@ -35,6 +35,10 @@ from absl import app, flags
 from experiments import benchmark  # defines --out_dir, --repeats, --impls, used here too
 
 flags.DEFINE_bool("tiny", False, "Tiny shapes (CPU rehearsal: Pallas runs in interpret mode).")
+flags.DEFINE_list("runs", [], "mode:BxTxDxH:dtype entries to time instead of the ANCHORS.md "
+                  "list (then a bf16 train run of the first shape).")
+flags.DEFINE_integer("max_checks", 99, "Correctness checks to run (after the float64 one).")
+flags.DEFINE_enum("sweep", "default", ["default", "stages", "none"], "Kernel sweep to run.")
 flags.DEFINE_float("budget_s", 420.0, "Wall-clock budget for the whole run; phases past it are skipped.")
 FLAGS = flags.FLAGS
 FLAGS.set_default("out_dir", os.environ.get("OUT", "runs/gpu_check"))
@@ -57,10 +61,14 @@ CHECKS = [("64x100x128x128", "reset_after", "float32", False),
           ("32x50x64x64", "seed", "bfloat16", False)]
 TINY_CHECKS = [("16x12x16x32", "reset_after", "float32", False),
                ("16x12x16x32", "seed", "bfloat16", True)]
-# Kernel configurations swept: (batch tile, warps, prefetch, weight dtype).
-SWEEP = [(16, 4, True, "float32"), (16, 4, False, "float32"), (16, 8, True, "float32"),
-         (16, 8, False, "float32"), (16, 16, True, "float32"), (32, 8, True, "float32"),
-         (16, 8, True, "bfloat16"), (16, 4, True, "bfloat16")]
+# Kernel configurations swept: (batch tile, warps, prefetch, Triton stages, weight dtype).
+SWEEP = [(16, 4, True, 1, "float32"), (16, 4, False, 1, "float32"), (16, 8, True, 1, "float32"),
+         (16, 8, False, 1, "float32"), (16, 16, True, 1, "float32"), (32, 8, True, 1, "float32"),
+         (16, 8, True, 1, "bfloat16"), (16, 4, True, 1, "bfloat16")]
+# A shorter second sweep: Triton's own pipelining against the hand-written prefetch.
+SWEEP_STAGES = [(16, 8, True, 1, "float32"), (16, 8, False, 2, "float32"),
+                (16, 8, False, 3, "float32"), (16, 8, True, 2, "float32"),
+                (16, 8, True, 1, "bfloat16")]
 GPU_IMPLS = ["gru_jax", "gru_jax/xla/reset_after", "gru_jax/pallas/reset_after",
              "gru_jax/scan/reset_after", "gru_jax/pallas/seed", "flax", "equinox", "haiku",
              "keras", "torch"]
@@ -156,20 +164,21 @@ def kernel_applies(shape, dtype: str) -> bool:
   return ok
 
 
-def set_kernel(tile: int, warps: int, prefetch: bool) -> None:
+def set_kernel(tile: int, warps: int, prefetch: bool, stages: int = 1) -> None:
   from gru_jax.kernels import fused_rnn, pallas_gru
   pallas_gru.BATCH_TILE, pallas_gru.NUM_WARPS, pallas_gru.PREFETCH = tile, warps, prefetch
+  pallas_gru.NUM_STAGES = stages
   fused_rnn._make.cache_clear()  # the kernels are built per configuration
 
 
-def sweep(shape, repeats: int, log) -> list:
-  """Forward and train times of the Pallas backend for each SWEEP configuration."""
+def sweep(shape, configs, repeats: int, log) -> list:
+  """Forward and train times of the Pallas backend for each configuration."""
   rows = []
-  for tile, warps, prefetch, dtype in SWEEP:
+  for tile, warps, prefetch, stages, dtype in configs:
     if shape[0] % tile:
       continue
-    set_kernel(tile, warps, prefetch)
-    row = dict(tile=tile, num_warps=warps, prefetch=prefetch, dtype=dtype)
+    set_kernel(tile, warps, prefetch, stages)
+    row = dict(tile=tile, num_warps=warps, prefetch=prefetch, num_stages=stages, dtype=dtype)
     try:
       steps = {m: benchmark.build("gru_jax/pallas/reset_after", shape, m, dtype)
                for m in ("forward", "train")}
@@ -248,7 +257,8 @@ def main(argv):
   if ref is not None:
     checks.append(ref)
     log("float64 reference:", ref)
-  for shape_text, variant, dtype, reverse in (TINY_CHECKS if FLAGS.tiny else CHECKS):
+  for shape_text, variant, dtype, reverse in (TINY_CHECKS if FLAGS.tiny else CHECKS)[
+      :FLAGS.max_checks]:
     shape = benchmark.parse_shape(shape_text)
     if not kernel_applies(shape, dtype):
       log(f"correctness {shape_text} {dtype}: kernel does not apply (falls back to xla)")
@@ -263,14 +273,18 @@ def main(argv):
 
   # 3. kernel sweep; keep the fastest float32 train configuration
   shapes = TINY_SHAPES if FLAGS.tiny else ANCHOR_SHAPES
+  runs = [(m, s, "float32") for m, s in shapes] + [("train", shapes[0][1], "bfloat16")]
+  if FLAGS.runs:
+    runs = [tuple(r.split(":")) for r in FLAGS.runs]
   first = benchmark.parse_shape(shapes[0][1])
-  if kernel_applies(first, "float32"):
-    rows = guarded("sweep", sweep, first, FLAGS.repeats, log) or []
+  if FLAGS.sweep != "none" and kernel_applies(first, "float32"):
+    configs = SWEEP if FLAGS.sweep == "default" else SWEEP_STAGES
+    rows = guarded("sweep", sweep, first, configs, FLAGS.repeats, log) or []
     results["sweep"] = rows
     good = [r for r in rows if "train" in r and r["dtype"] == "float32"]
     if good:
       best = min(good, key=lambda r: r["train"])
-      set_kernel(best["tile"], best["num_warps"], best["prefetch"])
+      set_kernel(best["tile"], best["num_warps"], best["prefetch"], best["num_stages"])
       results["kernel_config"] = best
       log("kernel configuration used below:", best)
     save()
@@ -282,7 +296,6 @@ def main(argv):
         "gru_jax", "gru_jax/xla/reset_after", "gru_jax/pallas/reset_after", "flax", "torch"]
   bench = []
   results["bench"] = bench
-  runs = [(m, s, "float32") for m, s in shapes] + [("train", shapes[0][1], "bfloat16")]
   for mode, shape_text, dtype in runs:
     if left() < 20:
       log(f"budget spent: skipping {mode} {shape_text} {dtype}")

@@ -241,3 +241,32 @@ def test_pallas_prefetch_on_and_off_match_reference_and_scan_grads(prefetch, var
     got = grads("pallas", variant, p, xs, h0, ct, ct_last, mask=mask, reverse=reverse)
     want = grads("scan", variant, p, xs, h0, ct, ct_last, mask=mask, reverse=reverse)
     chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("time_axis", [0, 1])
+def test_xla_scan_primal_matches_loop_primal_and_reference(variant, time_axis):
+  """The undifferentiated "xla" forward run as a time-major lax.scan (the GPU
+  default) equals the fori_loop forward (masks, reverse time, recurrent
+  dropout) and, without dropout, the float64 reference."""
+  from gru_jax import cell as cell_lib
+  from gru_jax.kernels import fused_rnn
+  p, xs, h0, mask, _, m_rec = problem(31)
+  xp = cell_lib.matmul(xs, p.w_x, xs.dtype)
+  args = (p.w_h, cell_lib.folded_bias(p, variant), p.b_h[2 * p.hidden_size:])
+  xp_in, mask_in = (jnp.swapaxes(xp, 0, 1), mask.T) if time_axis == 0 else (xp, mask)
+  for reverse in (False, True):
+    for rm in (None, m_rec):
+      outs = {primal: fused_rnn.recurrence(*args, xp_in, h0, mask_in, rm, variant=variant,
+                                           reverse=reverse, time_axis=time_axis, primal=primal)
+              for primal in ("loop", "scan")}
+      chex.assert_trees_all_close(outs["scan"], outs["loop"], atol=1e-6, rtol=1e-6)
+    ref_last, ref_hs = reference.run(p, xs, np.asarray(h0), mask=np.asarray(mask),
+                                     reverse=reverse, variant=variant)
+    h_last, hs = fused_rnn.recurrence(*args, xp_in, h0, mask_in, variant=variant,
+                                      reverse=reverse, time_axis=time_axis, primal="scan")
+    np.testing.assert_allclose(hs if time_axis == 1 else jnp.swapaxes(hs, 0, 1), ref_hs,
+                               atol=2e-5)
+    np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
+  with pytest.raises(ValueError, match="primal must be"):
+    fused_rnn.recurrence(*args, xp, h0, primal="while")

@@ -36,6 +36,8 @@ NUM_WARPS = 4
 # Load step t+1's inputs while step t computes, so their memory latency is off
 # the recurrence's critical path (ANCHORS.md names this as cuDNN's lead).
 PREFETCH = True
+# Triton's own software pipelining of the loop's loads (1 = off).
+NUM_STAGES = 1
 # Shared memory an H100 program may use is 227 KB; leave room for the tiles.
 SMEM_BUDGET_BYTES = 200 * 1024
 
@@ -135,7 +137,7 @@ def _call(kernel, cfg: Config, batch: int, out_shape, in_specs, out_specs, bt: i
   if not cfg.interpret:
     from jax.experimental.pallas import triton as plgpu
     params = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # renamed
-    kw["compiler_params"] = params(num_warps=NUM_WARPS, num_stages=1)
+    kw["compiler_params"] = params(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch // bt,), in_specs=in_specs,
                         out_specs=out_specs, interpret=cfg.interpret, **kw)
 
