@@ -174,6 +174,7 @@ def build(impl: str, shape, mode: str, dtype_name: str):
     tdt = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
     gru = torch.nn.GRU(d, h, batch_first=True).to(dev, tdt)
+    gru.flatten_parameters()  # after a dtype cast cuDNN otherwise re-packs the weights every call
     xt = torch.randn(b, t, d, device=dev, dtype=tdt, requires_grad=mode == "train")
     ctt = torch.randn(b, t, h, device=dev, dtype=tdt)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)

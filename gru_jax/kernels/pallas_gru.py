@@ -29,14 +29,17 @@ from gru_jax.kernels.fused_rnn import Config, Residuals, outputs_from_prev
 
 Array = jax.Array
 
-# Tuned on an H100 for the forward kernel (ANCHORS.md: 32- and 64-row tiles
-# were 1.7x and 6x slower than 16-row ones); experiments/gpu_check.py sweeps them.
+# Measured on an H200 (experiments/gpu_check.py sweep, train 64x1000x128x128,
+# f32, ms): tile 16 / 8 warps / prefetch 7.62, 4 warps 8.02, 16 warps 8.58,
+# tile 32 15.1; without prefetch 10.9 (8 warps) and 11.2 (4 warps).
 BATCH_TILE = 16
-NUM_WARPS = 4
+NUM_WARPS = 8
 # Load step t+1's inputs while step t computes, so their memory latency is off
-# the recurrence's critical path (ANCHORS.md names this as cuDNN's lead).
+# the recurrence's critical path (the sweep above: 1.4x on the train step).
 PREFETCH = True
-# Triton's own software pipelining of the loop's loads (1 = off).
+# Triton's own software pipelining of the loop's loads (1 = off).  Without the
+# prefetch, 2 or 3 stages overflow shared memory (254/303 KB > 227 KB); with
+# it, 2 stages measured 7.86 ms against 7.97 for 1 (same run): noise.
 NUM_STAGES = 1
 # Shared memory an H100 program may use is 227 KB; leave room for the tiles.
 SMEM_BUDGET_BYTES = 200 * 1024
