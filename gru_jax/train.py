@@ -100,11 +100,26 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array,
                     batch_stats=variables.get("batch_stats", {}))
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-  """sklearn's "balanced" weights n / (C · count_c) from training labels; unseen classes get 0."""
-  counts = np.bincount(labels.reshape(-1), minlength=num_classes).astype(np.float64)
-  w = np.where(counts > 0, labels.size / (num_classes * np.maximum(counts, 1)), 0.0)
+def class_weights(labels: np.ndarray, num_classes: int, counts: np.ndarray | None = None
+                  ) -> np.ndarray:
+  """sklearn's "balanced" weights n / (C · count_c) from training labels; unseen classes get 0.
+
+  ``counts`` [C], if given, replaces the labels' own class counts (the sum
+  over all processes when each holds only its shard of the split).
+  """
+  if counts is None:
+    counts = np.bincount(labels.reshape(-1), minlength=num_classes)
+  counts = np.asarray(counts, np.float64)
+  w = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
   return w.astype(np.float32)
+
+
+def _across_processes(x: np.ndarray, reduce: Callable) -> np.ndarray:
+  """``reduce`` over processes of each process's ``x`` (a no-op with one process)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return reduce(np.asarray(multihost_utils.process_allgather(np.asarray(x))), axis=0)
 
 
 # ----------------------------------------------------------------------------- losses and steps
@@ -308,19 +323,17 @@ def batch_stats_step(state: TrainState, batch: dict, *, model: nn.Module):
   return upd["batch_stats"]
 
 
-def recalibrate_batch_stats(runtime: Runtime, stats_fn: Callable, state, arrays: dict,
-                            batch_size: int, seed: int, num_batches: int):
+def recalibrate_batch_stats(runtime: Runtime, stats_fn: Callable, state, batches,
+                            num_batches: int):
   """Re-estimates batch-norm running statistics on training data (dropout off).
 
   Keras-style running averages (momentum 0.99) lag far behind the weights in
   a short run; averaging exact per-batch statistics (`batch_stats_step`) over
-  ``num_batches`` training batches gives the statistics the evaluated network
-  really sees.
+  ``num_batches`` training batches (from the iterable ``batches``, this
+  process's part of each) gives the statistics the evaluated network really sees.
   """
   acc, n = None, 0
-  for batch in data_lib.batches(arrays, batch_size, seed=seed + 7919, epoch=0, shuffle=True,
-                                drop_remainder=True, process_index=jax.process_index(),
-                                process_count=jax.process_count()):
+  for batch in batches:
     if n >= num_batches:
       break
     s = stats_fn(state, runtime.put_batch(batch))
@@ -470,6 +483,70 @@ def _fmt_time(s: float) -> str:
 
 # ----------------------------------------------------------------------------- the job
 
+class _TrainData:
+  """The training split as this process reads it: whole (``config.data_shards=0``:
+  every process loads it and keeps its slice of each global batch) or in S
+  shards, of which process p of P reads only shards [p·S/P, (p+1)·S/P).
+  Either way the global batches depend on the seed and S alone, not on P."""
+
+  def __init__(self, config, ds_opts: dict):
+    self.config, b = config, config.batch_size
+    name, pi, pc = config.dataset.name, jax.process_index(), jax.process_count()
+    self.num_shards = s = config.data_shards or 0
+    if s:
+      if s < 0 or s % pc:
+        raise ValueError(f"config.data_shards={s} must be a positive multiple of the number "
+                         f"of processes ({pc}), or 0 to read the whole split in every process")
+      if b % s:
+        raise ValueError(f"config.batch_size={b} must be divisible by config.data_shards={s}")
+      if config.bucket_by_length or config.trim_to_multiple:
+        raise ValueError("config.bucket_by_length and config.trim_to_multiple need "
+                         "config.data_shards=0 (they order the whole split)")
+      mine = range(pi * s // pc, (pi + 1) * s // pc)
+      self.shards = {}
+      for i in mine:
+        self.shards[i], self.info = data_lib.load(name, "train", shard=(i, s), **ds_opts)
+      local = min(len(a["inputs"]) // (b // s) for a in self.shards.values())
+      self.steps_per_epoch = int(_across_processes(np.int64(local), np.min))
+      held = sum(len(a["inputs"]) for a in self.shards.values())
+      logging.info("process %d of %d reads training shards %d-%d of %d (%d examples%s)", pi, pc,
+                   mine[0], mine[-1], s, held,
+                   "" if data_lib.reads_shards(name) else "; this loader builds the whole split")
+    else:
+      self.arrays, self.info = data_lib.load(name, "train", **ds_opts)
+      self.steps_per_epoch = data_lib.num_batches(len(self.arrays["inputs"]), b, True)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"config.batch_size={b} exceeds the training examples "
+                       f"({self.info.num_examples.get('train')}"
+                       f"{f', in shards of {b // s} rows per batch' if s else ''})")
+
+  def class_counts(self, num_classes: int) -> np.ndarray:
+    """Training labels per class, over the whole split."""
+    parts = self.shards.values() if self.num_shards else [self.arrays]
+    counts = sum(np.bincount(a["labels"].reshape(-1), minlength=num_classes) for a in parts)
+    return _across_processes(counts, np.sum) if self.num_shards else counts
+
+  def first_batch(self) -> dict:
+    """Some training rows, for shapes at init (the same rows in every process)."""
+    arrays = self.shards[min(self.shards)] if self.num_shards else self.arrays
+    per = self.config.batch_size // max(self.num_shards, 1)
+    return next(data_lib.batches(arrays, per, seed=0, epoch=0, shuffle=False,
+                                 drop_remainder=True))
+
+  def batches(self, epoch: int, start: int, seed: int, plain: bool = False):
+    """This process's part of global batches start.. of ``epoch``; ``plain``: no bucketing."""
+    c = self.config
+    if self.num_shards:
+      return data_lib.sharded_batches(self.shards, c.batch_size, num_shards=self.num_shards,
+                                      seed=seed, epoch=epoch, shuffle=True,
+                                      num_batches=self.steps_per_epoch, start_batch=start)
+    return data_lib.batches(self.arrays, c.batch_size, seed=seed, epoch=epoch, shuffle=True,
+                            drop_remainder=True, process_index=jax.process_index(),
+                            process_count=jax.process_count(), start_batch=start,
+                            bucket_by_length=c.bucket_by_length and not plain,
+                            trim_to_multiple=(c.trim_to_multiple or None) if not plain else None)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and evaluates.
 
@@ -483,13 +560,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ds_opts = {k: v for k, v in config.dataset.to_dict().items() if k not in ("name",)}
   splits = {}
   info = None
-  for split in ("train",) + tuple(config.eval_splits):
+  for split in tuple(config.eval_splits):
     splits[split], info = data_lib.load(config.dataset.name, split, **ds_opts)
-  n_train = len(splits["train"]["inputs"])
-  steps_per_epoch = data_lib.num_batches(n_train, config.batch_size, True)
-  if steps_per_epoch == 0:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {n_train} training "
-                     "examples")
+  train = _TrainData(config, ds_opts)
+  info = info or train.info
+  steps_per_epoch = train.steps_per_epoch
   total_steps = config.num_train_steps or steps_per_epoch * config.num_epochs
   eval_every = config.eval_every_steps or steps_per_epoch
   ckpt_every = config.checkpoint_every_steps or eval_every
@@ -500,16 +575,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.class_weights == "balanced":
     if info.task not in ("classification", "tagging"):
       raise ValueError("config.class_weights='balanced' needs a classification or tagging task")
-    cw = jnp.asarray(class_weights(splits["train"]["labels"], info.num_classes))
+    cw = jnp.asarray(class_weights(None, info.num_classes, train.class_counts(info.num_classes)))
   elif config.class_weights:
     raise ValueError(f"config.class_weights must be None or 'balanced', got "
                      f"{config.class_weights!r}")
 
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
-  first = next(data_lib.batches(splits["train"], config.batch_size, seed=config.seed, epoch=0,
-                                shuffle=False, drop_remainder=True))
-  state = init_state(model, tx, init_rng, first)
+  state = init_state(model, tx, init_rng, train.first_batch())
 
   _check_workdir_config(workdir, config)
   mngr = _checkpoint_manager(workdir)
@@ -529,8 +602,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def run_eval(step, dstate):
     if config.bn_recalibrate_batches and model.batch_norm:
-      dstate = recalibrate_batch_stats(runtime, p_stats, dstate, splits["train"],
-                                       config.batch_size, config.seed, config.bn_recalibrate_batches)
+      dstate = recalibrate_batch_stats(runtime, p_stats, dstate,
+                                       train.batches(0, 0, config.seed + 7919, plain=True),
+                                       config.bn_recalibrate_batches)
     results = {}
     for split in config.eval_splits:
       sums = evaluate(runtime, p_eval, dstate, splits[split], eval_bs, config.seed)
@@ -547,12 +621,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with _Preemption() as preempt:
     while step < total_steps:
       epoch, offset = divmod(step, steps_per_epoch)
-      for batch in data_lib.batches(splits["train"], config.batch_size, seed=config.seed,
-                                    epoch=epoch, shuffle=True, drop_remainder=True,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count(), start_batch=offset,
-                                    bucket_by_length=config.bucket_by_length,
-                                    trim_to_multiple=config.trim_to_multiple or None):
+      for batch in train.batches(epoch, offset, config.seed):
         dstate, m = p_train(dstate, runtime.put_batch(batch), train_rng)
         step += 1
         log_now = step % config.log_every_steps == 0 or step == total_steps

@@ -396,3 +396,126 @@ def test_tiny_shakespeare_next_character_targets(mock_tfds):
   decoded = "".join(vocab[arrays["inputs"].reshape(-1)])
   assert decoded == text[:n * 8]
   assert "".join(vocab[arrays["labels"].reshape(-1)]) == text[1:n * 8 + 1]
+
+
+# ---------------------------------------------------------------- reading in shards
+
+def test_shard_bounds_partition_every_size():
+  for n in (0, 1, 7, 1258):
+    for count in (1, 2, 3, 8):
+      bounds = [data.shard_bounds(n, i, count) for i in range(count)]
+      assert bounds[0][0] == 0 and bounds[-1][1] == n
+      assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+      assert max(h - l for l, h in bounds) - min(h - l for l, h in bounds) <= 1
+  with pytest.raises(ValueError, match=r"shard index must be in \[0, 2\)"):
+    data.shard_bounds(10, 2, 2)
+
+
+def test_digits_shards_read_only_their_rows_and_partition_the_split(data_dir):
+  full, info = data.load("sequential_digits", "train", data_dir=data_dir)
+  assert data.reads_shards("sequential_digits")
+  parts = [data.load("sequential_digits", "train", shard=(i, 3), data_dir=data_dir)
+           for i in range(3)]
+  ids = [p[1].extras["sklearn_index"] for p in parts]
+  assert [len(i) for i in ids] == [h - l for l, h in (data.shard_bounds(1258, i, 3)
+                                                      for i in range(3))]
+  allid = np.concatenate(ids)
+  assert len(set(allid)) == len(allid) == 1258  # disjoint
+  assert set(allid) == set(info.extras["sklearn_index"])  # and together the whole split
+  # Each shard's rows are the full split's rows with those sklearn indices.
+  where = {k: j for j, k in enumerate(info.extras["sklearn_index"])}
+  for (arrays, pinfo) in parts:
+    rows = [where[k] for k in pinfo.extras["sklearn_index"]]
+    np.testing.assert_array_equal(arrays["inputs"], full["inputs"][rows])
+    np.testing.assert_array_equal(arrays["labels"], full["labels"][rows])
+    assert pinfo.num_examples == info.num_examples  # sizes stay those of the whole splits
+  assert parts[1][1].extras["shard"] == [1, 3]
+  with pytest.raises(ValueError, match="shard must be"):
+    data.load("sequential_digits", "train", shard=2, data_dir=data_dir)
+
+
+def test_generated_data_shards_are_slices_of_the_split():
+  assert not data.reads_shards("adding")
+  full, _ = data.load("adding", "test", seq_len=20)
+  parts = [data.load("adding", "test", shard=(i, 4), seq_len=20)[0] for i in range(4)]
+  for k in full:
+    np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k])
+
+
+def test_mnist_shards_read_tfds_slices_and_partition_train_and_test(mock_tfds, monkeypatch):
+  """Each shard asks TFDS only for its row range; our train/validation holdout is
+  applied within it.  Mocked TFDS draws fresh examples for every slice string,
+  so the reader here slices one mocked read of the whole split instead."""
+  from gru_jax.data import public, tfds_io
+  real = tfds_io.read_split
+  whole = {}
+  asked = []
+
+  def sliced_reader(builder, split, shard=None):
+    base, _, rest = split.partition("[")
+    if base not in whole:
+      whole[base] = real(builder, base)
+    lo, hi = (tfds_io.shard_rows(builder, base, shard) if shard else
+              tuple(int(v) for v in rest.rstrip("]").split(":")) if rest else (0, None))
+    asked.append((base, lo, hi))
+    return {k: v[lo:hi] for k, v in whole[base].items()}
+
+  monkeypatch.setattr(public.tfds_io, "read_split", sliced_reader)
+  monkeypatch.setattr(public, "_read", lambda name, split, data_dir: sliced_reader(
+      public._builder(name, data_dir), split))
+  for split in ("train", "validation", "test"):
+    full, _ = data.load("mnist", split, data_dir=mock_tfds)
+    asked.clear()
+    parts = [data.load("mnist", split, shard=(i, 3), data_dir=mock_tfds)[0] for i in range(3)]
+    # 24 mocked rows per split; whole reads happen only to count rows (mocked splits
+    # have no recorded size) and to find the holdout.
+    assert [a[1:] for a in asked if a[2] is not None] == [(0, 8), (8, 16), (16, 24)]
+    for k in full:
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k])
+
+
+def _shards(n=40, s=4, t=3):
+  arrays = {"inputs": np.arange(n * t, dtype=np.float32).reshape(n, t, 1),
+            "labels": np.arange(n) % 5}
+  return {i: {k: v[slice(*data.shard_bounds(n, i, s))] for k, v in arrays.items()}
+          for i in range(s)}
+
+
+def test_sharded_batches_do_not_depend_on_how_processes_split_the_shards():
+  shards = _shards()
+  kw = dict(num_shards=4, seed=3, epoch=2, shuffle=True, num_batches=2)
+  one = list(data.sharded_batches(shards, 8, **kw))
+  halves = [list(data.sharded_batches({i: shards[i] for i in ids}, 8, **kw))
+            for ids in ((0, 1), (2, 3))]
+  quarters = [list(data.sharded_batches({i: shards[i]}, 8, **kw)) for i in range(4)]
+  assert len(one) == 2
+  for k, batch in enumerate(one):
+    for split in (halves, quarters):
+      for key in batch:
+        np.testing.assert_array_equal(np.concatenate([p[k][key] for p in split]), batch[key])
+    np.testing.assert_array_equal(batch["example_id"], k * 8 + np.arange(8))
+    assert batch["weight"].tolist() == [1.0] * 8
+    # Rows 2s, 2s+1 come from shard s, in that shard's own shuffled order.
+    for s in range(4):
+      assert set(batch["labels"][2 * s:2 * s + 2]) <= set(shards[s]["labels"])
+  # Each shard's epoch order is its own draw from (seed, epoch, shard).
+  firsts = [one[0]["inputs"][2 * s, 0, 0] - shards[s]["inputs"][0, 0, 0] for s in range(4)]
+  assert len(set(firsts)) > 1
+  # Resume mid-epoch and a different epoch.
+  np.testing.assert_array_equal(
+      next(data.sharded_batches(shards, 8, **dict(kw, start_batch=1)))["inputs"], one[1]["inputs"])
+  other = next(data.sharded_batches(shards, 8, **dict(kw, epoch=3)))
+  assert not np.array_equal(other["inputs"], one[0]["inputs"])
+
+
+def test_sharded_batches_reject_bad_arguments():
+  shards = _shards()
+  kw = dict(num_shards=4, seed=0, epoch=0, shuffle=True)
+  with pytest.raises(ValueError, match="divisible by num_shards"):
+    data.sharded_batches(shards, 6, num_batches=1, **kw)
+  with pytest.raises(ValueError, match="contiguous"):
+    data.sharded_batches({0: shards[0], 2: shards[2]}, 8, num_batches=1, **kw)
+  with pytest.raises(ValueError, match="exceeds shard 0's 5 batches"):
+    data.sharded_batches(shards, 8, num_batches=6, **kw)
+  with pytest.raises(ValueError, match="start_batch"):
+    data.sharded_batches(shards, 8, num_batches=2, start_batch=3, **kw)

@@ -134,3 +134,28 @@ def test_bf16_compute_keeps_float32_params_and_tracks_float32():
   agree = np.mean(np.concatenate([np.sign(a).ravel() == np.sign(b).ravel()
                                   for a, b in zip(d16, d32)]))
   assert agree > 0.9
+
+
+def test_sharded_training_data_counts_and_errors(tmp_path, monkeypatch):
+  """config.data_shards: steps per epoch from the smallest shard, class counts over
+  the whole split, and clear errors for shard counts the run cannot use."""
+  from experiments.configs import digits
+  from gru_jax import data
+  monkeypatch.setenv("GRU_JAX_DATA_DIR", str(tmp_path))
+  cfg = digits.get_config()
+  opts = {k: v for k, v in cfg.dataset.to_dict().items() if k != "name"}
+  full, info = data.load("sequential_digits", "train", **opts)
+  cfg.batch_size, cfg.data_shards = 32, 2
+  td = train._TrainData(cfg, opts)
+  assert td.steps_per_epoch == 629 // 16 and sorted(td.shards) == [0, 1]
+  np.testing.assert_array_equal(td.class_counts(10), np.bincount(full["labels"], minlength=10))
+  batch = next(td.batches(0, 0, cfg.seed))
+  assert batch["inputs"].shape == (32, 8, 8)
+  np.testing.assert_array_equal(batch["example_id"], np.arange(32))
+  for shards, batch_size, bucket, msg in [(3, 32, False, "divisible by config.data_shards=3"),
+                                          (-2, 32, False, "positive multiple"),
+                                          (2, 32, True, "bucket_by_length"),
+                                          (2, 2000, False, "exceeds the training examples")]:
+    cfg.data_shards, cfg.batch_size, cfg.bucket_by_length = shards, batch_size, bucket
+    with pytest.raises(ValueError, match=msg):
+      train._TrainData(cfg, opts)

@@ -17,6 +17,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.class_weights = ""             # "" or "balanced"
   c.bn_recalibrate_batches = 20    # re-estimate batch-norm statistics before eval; 0 = off
   c.parallel = "jit"               # "jit" (sharded over a device mesh) or "pmap"
+  c.data_shards = 0                # 0: each process loads the whole training split and keeps
+  #                                  its slice of every batch; S: the split is read in S shards,
+  #                                  each process reading only its S/num_processes of them
   c.remat = 0                      # > 0: recompute the scan in chunks of this many steps
   c.compute_dtype = "float32"      # or "bfloat16" (state and parameters stay float32)
   c.bucket_by_length = False       # group similar lengths into training batches

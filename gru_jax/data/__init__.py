@@ -32,7 +32,8 @@ import inspect
 import numpy as np
 
 from gru_jax.data.base import SPLITS, DatasetInfo, cache, clear_caches, resolve_data_dir
-from gru_jax.data.pipeline import batches, epoch_order, num_batches
+from gru_jax.data.pipeline import (batches, epoch_order, num_batches, shard_bounds,
+                                   sharded_batches)
 
 # name -> (module, loader); loader(split, **options) -> (arrays, DatasetInfo).
 _LOADERS = {
@@ -46,7 +47,8 @@ _LOADERS = {
 }
 NAMES = tuple(_LOADERS)
 
-__all__ = ["DatasetInfo", "load", "batches", "num_batches", "epoch_order", "options",
+__all__ = ["DatasetInfo", "load", "batches", "sharded_batches", "shard_bounds", "reads_shards",
+           "num_batches", "epoch_order", "options",
            "sunspots_baselines", "clear_caches", "NAMES", "SPLITS"]
 
 
@@ -60,11 +62,23 @@ def _loader(name: str):
 def options(name: str) -> dict:
   """The options `load(name, ...)` accepts, with their defaults."""
   params = inspect.signature(_loader(name)).parameters
-  return {k: p.default for k, p in params.items() if k != "split"}
+  return {k: p.default for k, p in params.items() if k not in ("split", "shard")}
 
 
-def load(name: str, split: str, **opts) -> tuple[dict[str, np.ndarray], DatasetInfo]:
-  """Loads one split as NumPy arrays.
+def reads_shards(name: str) -> bool:
+  """Whether ``load(name, split, shard=...)`` reads only the shard's TFDS rows
+  (else it builds the whole split and keeps the shard's rows)."""
+  return "shard" in inspect.signature(_loader(name)).parameters
+
+
+def load(name: str, split: str, *, shard: tuple[int, int] | None = None,
+         **opts) -> tuple[dict[str, np.ndarray], DatasetInfo]:
+  """Loads one split, or one shard of it, as NumPy arrays.
+
+  ``shard=(i, S)`` returns rows `shard_bounds(N, i, S)` of the split, so the S
+  shards partition it.  Loaders backed by TFDS files (see `reads_shards`)
+  read only those rows; the others (generated data, or a vocabulary built from
+  the whole split) build the split and slice it.
 
   Returns:
     arrays: "inputs" [N,T,D] float32 or [N,T] int32; "labels" [N] int32
@@ -92,14 +106,28 @@ def load(name: str, split: str, **opts) -> tuple[dict[str, np.ndarray], DatasetI
     hash(key)
   except TypeError:
     raise ValueError(f"options must be plain values (str, int, bool), got {opts}") from None
-  arrays, info = _load_cached(name, split, key)
+  if shard is not None:
+    if (not isinstance(shard, (tuple, list)) or len(shard) != 2
+        or not all(isinstance(v, (int, np.integer)) for v in shard)):
+      raise ValueError(f"shard must be (index, count), got {shard!r}")
+    shard = (int(shard[0]), int(shard[1]))
+    shard_bounds(1, *shard)  # validates index and count
+  arrays, info = _load_cached(name, split, key, shard)
+  extras = _copy.deepcopy(info.extras)
+  if shard is not None:
+    extras["shard"] = list(shard)
   return dict(arrays), dataclasses.replace(info, num_examples=dict(info.num_examples),
-                                           extras=_copy.deepcopy(info.extras))
+                                           extras=extras)
 
 
 @cache(maxsize=8)
-def _load_cached(name: str, split: str, key: tuple):
-  arrays, info = _loader(name)(split, **dict(key))
+def _load_cached(name: str, split: str, key: tuple, shard: tuple[int, int] | None = None):
+  if shard is not None and not reads_shards(name):
+    arrays, info = _load_cached(name, split, key)
+    lo, hi = shard_bounds(len(next(iter(arrays.values()))), *shard)
+    return {k: v[lo:hi] for k, v in arrays.items()}, info
+  kw = dict(key) if shard is None else dict(key, shard=shard)
+  arrays, info = _loader(name)(split, **kw)
   for v in arrays.values():
     v.setflags(write=False)
   return arrays, info

@@ -122,11 +122,15 @@ def _builder(cls, data_dir: str):
   return tfds_io.prepare(cls(data_dir=data_dir), local=True)
 
 
-def load_sequential_digits(split: str, *, pixels: str = "rows", data_dir: str | None = None):
-  """Digits as sequences: `pixels="rows"` -> inputs [N,8,8], `"pixels"` -> [N,64,1]; labels [N]."""
+def load_sequential_digits(split: str, *, pixels: str = "rows", data_dir: str | None = None,
+                           shard: tuple[int, int] | None = None):
+  """Digits as sequences: `pixels="rows"` -> inputs [N,8,8], `"pixels"` -> [N,64,1]; labels [N].
+
+  ``shard=(i, S)`` reads only TFDS rows `shard_bounds(N, i, S)` of the split.
+  """
   check_choice("pixels", pixels, ("rows", "pixels"))
   builder = _builder(SequentialDigits, resolve_data_dir(data_dir))
-  ex = tfds_io.read_split(builder, split)
+  ex = tfds_io.read_split(builder, split, shard)
   order = np.argsort(ex["index"])  # TFDS stores examples shuffled; restore sklearn row order
   images = ex["image"][order].astype(np.float32) / DIGITS_SCALE
   n = len(order)

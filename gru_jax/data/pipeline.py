@@ -44,19 +44,32 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> int:
   return sizes.pop()
 
 
+def shard_bounds(num_examples: int, index: int, count: int) -> tuple[int, int]:
+  """Rows [lo, hi) of shard ``index`` of ``count`` near-equal contiguous shards of N rows."""
+  n = check_int("num_examples", num_examples, 0)
+  c = check_int("shard count", count, 1)
+  i = check_int("shard index", index, 0)
+  if i >= c:
+    raise ValueError(f"shard index must be in [0, {c}), got {i}")
+  return i * n // c, (i + 1) * n // c
+
+
 def epoch_order(num_examples: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool,
-                lengths: np.ndarray | None = None, bucket_window: int = 100) -> np.ndarray:
+                lengths: np.ndarray | None = None, bucket_window: int = 100,
+                stream: int = 0) -> np.ndarray:
   """The example order of one epoch, [N] int64; a function of (seed, epoch) only.
 
   With `lengths` [N], examples are bucketed: the full batches' examples are cut
   into windows of `bucket_window` batches, each window is sorted by length (so a
   batch holds similar lengths and padding shrinks) and the full batches are then
   shuffled.  The last N mod B examples are a random draw kept at the end, so
-  dropping the remainder does not favour any length.
+  dropping the remainder does not favour any length.  ``stream`` > 0 draws an
+  independent order (one per data shard; 0 is the unsharded order).
   """
   n = check_int("num_examples", num_examples, 0)
   b = check_int("batch_size", batch_size, 1)
-  rng = np.random.default_rng([check_int("seed", seed, 0), check_int("epoch", epoch, 0)])
+  key = [check_int("seed", seed, 0), check_int("epoch", epoch, 0)]
+  rng = np.random.default_rng(key + ([check_int("stream", stream, 1)] if stream else []))
   order = rng.permutation(n) if shuffle else np.arange(n)
   if lengths is None:
     return order
@@ -78,7 +91,7 @@ def epoch_order(num_examples: int, batch_size: int, *, seed: int, epoch: int, sh
 def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epoch: int,
             shuffle: bool, drop_remainder: bool, process_index: int = 0,
             process_count: int = 1, start_batch: int = 0, bucket_by_length: bool = False,
-            bucket_window: int = 100, trim_to_multiple: int | None = None
+            bucket_window: int = 100, trim_to_multiple: int | None = None, stream: int = 0
             ) -> Iterator[dict[str, np.ndarray]]:
   """Iterates over one epoch of `arrays` in global batches of `batch_size`.
 
@@ -100,6 +113,7 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
     trim_to_multiple: if set, cut the time axis of every array whose leading
       dims equal the mask's [N,T] to the global batch's longest real sequence,
       rounded up to this multiple (fewer padded steps, few distinct shapes).
+    stream: selects an independent epoch order (see `epoch_order`).
 
   Yields:
     dict with the keys of `arrays`, each [b,...] with b = B/process_count, plus
@@ -130,7 +144,8 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
     check_int("trim_to_multiple", trim_to_multiple, 1)
   lengths = np.asarray(mask).sum(axis=1) if needs_lengths else None
   order = epoch_order(n, b, seed=seed, epoch=epoch, shuffle=shuffle,
-                      lengths=lengths if bucket_by_length else None, bucket_window=bucket_window)
+                      lengths=lengths if bucket_by_length else None, bucket_window=bucket_window,
+                      stream=stream)
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
   timed = [k for k, v in arrays.items()
            if mask is not None and v.ndim >= 2 and v.shape[:2] == np.shape(mask)]
@@ -158,3 +173,63 @@ def _iterate(arrays, order, b, pi, pc, start, total, lengths, timed, multiple):
     out["weight"] = (np.arange(b) < real).astype(np.float32)[rows]
     out["example_id"] = (k * b + np.arange(b, dtype=np.int64))[rows].astype(np.int32)
     yield out
+
+
+def sharded_batches(shards: Mapping[int, Mapping[str, np.ndarray]], batch_size: int, *,
+                    num_shards: int, seed: int, epoch: int, shuffle: bool, num_batches: int,
+                    start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """This process's part of each global batch when the split is read in shards.
+
+  The split is cut into ``num_shards`` shards (`shard_bounds`); shard s is
+  read only by the process that owns it and has its own epoch order, drawn
+  from (seed, epoch, s).  Global batch k is the concatenation, over s in
+  order, of B/S rows of shard s, so a process owning the contiguous shards
+  ``shards`` yields exactly its contiguous slice of every global batch, and a
+  run's batches do not depend on how many processes share the shards.
+
+  Args:
+    shards: {shard index: arrays} for the shards this process holds (each a
+      dict of arrays sharing a leading size, as from `load(..., shard=...)`);
+      the indices must be contiguous.
+    batch_size: the GLOBAL batch size B, divisible by ``num_shards``.
+    num_shards: S, the number of shards of the whole split.
+    num_batches: global batches per epoch, at most min over all S shards of
+      N_s // (B/S); every process must pass the same value.
+    start_batch: first global batch to yield (resume mid-epoch).
+
+  Yields:
+    dict of [len(shards)·B/S, ...] arrays with "weight" (all 1: the remainder
+    of each shard is dropped) and "example_id", the row's position in the
+    global batch sequence (k·B + s·B/S + row), as `batches` gives.
+
+  Raises ValueError at the call, not at the first `next`, for bad arguments.
+  """
+  s_count = check_int("num_shards", num_shards, 1)
+  b = check_int("batch_size", batch_size, 1)
+  if b % s_count:
+    raise ValueError(f"batch_size ({b}) must be divisible by num_shards ({s_count})")
+  ids = sorted(shards)
+  if not ids or ids != list(range(ids[0], ids[0] + len(ids))) or ids[-1] >= s_count:
+    raise ValueError(f"shards must be contiguous indices in [0, {s_count}), got {ids}")
+  per = b // s_count
+  total = check_int("num_batches", num_batches, 0)
+  for s in ids:
+    have = _check_arrays(shards[s]) // per
+    if have < total:
+      raise ValueError(f"num_batches={total} exceeds shard {s}'s {have} batches of {per} rows")
+  start = check_int("start_batch", start_batch, 0)
+  if start > total:
+    raise ValueError(f"start_batch must be in [0, {total}], got {start}")
+  iters = [batches(shards[s], per, seed=seed, epoch=epoch, shuffle=shuffle, drop_remainder=True,
+                   start_batch=start_batch, stream=s + 1) for s in ids]
+  return _concat_shards(iters, ids, b, per, start, total)
+
+
+def _concat_shards(iters, ids, b, per, start, total):
+  for k in range(start, total):
+    parts = []
+    for s, it in zip(ids, iters):
+      part = next(it)
+      part["example_id"] = (k * b + s * per + np.arange(per)).astype(np.int32)
+      parts.append(part)
+    yield {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}

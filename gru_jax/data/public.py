@@ -57,8 +57,9 @@ def _read(name: str, tfds_split: str, data_dir: str) -> dict[str, np.ndarray]:
 
 def _train_holdout(name: str, data_dir: str, fraction: float) -> tuple[dict, dict]:
   """(rows of TFDS train that are our train, rows that are our validation); sizes by split."""
-  ex = _read(name, "train", data_dir)
-  n = len(ex["label"])
+  n = tfds_io.split_size(_builder(name, data_dir), "train")
+  if n is None:  # unknown under mock data: count by reading
+    n = len(_read(name, "train", data_dir)["label"])
   keep, held = holdout(n, int(round(fraction * n)), HOLDOUT_SEED)
   test_n = tfds_io.split_size(_builder(name, data_dir), "test")
   if test_n is None:  # unknown under mock data: count by reading
@@ -67,13 +68,27 @@ def _train_holdout(name: str, data_dir: str, fraction: float) -> tuple[dict, dic
                                                "test": test_n}
 
 
-def _split_rows(name: str, split: str, data_dir: str, fraction: float):
-  """The TFDS examples of our `split` and the sizes of all our splits."""
+def _split_rows(name: str, split: str, data_dir: str, fraction: float,
+                shard: tuple[int, int] | None = None):
+  """The TFDS examples of our `split` and the sizes of all our splits.
+
+  With ``shard=(i, S)`` only TFDS rows `shard_bounds(N, i, S)` of the TFDS
+  split are read, and our split's rows among them kept: the S shards
+  partition our split.
+  """
   rows, sizes = _train_holdout(name, data_dir, fraction)
+  builder = _builder(name, data_dir)
   if split == "test":
-    return _read(name, "test", data_dir), sizes
-  ex = _read(name, "train", data_dir)
-  return {k: v[rows[split]] for k, v in ex.items()}, sizes
+    if shard is None:
+      return _read(name, "test", data_dir), sizes
+    return tfds_io.read_split(builder, "test", shard), sizes
+  if shard is None:
+    ex = _read(name, "train", data_dir)
+    return {k: v[rows[split]] for k, v in ex.items()}, sizes
+  lo, hi = tfds_io.shard_rows(builder, "train", shard)
+  ex = tfds_io.read_split(builder, f"train[{lo}:{hi}]")
+  mine = rows[split][(rows[split] >= lo) & (rows[split] < hi)] - lo
+  return {k: v[mine] for k, v in ex.items()}, sizes
 
 
 def mnist_permutation() -> np.ndarray:
@@ -81,11 +96,15 @@ def mnist_permutation() -> np.ndarray:
   return np.random.default_rng(MNIST_PERMUTATION_SEED).permutation(784)
 
 
-def load_mnist(split: str, *, permuted: bool = False, data_dir: str | None = None):
-  """Sequential (or permuted) MNIST: inputs [N,784,1] float32 in [0,1], labels [N] int32."""
+def load_mnist(split: str, *, permuted: bool = False, data_dir: str | None = None,
+               shard: tuple[int, int] | None = None):
+  """Sequential (or permuted) MNIST: inputs [N,784,1] float32 in [0,1], labels [N] int32.
+
+  ``shard=(i, S)`` reads only the i-th of S row ranges of the TFDS split.
+  """
   if not isinstance(permuted, bool):
     raise ValueError(f"permuted must be a bool, got {permuted!r}")
-  ex, sizes = _split_rows("mnist", split, resolve_data_dir(data_dir), MNIST_VALIDATION)
+  ex, sizes = _split_rows("mnist", split, resolve_data_dir(data_dir), MNIST_VALIDATION, shard)
   n = len(ex["label"])
   pixels = ex["image"].reshape(n, 784)
   perm = mnist_permutation() if permuted else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gru_jax.data.pipeline import shard_bounds
+
 # Rows per tf.data batch while reading; any size works, this one keeps few Python steps.
 _READ_CHUNK = 8192
 
@@ -24,13 +26,19 @@ def prepare(builder, *, local: bool):
   return builder
 
 
-def read_split(builder, split: str) -> dict[str, np.ndarray]:
-  """Every example of `split` as NumPy arrays [N,...].
+def read_split(builder, split: str, shard: tuple[int, int] | None = None
+               ) -> dict[str, np.ndarray]:
+  """Every example of `split` as NumPy arrays [N,...]; with ``shard=(i, S)``
+  only rows `shard_bounds(N, i, S)` of it, read as the TFDS slice "split[lo:hi]"
+  (TFDS then opens only the files holding those rows).
 
   Reads in finite batches rather than `batch_size=-1`: under
   `tfds.testing.mock_data` the split sizes are unknown, and -1 then asks
   tf.data for a batch of sys.maxsize rows.
   """
+  if shard is not None:
+    lo, hi = shard_rows(builder, split, shard)
+    split = f"{split}[{lo}:{hi}]"
   chunks = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=_READ_CHUNK)))
   if not chunks:
     raise ValueError(f"TFDS split {split!r} of {builder.name!r} is empty")
@@ -41,3 +49,11 @@ def split_size(builder, split: str) -> int | None:
   """The recorded size of a TFDS split, or None when unknown (e.g. mocked data)."""
   info = builder.info.splits.get(split) if builder.info.splits else None
   return int(info.num_examples) if info is not None and info.num_examples else None
+
+
+def shard_rows(builder, split: str, shard: tuple[int, int]) -> tuple[int, int]:
+  """[lo, hi) of shard ``shard=(i, S)`` of a TFDS split (`shard_bounds` of its size)."""
+  n = split_size(builder, split)
+  if n is None:  # unknown (mocked data): count the examples, the one case that reads them all
+    n = sum(1 for _ in builder.as_dataset(split=split))
+  return shard_bounds(n, *shard)
