@@ -40,3 +40,31 @@ def test_unknown_impl_is_reported_not_fatal(tmp_path):
                       out_dir=str(tmp_path), plot=False, log=lambda *_: None)
   assert "nonesuch" in res["results"][0]["errors"]
   assert "unknown implementation" in res["results"][0]["errors"]["nonesuch"]
+
+
+def test_gpu_check_rehearsal_on_cpu(tmp_path):
+  """The prepared device script runs end to end on CPU (Pallas in interpret mode):
+  correctness against the XLA path and autodiff, a sweep, a timed run, at most the
+  8 files the device tool returns, and no TensorFlow import (the GPU image has none)."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "out"
+  r = subprocess.run(
+      [sys.executable, "-m", "experiments.gpu_check", "--tiny", f"--out_dir={out}",
+       "--repeats=2", "--max_checks=1", "--sweep=stages",
+       "--runs=train:16x12x16x32:float32,forward:16x12x16x32:bfloat16"],
+      cwd=root, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  files = sorted(os.listdir(out))
+  assert files == ["benchmark.png", "results.json", "summary.md"]
+  res = json.load(open(out / "results.json"))
+  assert res["errors"] == [] and res["env"]["tensorflow_imported"] == []
+  assert all(c["ok"] for c in res["correctness"]) and len(res["correctness"]) == 2
+  assert len(res["sweep"]) == 5 and all("train" in row for row in res["sweep"])
+  assert res["kernel_config"] in res["sweep"]
+  assert [(b["mode"], b["dtype"]) for b in res["bench"]] == [("train", "float32"),
+                                                              ("forward", "bfloat16")]
+  assert "gru_jax/pallas/reset_after" in res["bench"][0]["timings"]
+  assert "## Targets" in (out / "summary.md").read_text()
