@@ -318,30 +318,37 @@ def format_table(out: dict) -> str:
 
 
 def make_plot(out: dict, path: str) -> None:
-  """tokens/s against T (shapes sharing the commonest B,D,H) and against H
-  (shapes sharing the commonest B,T), per mode; one line per implementation."""
+  """Per mode: tokens/s against T (the shapes sharing the commonest B,D,H) and
+  tokens/s for every shape (categorical axis); one line per implementation."""
   import collections
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   modes = sorted({r["mode"] for r in out["results"]})
-  fig, axes = plt.subplots(len(modes), 2, figsize=(11, 4 * len(modes)), squeeze=False)
-  for row, m in zip(axes, modes):
+  fig, axes = plt.subplots(len(modes), 2, figsize=(12, 4.5 * len(modes)), squeeze=False)
+  for (ax_t, ax_s), m in zip(axes, modes):
     res = [r for r in out["results"] if r["mode"] == m]
-    for ax, (xi, keep) in zip(row, [(1, (0, 2, 3)), (3, (0, 1))]):
-      groups = collections.Counter(tuple(r["shape"][i] for i in keep) for r in res)
-      common = groups.most_common(1)[0][0]
-      sel = sorted((r for r in res if tuple(r["shape"][i] for i in keep) == common),
-                   key=lambda r: r["shape"][xi])
-      names = sorted({n for r in sel for n in r["timings"]})
-      for n in names:
-        pts = [(r["shape"][xi], r["timings"][n]["tokens_per_s"]) for r in sel if n in r["timings"]]
-        ax.plot(*zip(*pts), marker="o", label=n)
-      fixed = ", ".join(f"{'BTDH'[i]}={v}" for i, v in zip(keep, common))
-      ax.set(xlabel="T (sequence length)" if xi == 1 else "H (hidden size)", ylabel="tokens/s",
-             yscale="log", title=f"{m}, {fixed}")
+    groups = collections.Counter((r["shape"][0], r["shape"][2], r["shape"][3]) for r in res)
+    common = groups.most_common(1)[0][0]
+    sel = sorted((r for r in res if (r["shape"][0], r["shape"][2], r["shape"][3]) == common),
+                 key=lambda r: r["shape"][1])
+    by_shape = sorted(res, key=lambda r: (r["shape"][3], r["shape"][1], r["shape"][0]))
+    labels = ["×".join(map(str, r["shape"])) for r in by_shape]
+    names = sorted({n for r in res for n in r["timings"]})
+    for n in names:
+      pts = [(r["shape"][1], r["timings"][n]["tokens_per_s"]) for r in sel if n in r["timings"]]
+      if pts:
+        ax_t.plot(*zip(*pts), marker="o", label=n)
+      pts = [(i, r["timings"][n]["tokens_per_s"]) for i, r in enumerate(by_shape)
+             if n in r["timings"]]
+      ax_s.plot(*zip(*pts), marker="o", linestyle=":", label=n)
+    ax_t.set(xlabel="T (sequence length)", ylabel="tokens/s", yscale="log",
+             title=f"{m}, B={common[0]}, D={common[1]}, H={common[2]}")
+    ax_s.set(ylabel="tokens/s", yscale="log", title=f"{m}, every shape B×T×D×H (by H, T)")
+    ax_s.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    for ax in (ax_t, ax_s):
       ax.grid(True, alpha=0.3)
-    row[1].legend(fontsize=7, loc="best")
+    ax_s.legend(fontsize=7, loc="best")
   info = out["machine"]
   fig.suptitle(f"{info['jax_device']} ({info.get('cpu_model', info['processor'])}), "
                f"{out['results'][0]['dtype']}", fontsize=9)
