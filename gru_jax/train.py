@@ -562,9 +562,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = None
   for split in tuple(config.eval_splits):
     splits[split], info = data_lib.load(config.dataset.name, split, **ds_opts)
-  train = _TrainData(config, ds_opts)
-  info = info or train.info
-  steps_per_epoch = train.steps_per_epoch
+  train_data = _TrainData(config, ds_opts)
+  info = info or train_data.info
+  steps_per_epoch = train_data.steps_per_epoch
   total_steps = config.num_train_steps or steps_per_epoch * config.num_epochs
   eval_every = config.eval_every_steps or steps_per_epoch
   ckpt_every = config.checkpoint_every_steps or eval_every
@@ -575,14 +575,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.class_weights == "balanced":
     if info.task not in ("classification", "tagging"):
       raise ValueError("config.class_weights='balanced' needs a classification or tagging task")
-    cw = jnp.asarray(class_weights(None, info.num_classes, train.class_counts(info.num_classes)))
+    counts = train_data.class_counts(info.num_classes)
+    cw = jnp.asarray(class_weights(None, info.num_classes, counts))
   elif config.class_weights:
     raise ValueError(f"config.class_weights must be None or 'balanced', got "
                      f"{config.class_weights!r}")
 
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
-  state = init_state(model, tx, init_rng, train.first_batch())
+  state = init_state(model, tx, init_rng, train_data.first_batch())
 
   _check_workdir_config(workdir, config)
   mngr = _checkpoint_manager(workdir)
@@ -603,7 +604,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def run_eval(step, dstate):
     if config.bn_recalibrate_batches and model.batch_norm:
       dstate = recalibrate_batch_stats(runtime, p_stats, dstate,
-                                       train.batches(0, 0, config.seed + 7919, plain=True),
+                                       train_data.batches(0, 0, config.seed + 7919, plain=True),
                                        config.bn_recalibrate_batches)
     results = {}
     for split in config.eval_splits:
@@ -621,7 +622,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with _Preemption() as preempt:
     while step < total_steps:
       epoch, offset = divmod(step, steps_per_epoch)
-      for batch in train.batches(epoch, offset, config.seed):
+      for batch in train_data.batches(epoch, offset, config.seed):
         dstate, m = p_train(dstate, runtime.put_batch(batch), train_rng)
         step += 1
         log_now = step % config.log_every_steps == 0 or step == total_steps
