@@ -11,6 +11,10 @@ r"""One prepared GPU session: Pallas-vs-XLA correctness, then timings of every i
    sum(hs·ct) + sum(h_last·ct_last) w.r.t. params, inputs and h0, with a
    padding mask, both variants, float32 and bf16 weights.  Relative error
    ‖a−b‖/‖b‖ per output, limits 2e-3 (f32, TF32 dots) and 3e-2 (bf16).
+2b. End to end: `gru_jax.train.train_and_evaluate` on the adding problem
+   (experiments/configs/adding.py: GRU(128), B=64, T=200, 2,000 steps; the
+   Pallas path on GPU), its test MSE and wall time.  Needs ml_collections, which
+   the device image lacks: carry its wheel (docs/benchmarks.md), else skipped.
 3. Kernel sweep on the first cuDNN target shape (batch tile, warps, prefetch,
    bf16 weights); the fastest float32 configuration is used from then on.
 4. Timing: `experiments.benchmark` on the ANCHORS.md shapes, the two cuDNN
@@ -38,6 +42,7 @@ flags.DEFINE_bool("tiny", False, "Tiny shapes (CPU rehearsal: Pallas runs in int
 flags.DEFINE_list("runs", [], "mode:BxTxDxH:dtype entries to time instead of the ANCHORS.md "
                   "list (then a bf16 train run of the first shape).")
 flags.DEFINE_integer("max_checks", 99, "Correctness checks to run (after the float64 one).")
+flags.DEFINE_bool("train_check", True, "Run the adding experiment end to end (phase 2b).")
 flags.DEFINE_enum("sweep", "default", ["default", "stages", "none"], "Kernel sweep to run.")
 flags.DEFINE_float("budget_s", 420.0, "Wall-clock budget for the whole run; phases past it are skipped.")
 FLAGS = flags.FLAGS
@@ -164,6 +169,27 @@ def kernel_applies(shape, dtype: str) -> bool:
   return ok
 
 
+def train_check(tiny: bool) -> dict:
+  """The adding experiment through `train_and_evaluate`: test MSE, steps and wall time."""
+  import tempfile
+  import jax.numpy as jnp
+  from experiments.configs import adding
+  from gru_jax import scan, train
+  cfg = adding.get_config()
+  if tiny:
+    cfg.dataset.seq_len, cfg.num_train_steps, cfg.eval_every_steps = 20, 20, 20
+    cfg.batch_size, cfg.model.hidden_sizes = 16, (16,)
+  backend = scan.resolve_backend("auto", hidden_size=cfg.model.hidden_sizes[0],
+                                 batch=cfg.batch_size, compute_dtype=jnp.float32,
+                                 state_dtype=jnp.float32)
+  t0 = time.time()
+  with tempfile.TemporaryDirectory() as workdir:
+    res = train.train_and_evaluate(cfg, workdir)
+  return dict(config="adding", seq_len=cfg.dataset.seq_len, steps=cfg.num_train_steps,
+              backend=backend, wall_s=time.time() - t0,
+              test_mse=res["test"].get("mse"), validation_mse=res["validation"].get("mse"))
+
+
 def set_kernel(tile: int, warps: int, prefetch: bool, stages: int = 1) -> None:
   from gru_jax.kernels import fused_rnn, pallas_gru
   pallas_gru.BATCH_TILE, pallas_gru.NUM_WARPS, pallas_gru.PREFETCH = tile, warps, prefetch
@@ -271,6 +297,19 @@ def main(argv):
           f"{c['worst']:.2e} {'ok' if c['ok'] else 'FAILED'}")
   all_ok = bool(checks) and all(c["ok"] for c in checks) and not results["errors"]
 
+  # 2b. the experiment entrypoint's training loop, end to end
+  if FLAGS.train_check:
+    try:
+      import ml_collections  # noqa: F401 - the device image may lack it
+      tc = guarded("train check", train_check, FLAGS.tiny)
+      if tc is not None:
+        results["train_check"] = tc
+        log("train check:", json.dumps(tc))
+    except ImportError as e:
+      results["train_check"] = {"skipped": f"{e}"}
+      log("train check skipped:", e)
+    save()
+
   # 3. kernel sweep; keep the fastest float32 train configuration
   shapes = TINY_SHAPES if FLAGS.tiny else ANCHOR_SHAPES
   runs = [(m, s, "float32") for m, s in shapes] + [("train", shapes[0][1], "bfloat16")]
@@ -323,6 +362,8 @@ def main(argv):
   summary += [f"- {c.get('shape', 'tiny')} {c.get('variant', '')} {c.get('dtype', '')} "
               f"reverse={c.get('reverse', '')}: {c.get('worst', c.get('max_abs'))} "
               f"{'ok' if c['ok'] else 'FAILED'}" for c in checks]
+  summary += ["", "## End-to-end training (adding problem)", "",
+              json.dumps(results.get("train_check", "not run"))]
   summary += ["", "## Kernel sweep (median ms)", ""] + [json.dumps(r) for r in
                                                         results.get("sweep", [])]
   summary += ["", "## Timings (median ms, ratio to gru_jax)", ""]

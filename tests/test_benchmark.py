@@ -68,3 +68,5 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
                                                               ("forward", "bfloat16")]
   assert "gru_jax/pallas/reset_after" in res["bench"][0]["timings"]
   assert "## Targets" in (out / "summary.md").read_text()
+  tc = res["train_check"]  # the training loop end to end, on the Pallas path when on GPU
+  assert tc["steps"] == 20 and tc["backend"] == "xla" and 0 < tc["test_mse"] < 1
