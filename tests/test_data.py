@@ -498,6 +498,14 @@ def test_sharded_batches_do_not_depend_on_how_processes_split_the_shards():
     # Rows 2s, 2s+1 come from shard s, in that shard's own shuffled order.
     for s in range(4):
       assert set(batch["labels"][2 * s:2 * s + 2]) <= set(shards[s]["labels"])
+  # Independent reconstruction from epoch_order: global batch k holds rows
+  # k*2..k*2+1 of shard s's own order, drawn from (seed, epoch, stream s+1).
+  for k, batch in enumerate(one):
+    want = np.concatenate([
+        shards[s]["inputs"][data.epoch_order(10, 2, seed=3, epoch=2, shuffle=True,
+                                             stream=s + 1)[2 * k:2 * k + 2]]
+        for s in range(4)])
+    np.testing.assert_array_equal(batch["inputs"], want)
   # Each shard's epoch order is its own draw from (seed, epoch, shard).
   firsts = [one[0]["inputs"][2 * s, 0, 0] - shards[s]["inputs"][0, 0, 0] for s in range(4)]
   assert len(set(firsts)) > 1

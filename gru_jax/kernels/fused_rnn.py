@@ -48,7 +48,9 @@ class Config(NamedTuple):
   unroll: int = 1
   interpret: bool = False  # Pallas interpret mode (CPU)
   # Undifferentiated "xla" calls: "loop" (the fori_loop below) or "scan" (a
-  # time-major lax.scan; on an H200 the loop's forward ran 1.1-2.5x slower).
+  # time-major lax.scan).  On an H200 the loop's forward was 1.1-2.5x slower than
+  # a scan at four of the five ANCHORS.md forward shapes (1.2x faster at
+  # 256x200x512x512); on CPU the loop is the faster one.
   primal: str = "loop"
 
 

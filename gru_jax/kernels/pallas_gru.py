@@ -139,7 +139,8 @@ def _call(kernel, cfg: Config, batch: int, out_shape, in_specs, out_specs, bt: i
   kw = {}
   if not cfg.interpret:
     from jax.experimental.pallas import triton as plgpu
-    params = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # renamed
+    # TritonCompilerParams is the name in older JAX (pyproject allows jax>=0.6).
+    params = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
     kw["compiler_params"] = params(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch // bt,), in_specs=in_specs,
                         out_specs=out_specs, interpret=cfg.interpret, **kw)
