@@ -45,6 +45,9 @@ flags.DEFINE_integer("max_checks", 99, "Correctness checks to run (after the flo
 flags.DEFINE_bool("train_check", True, "Run the adding experiment end to end (phase 2b).")
 flags.DEFINE_enum("sweep", "default", ["default", "stages", "none"], "Kernel sweep to run.")
 flags.DEFINE_float("budget_s", 420.0, "Wall-clock budget for the whole run; phases past it are skipped.")
+flags.DEFINE_float("split_budget_s", 200.0, "Budget of the column-split phase (2c), 0 to skip it.")
+flags.DEFINE_bool("split_phase", False, "Internal: run only phase 2c (the main run starts it "
+                  "as a subprocess, so a kernel that faults cannot take the rest down).")
 FLAGS = flags.FLAGS
 FLAGS.set_default("out_dir", os.environ.get("OUT", "runs/gpu_check"))
 FLAGS.set_default("repeats", 10)
@@ -80,6 +83,9 @@ GPU_IMPLS = ["gru_jax", "gru_jax/xla/reset_after", "gru_jax/pallas/reset_after",
 # Issue 5 targets: (mode, shape, gru_jax must be at least as fast as ...).
 TARGETS = [("train", "64x1000x128x128", "torch"), ("train", "128x500x1024x1024", "torch")]
 TOLERANCE = {"float32": 2e-3, "bfloat16": 3e-2}
+# Column-split kernels: (programs per batch tile, warps), and the shapes they are timed on.
+SPLIT_CONFIGS = [(2, 4), (4, 4), (8, 4), (4, 8), (8, 2)]
+SPLIT_SHAPES = ["64x1000x128x128", "64x100x128x128", "256x200x128x128"]
 
 
 def environment() -> dict:
@@ -104,8 +110,13 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
 
 
-def compare(shape, variant: str, dtype: str, reverse: bool = False) -> dict:
-  """Pallas vs XLA vs scan on one problem with a padding mask: forward and gradients."""
+def compare(shape, variant: str, dtype: str, reverse: bool = False,
+            time_major: bool = False, cache: dict | None = None) -> dict:
+  """Pallas vs XLA vs scan on one problem with a padding mask: forward and gradients.
+
+  ``cache`` keeps the "xla" and "scan" results across calls (the split phase
+  checks many kernel configurations against the same references).
+  """
   import jax
   import jax.numpy as jnp
   import gru_jax
@@ -124,20 +135,27 @@ def compare(shape, variant: str, dtype: str, reverse: bool = False) -> dict:
 
   def run(backend):
     def loss(p, x, h0):
-      h_last, hs = gru_jax.gru(p, x, h0, mask=mask, variant=variant, backend=backend,
-                               compute_dtype=cd, reverse=reverse)
+      tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
+      h_last, hs = gru_jax.gru(p, tm(x), h0, mask=tm(mask), variant=variant, backend=backend,
+                               compute_dtype=cd, reverse=reverse, time_major=time_major)
+      hs = tm(hs)
       return jnp.sum(hs * ct) + jnp.sum(h_last * ct_last), (h_last, hs)
     (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
         params, x, h0)
     return jax.tree.map(lambda a: jax.device_get(a), (outs, grads))
 
-  got, xla, scan = run("pallas"), run("xla"), run("scan")
+  key = (tuple(shape), variant, dtype, reverse, time_major)
+  refs = (cache or {}).get(key) or (run("xla"), run("scan"))
+  if cache is not None:
+    cache[key] = refs
+  got, (xla, scan) = run("pallas"), refs
   names = ["h_last", "hs", "w_x", "w_h", "b_x", "b_h", "x", "h0"]
   flat = lambda tree: jax.tree.leaves(tree)
   vs_xla = {n: rel_err(a, b) for n, a, b in zip(names, flat(got), flat(xla))}
   vs_scan = {n: rel_err(a, b) for n, a, b in zip(names, flat(got), flat(scan))}
   worst = max(list(vs_xla.values()) + list(vs_scan.values()))
-  return dict(shape=list(shape), variant=variant, dtype=dtype, reverse=reverse, vs_xla=vs_xla,
+  return dict(shape=list(shape), variant=variant, dtype=dtype, reverse=reverse,
+              time_major=time_major, vs_xla=vs_xla,
               vs_scan=vs_scan,
               worst=worst, ok=bool(worst <= TOLERANCE[dtype]))
 
@@ -219,6 +237,108 @@ def sweep(shape, configs, repeats: int, log) -> list:
   return rows
 
 
+def set_split(split: int, warps: int) -> None:
+  from gru_jax.kernels import fused_rnn, pallas_gru
+  pallas_gru.SPLIT, pallas_gru.SPLIT_WARPS = split, warps
+  fused_rnn._make.cache_clear()
+
+
+def split_phase(out_dir: str, tiny: bool, budget_s: float, log) -> dict:
+  """Phase 2c: the column-split kernels (`gru_jax.kernels.pallas_split`).
+
+  Each (split, warps) configuration is checked against "xla" and "scan"
+  (forward and gradients, padding mask, forward/reverse time, batch/time-major
+  layout); the correct ones are then timed, forward and train, on the shapes
+  where the split applies, against the unsplit kernel (split 0).  Writes
+  <out_dir>/split.json after every step.
+  """
+  t0 = time.time()
+  res = dict(checks=[], timings=[], errors=[])
+  path = os.path.join(out_dir, "split.json")
+
+  def save():
+    with open(path, "w") as f:
+      json.dump(res, f, indent=1)
+
+  configs = [(1, 4)] if tiny else SPLIT_CONFIGS
+  check_shape = benchmark.parse_shape("16x12x16x32" if tiny else "64x200x128x128")
+  good, refs = [], {}
+  for split, warps in configs:
+    set_split(split, warps)
+    ok = True
+    for reverse, time_major, dtype in ((False, False, "float32"), (True, True, "float32"),
+                                       (False, False, "bfloat16")):
+      try:
+        c = compare(check_shape, "reset_after", dtype, reverse, time_major, cache=refs)
+      except Exception as e:  # noqa: BLE001 - a failing configuration is a result
+        c = dict(ok=False, error=f"{type(e).__name__}: {str(e)[:500]}")
+      c.update(split=split, warps=warps, seconds=round(time.time() - t0, 1))
+      res["checks"].append(c)
+      log("split check", json.dumps({k: c.get(k) for k in ("split", "warps", "dtype", "reverse",
+                                                           "time_major", "worst", "ok", "error")}))
+      ok = ok and c["ok"]
+      save()
+    if ok:
+      good.append((split, warps))
+  shapes = [TINY_SHAPES[0][1]] if tiny else SPLIT_SHAPES
+  for shape_text in shapes:
+    shape = benchmark.parse_shape(shape_text)
+    for split, warps in [(0, 0)] + good:
+      if time.time() - t0 > budget_s:
+        res["errors"].append(f"budget spent before {shape_text} split={split}")
+        save()
+        return res
+      set_split(split, warps)
+      row = dict(shape=shape_text, split=split, warps=warps)
+      try:
+        steps = {m: benchmark.build("gru_jax/pallas/reset_after", shape, m, "float32")
+                 for m in ("forward", "train")}
+        for st in steps.values():
+          st()
+        times = benchmark.time_interleaved(steps, FLAGS.repeats, warmup=2, gap_s=0.0)
+        row.update({m: benchmark.summarise(st, shape)["median_ms"] for m, st in times.items()})
+      except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+      log("split timing", json.dumps(row))
+      res["timings"].append(row)
+      save()
+  set_split(0, 4)
+  return res
+
+
+def run_split_subprocess(out_dir: str, budget_s: float, log) -> dict:
+  """Runs phase 2c in a child process (with a hard timeout) and returns its split.json."""
+  import subprocess
+  cmd = [sys.executable, "-m", "experiments.gpu_check", "--split_phase", f"--out_dir={out_dir}",
+         f"--split_budget_s={budget_s}", f"--repeats={FLAGS.repeats}"] + (
+             ["--tiny"] if FLAGS.tiny else [])
+  try:
+    # The parent holds its share of GPU memory already; the child takes less.
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.25")
+    proc = subprocess.run(cmd, timeout=budget_s + 90, check=False, env=env)
+    rc = proc.returncode
+  except subprocess.TimeoutExpired:
+    rc = "timeout"
+  try:
+    with open(os.path.join(out_dir, "split.json")) as f:
+      res = json.load(f)
+  except (OSError, ValueError):
+    res = dict(checks=[], timings=[], errors=[])
+  res["returncode"] = rc
+  log("split phase exit:", rc)
+  return res
+
+
+def best_split(res: dict, shape_text: str):
+  """(split, warps) with the fastest train step at ``shape_text`` if it beats split 0."""
+  rows = [r for r in res.get("timings", []) if r["shape"] == shape_text and "train" in r]
+  base = [r for r in rows if r["split"] == 0]
+  if not base:
+    return None
+  best = min(rows, key=lambda r: r["train"])
+  return (best["split"], best["warps"]) if best["split"] and best["train"] < base[0]["train"] else None
+
+
 def targets_text(bench: list) -> list[str]:
   """The issue's GPU targets from the timings that were made."""
   lines = []
@@ -271,6 +391,10 @@ def main(argv):
     finally:
       save()
 
+  if FLAGS.split_phase:
+    split_phase(out_dir, FLAGS.tiny, FLAGS.split_budget_s, log)
+    return
+
   env = environment()
   results["env"] = env
   log("environment:", json.dumps(env))
@@ -310,6 +434,13 @@ def main(argv):
       log("train check skipped:", e)
     save()
 
+  # 2c. column-split kernels, in a child process; adopted below if faster
+  if FLAGS.split_budget_s > 0 and kernel_applies(benchmark.parse_shape(
+      (TINY_SHAPES if FLAGS.tiny else ANCHOR_SHAPES)[0][1]), "float32"):
+    split = run_split_subprocess(out_dir, FLAGS.split_budget_s, log)
+    results["split"] = split  # a configuration that fails its checks is not timed or used
+    save()
+
   # 3. kernel sweep; keep the fastest float32 train configuration
   shapes = TINY_SHAPES if FLAGS.tiny else ANCHOR_SHAPES
   runs = [(m, s, "float32") for m, s in shapes] + [("train", shapes[0][1], "bfloat16")]
@@ -327,6 +458,11 @@ def main(argv):
       results["kernel_config"] = best
       log("kernel configuration used below:", best)
     save()
+  choice = best_split(results.get("split", {}), shapes[0][1])
+  if choice:
+    set_split(*choice)
+    results["split_used"] = choice
+    log("column split used below (split, warps):", choice)
 
   # 4. benchmark
   impls = FLAGS.impls

@@ -270,3 +270,84 @@ def test_xla_scan_primal_matches_loop_primal_and_reference(variant, time_axis):
     np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
   with pytest.raises(ValueError, match="primal must be"):
     fused_rnn.recurrence(*args, xp, h0, primal="while")
+
+
+# ---------------------------------------------------------------- column-split kernels
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_split_kernels_match_reference_and_scan_grads(time_major, monkeypatch):
+  """The column-split kernels (one program per tile and column block, state
+  exchanged through a sentinel-filled buffer) in interpret mode, where only one
+  column block can run: forward against float64 NumPy, gradients against
+  autodiff of the plain scan, with masks and reverse time.  Several column
+  blocks need concurrent programs: experiments/gpu_check.py checks them on GPU."""
+  from gru_jax.kernels import pallas_split
+  calls = []
+  monkeypatch.setattr(pallas_gru, "SPLIT", 1)
+  for name in ("forward", "backward"):
+    orig = getattr(pallas_split, name)
+    monkeypatch.setattr(pallas_split, name,
+                        lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+  p, xs, h0, mask, _, _ = problem(41)
+  tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
+  for reverse in (False, True):
+    for m in (None, mask):
+      kw = dict(mask=None if m is None else tm(m), reverse=reverse, variant="reset_after",
+                time_major=time_major)
+      h_last, hs = gru_jax.gru(p, tm(xs), h0, backend="pallas", **kw)
+      ref_last, ref_hs = reference.run(p, xs, np.asarray(h0),
+                                       mask=None if m is None else np.asarray(m),
+                                       reverse=reverse, variant="reset_after")
+      np.testing.assert_allclose(tm(hs), ref_hs, atol=2e-5)
+      np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
+      ct, ct_last = cotangents(xs, h0.shape[-1], seed=5)
+
+      def loss(backend):
+        def f(p, x, h0):
+          h_last, hs = gru_jax.gru(p, x, h0, backend=backend, **kw)
+          return jnp.sum(tm(hs) * ct) + jnp.sum(h_last * ct_last)
+        return f
+      got = jax.grad(loss("pallas"), argnums=(0, 1, 2))(p, tm(xs), h0)
+      want = jax.grad(loss("scan"), argnums=(0, 1, 2))(p, tm(xs), h0)
+      chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+  assert "forward" in calls and "backward" in calls
+
+
+def test_split_applies_only_where_it_can_run():
+  from gru_jax.kernels import pallas_split
+  base = dict(variant="reset_after", hidden_size=128, batch=64, tile=16, split=4, has_rm=False,
+              interpret=False, sm_count=132)
+  assert pallas_split.applies(**base) == (True, "fits")
+  for change, why in [(dict(split=0), "off"), (dict(variant="seed"), "reset_after"),
+                      (dict(has_rm=True), "dropout"), (dict(split=3), "power of two"),
+                      (dict(split=16), "< 16"), (dict(batch=1024), "resident on 132 SMs"),
+                      (dict(interpret=True), "split must be 1")]:
+    ok, reason = pallas_split.applies(**{**base, **change})
+    assert not ok and why in reason, (change, reason)
+  assert pallas_split.applies(**{**base, "interpret": True, "split": 1})[0]
+
+
+def test_split_kernels_lower_to_triton_for_gpu(monkeypatch):
+  """Without a GPU: with SPLIT=4 the train step lowers through the split kernels
+  (a 2-D grid, the spin-wait's while loop and volatile loads included)."""
+  from gru_jax.kernels import fused_rnn
+  monkeypatch.setattr(pallas_gru, "SPLIT", 4)
+  fused_rnn._make.cache_clear()
+  b, t, h = 64, 5, 128
+  ks = jax.random.split(jax.random.key(12), 2)
+  w_h = 0.1 * jax.random.normal(ks[0], (h, 3 * h))
+  xp = jax.random.normal(ks[1], (t, b, 3 * h))
+  mask = jnp.ones((t, b), bool)
+
+  def loss(w_h, xp, h0):
+    _, hs = fused_rnn.recurrence(w_h, jnp.zeros(3 * h), jnp.zeros(h), xp, h0, mask,
+                                 variant="reset_after", time_axis=0, impl="pallas",
+                                 interpret=False)
+    return jnp.sum(hs)
+  exported = jax.export.export(
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(w_h, xp, jnp.zeros((b, h)))
+  text = exported.mlir_module()
+  assert text.count("grid_y = 4") == 2  # the forward and the backward kernel
+  fused_rnn._make.cache_clear()

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from gru_jax.kernels import pallas_split
 from gru_jax.kernels.fused_rnn import Config, Residuals, outputs_from_prev
 
 Array = jax.Array
@@ -41,6 +42,11 @@ PREFETCH = True
 # prefetch, 2 or 3 stages overflow shared memory (254/303 KB > 227 KB); with
 # it, 2 stages measured 7.86 ms against 7.97 for 1 (same run): noise.
 NUM_STAGES = 1
+# Column split (`gru_jax.kernels.pallas_split`): S programs per batch tile, each
+# owning H/S hidden columns, exchanging the state through global memory every
+# step; 0 turns it off.  Applies to "reset_after" without recurrent dropout.
+SPLIT = 0
+SPLIT_WARPS = 4
 # Shared memory an H100 program may use is 227 KB; leave room for the tiles.
 SMEM_BUDGET_BYTES = 200 * 1024
 
@@ -71,6 +77,17 @@ def supported(*, hidden_size: int, batch: int, compute_dtype, state_dtype,
                    f"(3·H·H·{jnp.dtype(compute_dtype).itemsize} B), more than the "
                    f"{SMEM_BUDGET_BYTES // 1024} KB budget")
   return True, "fits"
+
+
+def _split(cfg: Config, batch: int, hsz: int, rm) -> int:
+  """The column split to run with (0: the one-program-per-tile kernels)."""
+  sms = None
+  if not cfg.interpret:
+    sms = getattr(jax.devices()[0], "core_count", None)
+  ok, _ = pallas_split.applies(variant=cfg.variant, hidden_size=hsz, batch=batch,
+                               tile=_tile(batch, cfg.interpret), split=SPLIT,
+                               has_rm=rm is not None, interpret=cfg.interpret, sm_count=sms)
+  return SPLIT if ok else 0
 
 
 def _tile(batch: int, interpret: bool) -> int:
@@ -202,6 +219,10 @@ def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
   n, batch = (xp.shape[0], xp.shape[1]) if ax == 0 else (xp.shape[1], xp.shape[0])
   hsz = h0.shape[-1]
   bt = _tile(batch, cfg.interpret)
+  split = _split(cfg, batch, hsz, rm)
+  if split:
+    return pallas_split.forward(w_h, b_x, b_hn, xp, h0, mask, cfg=cfg, save=save, tile=bt,
+                                split=split, num_warps=SPLIT_WARPS)
   sp = _specs(cfg, n, bt, hsz)
   seq_shape = xp.shape[:2] + (hsz,)
   args = [xp.reshape(xp.shape[:2] + (3, hsz)), w_h.reshape(hsz, 3, hsz).transpose(1, 0, 2),
@@ -297,6 +318,10 @@ def backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg:
   hsz = res.z.shape[-1]
   sd = res.z.dtype
   bt = _tile(batch, cfg.interpret)
+  split = _split(cfg, batch, hsz, rm)
+  if split:
+    return pallas_split.backward(w_h, res, mask, g_last, g_hs, cfg=cfg, tile=bt, split=split,
+                                 num_warps=SPLIT_WARPS)
   sp = _specs(cfg, n, bt, hsz)
   wt = w_h.reshape(hsz, 3, hsz).transpose(1, 2, 0)  # wt[g] = W_gᵀ
   seqs = [res.prev, res.z, res.r, res.c] + ([] if res.hn is None else [res.hn])
