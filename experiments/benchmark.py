@@ -114,11 +114,19 @@ def build(impl: str, shape, mode: str, dtype_name: str):
 
   if impl == REFERENCE or impl.startswith("gru_jax/"):
     import gru_jax
-    backend, variant = ("auto", "reset_after") if impl == REFERENCE else impl.split("/")[1:]
+    from gru_jax.kernels import fused_rnn
+    # gru_jax/<backend>/<variant>[/<primal>]: primal "loop" or "scan" forces how an
+    # undifferentiated "xla" call runs (it is read while tracing, inside apply).
+    backend, variant, *primal = ("auto", "reset_after") if impl == REFERENCE else impl.split("/")[1:]
     x, ct = _inputs(shape, jnp.float32)
     params = gru_jax.cell.init(key, d, h)
-    apply = lambda p, x: gru_jax.gru(p, x, variant=variant, backend=backend,
-                                     compute_dtype=act)[1]
+
+    def apply(p, x):
+      saved, fused_rnn.PRIMAL = fused_rnn.PRIMAL, (primal or [None])[0]
+      try:
+        return gru_jax.gru(p, x, variant=variant, backend=backend, compute_dtype=act)[1]
+      finally:
+        fused_rnn.PRIMAL = saved
     return finish(apply, params, x, ct)
 
   if impl == "flax":

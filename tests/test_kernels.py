@@ -351,3 +351,26 @@ def test_split_kernels_lower_to_triton_for_gpu(monkeypatch):
   text = exported.mlir_module()
   assert text.count("grid_y = 4") == 2  # the forward and the backward kernel
   fused_rnn._make.cache_clear()
+
+
+def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
+  """S = H/32 column blocks for the Pallas kernels on GPU (none in interpret mode,
+  below H=64, or where the split does not apply); the undifferentiated "xla"
+  forward is a scan on GPU below B·H = 2^16 and the loop elsewhere."""
+  from gru_jax.kernels import fused_rnn
+  cfg = lambda **k: fused_rnn.Config(**{**dict(variant="reset_after", reverse=False, time_axis=0,
+                                               impl="pallas", interpret=False), **k})
+  assert pallas_gru.SPLIT is None
+  assert pallas_gru._split(cfg(), 64, 128, None) == 4
+  assert pallas_gru._split(cfg(), 64, 64, None) == 2
+  assert pallas_gru._split(cfg(), 64, 32, None) == 0
+  assert pallas_gru._split(cfg(interpret=True), 64, 128, None) == 0
+  assert pallas_gru._split(cfg(variant="seed"), 64, 128, None) == 0
+  assert pallas_gru._split(cfg(), 64, 128, jnp.ones((64, 128))) == 0  # recurrent dropout
+  monkeypatch.setattr(pallas_gru, "SPLIT", 8)
+  assert pallas_gru._split(cfg(), 64, 128, None) == 8
+  assert fused_rnn.default_primal(64, 128, "cpu") == "loop"
+  assert fused_rnn.default_primal(64, 128, "gpu") == "scan"
+  assert fused_rnn.default_primal(256, 512, "gpu") == "loop"
+  monkeypatch.setattr(fused_rnn, "PRIMAL", "scan")
+  assert fused_rnn.default_primal(256, 512, "gpu") == "scan"

@@ -48,10 +48,27 @@ class Config(NamedTuple):
   unroll: int = 1
   interpret: bool = False  # Pallas interpret mode (CPU)
   # Undifferentiated "xla" calls: "loop" (the fori_loop below) or "scan" (a
-  # time-major lax.scan).  On an H200 the loop's forward was 1.1-2.5x slower than
-  # a scan at four of the five ANCHORS.md forward shapes (1.2x faster at
-  # 256x200x512x512); on CPU the loop is the faster one.
+  # time-major lax.scan); `default_primal` picks one.
   primal: str = "loop"
+
+
+# On GPU the forward loop (which writes [B,T,H] buffers) lost to a scan where a
+# step is small and won where it is large.  H200 forward medians, loop / scan:
+# 64x1000x128x128 18.1 / 7.8 ms, 16x2000x256x256 30.6 / 16.2, 256x200x512x512
+# 3.37 / 3.77-4.07; so "loop" from this many state elements B·H up.
+GPU_LOOP_MIN_STATE = 1 << 16
+# Overrides `default_primal` when set ("loop" or "scan"); experiments/benchmark.py uses it.
+PRIMAL: str | None = None
+
+
+def default_primal(batch: int, hidden_size: int, platform: str | None = None) -> str:
+  """How an undifferentiated "xla" call runs on ``platform``: "loop" or "scan"."""
+  if PRIMAL is not None:
+    return PRIMAL
+  platform = platform or jax.default_backend()
+  if platform == "gpu" and batch * hidden_size < GPU_LOOP_MIN_STATE:
+    return "scan"
+  return "loop"
 
 
 class Residuals(NamedTuple):
@@ -318,8 +335,8 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     h0: initial state [B,H] (state dtype).
     mask: bool [T,B] / [B,T] or None; a masked step carries h and outputs zero.
     rm: recurrent dropout multiplier [B,H] or None (applied where h enters the gates).
-    primal: how an undifferentiated "xla" call runs: "loop" (default on CPU)
-      or "scan" (default on GPU, where it measured faster); see `Config`.
+    primal: how an undifferentiated "xla" call runs: "loop" or "scan"; None
+      picks by device and size (`default_primal`).
 
   Returns:
     (h_last [B,H], hs [T,B,H] / [B,T,H]).  Differentiable in reverse mode
@@ -327,7 +344,7 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     `gru_jax.gru` supports it).
   """
   if primal is None:
-    primal = "scan" if jax.default_backend() == "gpu" else "loop"
+    primal = default_primal(h0.shape[0], h0.shape[-1])
   if primal not in ("loop", "scan"):
     raise ValueError(f"primal must be 'loop' or 'scan', got {primal!r}")
   cfg = Config(variant, bool(reverse), int(time_axis), impl, int(unroll), bool(interpret),

@@ -44,8 +44,14 @@ PREFETCH = True
 NUM_STAGES = 1
 # Column split (`gru_jax.kernels.pallas_split`): S programs per batch tile, each
 # owning H/S hidden columns, exchanging the state through global memory every
-# step; 0 turns it off.  Applies to "reset_after" without recurrent dropout.
-SPLIT = 0
+# step.  None: S = H / SPLIT_COLUMNS when that is 2 or more; 0: off; an int: that
+# S.  Applies to "reset_after" without recurrent dropout.  H200, f32, train /
+# forward ms (gpu_check phase 2c): 64x1000x128x128 unsplit 7.74 / 3.17, S=2
+# 6.20 / 2.46, S=4 5.55 / 2.38, S=8 6.29 / 3.01, S=4 with 8 warps 6.71 / 3.17;
+# 64x100x128x128 1.11 / 0.55 unsplit, 0.82 / 0.42 S=4, 0.78 / 0.41 S=8;
+# 256x200x128x128 2.04 / 0.92 unsplit, 1.63 / 0.71 S=4.
+SPLIT: int | None = None
+SPLIT_COLUMNS = 32
 SPLIT_WARPS = 4
 # Shared memory an H100 program may use is 227 KB; leave room for the tiles.
 SMEM_BUDGET_BYTES = 200 * 1024
@@ -84,10 +90,13 @@ def _split(cfg: Config, batch: int, hsz: int, rm) -> int:
   sms = None
   if not cfg.interpret:
     sms = getattr(jax.devices()[0], "core_count", None)
+  split = SPLIT
+  if split is None:
+    split = hsz // SPLIT_COLUMNS if hsz >= 2 * SPLIT_COLUMNS and not cfg.interpret else 0
   ok, _ = pallas_split.applies(variant=cfg.variant, hidden_size=hsz, batch=batch,
-                               tile=_tile(batch, cfg.interpret), split=SPLIT,
+                               tile=_tile(batch, cfg.interpret), split=split,
                                has_rm=rm is not None, interpret=cfg.interpret, sm_count=sms)
-  return SPLIT if ok else 0
+  return split if ok else 0
 
 
 def _tile(batch: int, interpret: bool) -> int:
