@@ -356,7 +356,7 @@ def test_split_kernels_lower_to_triton_for_gpu(monkeypatch):
 def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
   """S = H/32 column blocks for the Pallas kernels on GPU (none in interpret mode,
   below H=64, or where the split does not apply); the undifferentiated "xla"
-  forward is a scan on GPU below B·H = 2^16 and the loop elsewhere."""
+  forward is a scan on GPU and the loop elsewhere, unless overridden."""
   from gru_jax.kernels import fused_rnn
   cfg = lambda **k: fused_rnn.Config(**{**dict(variant="reset_after", reverse=False, time_axis=0,
                                                impl="pallas", interpret=False), **k})
@@ -369,8 +369,7 @@ def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
   assert pallas_gru._split(cfg(), 64, 128, jnp.ones((64, 128))) == 0  # recurrent dropout
   monkeypatch.setattr(pallas_gru, "SPLIT", 8)
   assert pallas_gru._split(cfg(), 64, 128, None) == 8
-  assert fused_rnn.default_primal(64, 128, "cpu") == "loop"
-  assert fused_rnn.default_primal(64, 128, "gpu") == "scan"
-  assert fused_rnn.default_primal(256, 512, "gpu") == "loop"
+  assert fused_rnn.default_primal("cpu") == "loop"
+  assert fused_rnn.default_primal("gpu") == "scan"
   monkeypatch.setattr(fused_rnn, "PRIMAL", "scan")
-  assert fused_rnn.default_primal(256, 512, "gpu") == "scan"
+  assert fused_rnn.default_primal("cpu") == "scan"

@@ -52,23 +52,20 @@ class Config(NamedTuple):
   primal: str = "loop"
 
 
-# On GPU the forward loop (which writes [B,T,H] buffers) lost to a scan where a
-# step is small and won where it is large.  H200 forward medians, loop / scan:
-# 64x1000x128x128 18.1 / 7.8 ms, 16x2000x256x256 30.6 / 16.2, 256x200x512x512
-# 3.37 / 3.77-4.07; so "loop" from this many state elements B·H up.
-GPU_LOOP_MIN_STATE = 1 << 16
+# On GPU the forward loop (which writes [B,T,H] buffers) is slower than a scan
+# or level with it.  H200 forward medians, loop / scan: 64x1000x128x128 18.1 /
+# 7.8 ms, 16x2000x256x256 30.6 / 16.2, 128x500x1024x1024 11.63 / 10.43,
+# 256x200x512x512 3.69 / 3.65 (3.37 / 4.07 in an earlier session, not
+# reproduced).  On CPU the loop is the faster one.
 # Overrides `default_primal` when set ("loop" or "scan"); experiments/benchmark.py uses it.
 PRIMAL: str | None = None
 
 
-def default_primal(batch: int, hidden_size: int, platform: str | None = None) -> str:
+def default_primal(platform: str | None = None) -> str:
   """How an undifferentiated "xla" call runs on ``platform``: "loop" or "scan"."""
   if PRIMAL is not None:
     return PRIMAL
-  platform = platform or jax.default_backend()
-  if platform == "gpu" and batch * hidden_size < GPU_LOOP_MIN_STATE:
-    return "scan"
-  return "loop"
+  return "scan" if (platform or jax.default_backend()) == "gpu" else "loop"
 
 
 class Residuals(NamedTuple):
@@ -336,7 +333,7 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     mask: bool [T,B] / [B,T] or None; a masked step carries h and outputs zero.
     rm: recurrent dropout multiplier [B,H] or None (applied where h enters the gates).
     primal: how an undifferentiated "xla" call runs: "loop" or "scan"; None
-      picks by device and size (`default_primal`).
+      picks by device (`default_primal`: "scan" on GPU, "loop" elsewhere).
 
   Returns:
     (h_last [B,H], hs [T,B,H] / [B,T,H]).  Differentiable in reverse mode
@@ -344,7 +341,7 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     `gru_jax.gru` supports it).
   """
   if primal is None:
-    primal = default_primal(h0.shape[0], h0.shape[-1])
+    primal = default_primal()
   if primal not in ("loop", "scan"):
     raise ValueError(f"primal must be 'loop' or 'scan', got {primal!r}")
   cfg = Config(variant, bool(reverse), int(time_axis), impl, int(unroll), bool(interpret),
