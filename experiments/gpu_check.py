@@ -15,6 +15,11 @@ r"""One prepared GPU session: Pallas-vs-XLA correctness, then timings of every i
    (experiments/configs/adding.py: GRU(128), B=64, T=200, 2,000 steps; the
    Pallas path on GPU), its test MSE and wall time.  Needs ml_collections, which
    the device image lacks: carry its wheel (docs/benchmarks.md), else skipped.
+2c. The column-split kernels (`gru_jax.kernels.pallas_split`), in a child
+   process: each (split, warps) configuration checked as in 2 (f32, f32
+   reversed and time-major, bf16), the correct ones timed against the unsplit
+   kernel on three H=128 shapes; the fastest at the first shape is used below.
+   Writes split.json.
 3. Kernel sweep on the first cuDNN target shape (batch tile, warps, prefetch,
    bf16 weights); the fastest float32 configuration is used from then on.
 4. Timing: `experiments.benchmark` on the ANCHORS.md shapes, the two cuDNN
@@ -22,7 +27,7 @@ r"""One prepared GPU session: Pallas-vs-XLA correctness, then timings of every i
 Every phase is guarded (an error is recorded, the next phase still runs) and
 results.json is rewritten after each step, so a run cut off by the device's
 time limit still returns what it measured.  Files (the device tool returns at
-most 8): <out_dir>/results.json, summary.md, benchmark.png.  Exit status 1 if
+most 8): <out_dir>/results.json, split.json, summary.md, benchmark.png.  Exit status 1 if
 a correctness check failed.
 """
 from __future__ import annotations
