@@ -16,7 +16,7 @@ r"""One prepared GPU session: Pallas-vs-XLA correctness, then timings of every i
    Pallas path on GPU), its test MSE and wall time.  Needs ml_collections, which
    the device image lacks: carry its wheel (docs/benchmarks.md), else skipped.
 2c. The column-split kernels (`gru_jax.kernels.pallas_split`), in a child
-   process: each (split, warps) configuration checked as in 2 (f32, f32
+   process: each (split, warps, joint wait) configuration checked as in 2 (f32, f32
    reversed and time-major, bf16), the correct ones timed against the unsplit
    kernel on three H=128 shapes; the fastest at the first shape is used below.
    Writes split.json.
@@ -88,8 +88,9 @@ GPU_IMPLS = ["gru_jax", "gru_jax/xla/reset_after", "gru_jax/pallas/reset_after",
 # Issue 5 targets: (mode, shape, gru_jax must be at least as fast as ...).
 TARGETS = [("train", "64x1000x128x128", "torch"), ("train", "128x500x1024x1024", "torch")]
 TOLERANCE = {"float32": 2e-3, "bfloat16": 3e-2}
-# Column-split kernels: (programs per batch tile, warps), and the shapes they are timed on.
-SPLIT_CONFIGS = [(2, 4), (4, 4), (8, 4), (4, 8), (8, 2)]
+# Column-split kernels and the shapes they are timed on.
+# (programs per tile, warps, backward waits for its three gate rows together)
+SPLIT_CONFIGS = [(4, 4, False), (4, 4, True), (2, 4, True), (8, 4, True), (8, 2, True)]
 SPLIT_SHAPES = ["64x1000x128x128", "64x100x128x128", "256x200x128x128"]
 
 
@@ -242,9 +243,10 @@ def sweep(shape, configs, repeats: int, log) -> list:
   return rows
 
 
-def set_split(split: int | None, warps: int) -> None:
-  from gru_jax.kernels import fused_rnn, pallas_gru
+def set_split(split: int | None, warps: int, joint: bool = False) -> None:
+  from gru_jax.kernels import fused_rnn, pallas_gru, pallas_split
   pallas_gru.SPLIT, pallas_gru.SPLIT_WARPS = split, warps
+  pallas_split.JOINT_WAIT = joint
   fused_rnn._make.cache_clear()
 
 
@@ -265,11 +267,11 @@ def split_phase(out_dir: str, tiny: bool, budget_s: float, log) -> dict:
     with open(path, "w") as f:
       json.dump(res, f, indent=1)
 
-  configs = [(1, 4)] if tiny else SPLIT_CONFIGS
+  configs = [(1, 4, False), (1, 4, True)] if tiny else SPLIT_CONFIGS
   check_shape = benchmark.parse_shape("16x12x16x32" if tiny else "64x200x128x128")
   good, refs = [], {}
-  for split, warps in configs:
-    set_split(split, warps)
+  for split, warps, joint in configs:
+    set_split(split, warps, joint)
     ok = True
     for reverse, time_major, dtype in ((False, False, "float32"), (True, True, "float32"),
                                        (False, False, "bfloat16")):
@@ -277,24 +279,25 @@ def split_phase(out_dir: str, tiny: bool, budget_s: float, log) -> dict:
         c = compare(check_shape, "reset_after", dtype, reverse, time_major, cache=refs)
       except Exception as e:  # noqa: BLE001 - a failing configuration is a result
         c = dict(ok=False, error=f"{type(e).__name__}: {str(e)[:500]}")
-      c.update(split=split, warps=warps, seconds=round(time.time() - t0, 1))
+      c.update(split=split, warps=warps, joint_wait=joint, seconds=round(time.time() - t0, 1))
       res["checks"].append(c)
-      log("split check", json.dumps({k: c.get(k) for k in ("split", "warps", "dtype", "reverse",
+      log("split check", json.dumps({k: c.get(k) for k in ("split", "warps", "joint_wait",
+                                                           "dtype", "reverse",
                                                            "time_major", "worst", "ok", "error")}))
       ok = ok and c["ok"]
       save()
     if ok:
-      good.append((split, warps))
+      good.append((split, warps, joint))
   shapes = [TINY_SHAPES[0][1]] if tiny else SPLIT_SHAPES
   for shape_text in shapes:
     shape = benchmark.parse_shape(shape_text)
-    for split, warps in [(0, 0)] + good:
+    for split, warps, joint in [(0, 0, False)] + good:
       if time.time() - t0 > budget_s:
         res["errors"].append(f"budget spent before {shape_text} split={split}")
         save()
         return res
-      set_split(split, warps)
-      row = dict(shape=shape_text, split=split, warps=warps)
+      set_split(split, warps, joint)
+      row = dict(shape=shape_text, split=split, warps=warps, joint_wait=joint)
       try:
         steps = {m: benchmark.build("gru_jax/pallas/reset_after", shape, m, "float32")
                  for m in ("forward", "train")}
@@ -307,7 +310,7 @@ def split_phase(out_dir: str, tiny: bool, budget_s: float, log) -> dict:
       log("split timing", json.dumps(row))
       res["timings"].append(row)
       save()
-  set_split(None, 4)
+  set_split(None, 4, False)
   return res
 
 
@@ -335,12 +338,13 @@ def run_split_subprocess(out_dir: str, budget_s: float, log) -> dict:
 
 
 def best_split(res: dict, shape_text: str):
-  """(split, warps) with the fastest train step at ``shape_text`` (split 0: unsplit), or None."""
+  """(split, warps, joint wait) with the fastest train step at ``shape_text`` (split 0:
+  unsplit), or None."""
   rows = [r for r in res.get("timings", []) if r["shape"] == shape_text and "train" in r]
   if not rows:
     return None
   best = min(rows, key=lambda r: r["train"])
-  return best["split"], best["warps"] or 4
+  return best["split"], best["warps"] or 4, best.get("joint_wait", False)
 
 
 def targets_text(bench: list) -> list[str]:
@@ -466,7 +470,7 @@ def main(argv):
   if choice is not None:
     set_split(*choice)
     results["split_used"] = choice
-    log("column split used below (split, warps):", choice)
+    log("column split used below (split, warps, joint wait):", choice)
 
   # 4. benchmark
   impls = FLAGS.impls

@@ -62,8 +62,9 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
   res = json.load(open(out / "results.json"))
   split = res["split"]  # phase 2c, run in a child process: split=1 is all interpret mode runs
   assert split["returncode"] == 0 and split["errors"] == []
-  assert len(split["checks"]) == 3 and all(c["ok"] and c["split"] == 1 for c in split["checks"])
-  assert [(r["split"], "train" in r) for r in split["timings"]] == [(0, True), (1, True)]
+  assert len(split["checks"]) == 6 and all(c["ok"] and c["split"] == 1 for c in split["checks"])
+  assert [(r["split"], r["joint_wait"], "train" in r) for r in split["timings"]] == [
+      (0, False, True), (1, False, True), (1, True, True)]
   assert res["errors"] == [] and res["env"]["tensorflow_imported"] == []
   assert all(c["ok"] for c in res["correctness"]) and len(res["correctness"]) == 2
   assert len(res["sweep"]) == 5 and all("train" in row for row in res["sweep"])

@@ -327,11 +327,14 @@ def test_split_applies_only_where_it_can_run():
   assert pallas_split.applies(**{**base, "interpret": True, "split": 1})[0]
 
 
-def test_split_kernels_lower_to_triton_for_gpu(monkeypatch):
+@pytest.mark.parametrize("joint_wait", [False, True])
+def test_split_kernels_lower_to_triton_for_gpu(joint_wait, monkeypatch):
   """Without a GPU: with SPLIT=4 the train step lowers through the split kernels
-  (a 2-D grid, the spin-wait's while loop and volatile loads included)."""
-  from gru_jax.kernels import fused_rnn
+  (a 2-D grid, the spin-wait's while loop and volatile loads included), with the
+  backward's three gate rows waited for one after another or together."""
+  from gru_jax.kernels import fused_rnn, pallas_split
   monkeypatch.setattr(pallas_gru, "SPLIT", 4)
+  monkeypatch.setattr(pallas_split, "JOINT_WAIT", joint_wait)
   fused_rnn._make.cache_clear()
   b, t, h = 64, 5, 128
   ks = jax.random.split(jax.random.key(12), 2)

@@ -45,6 +45,11 @@ SENTINEL = 0x7FBADBAD
 # Spins per wait before giving up (about a second); after one gives up, a
 # program stops waiting altogether, so a broken run ends with wrong outputs.
 SPIN_LIMIT = 1 << 20
+# The backward kernel waits for its three gate rows together (one memory round
+# trip per step) instead of one after another (three; measured on an H200 as
+# the default below).  Off until it has been timed and checked on a GPU:
+# experiments/gpu_check.py phase 2c does both.
+JOINT_WAIT = False
 
 
 def _sentinel_fill(shape) -> Array:
@@ -80,16 +85,22 @@ def _dot(a: Array, w: Array) -> Array:
   return jnp.dot(a.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
-def _wait(ref, idx, limit, interpret: bool):
-  """Loads ref[idx] until none of its elements is the sentinel: (value, spins)."""
-  if interpret:  # programs run in turn: a slot is complete when it is read
-    return ref[idx], jnp.int32(0)
-  from jax.experimental.pallas import triton as plgpu
-  view = ref.at[idx]
+def _wait(ref, idxs, limit, interpret: bool):
+  """Loads ref[idx] for each of ``idxs`` until no element of any is the sentinel.
 
-  def pending(v):
-    hit = jnp.where(lax.bitcast_convert_type(v, jnp.int32) == SENTINEL, 1, 0)
-    return jnp.max(hit) > 0
+  Returns (values, spins).  All slots are loaded before any is checked, so
+  waiting on several costs one memory round trip, not one each.
+  """
+  if interpret:  # programs run in turn: a slot is complete when it is read
+    return tuple(ref[idx] for idx in idxs), jnp.int32(0)
+  from jax.experimental.pallas import triton as plgpu
+  views = [ref.at[idx] for idx in idxs]
+  load = lambda: tuple(plgpu.load(v, volatile=True) for v in views)
+
+  def pending(vs):
+    hits = [jnp.max(jnp.where(lax.bitcast_convert_type(v, jnp.int32) == SENTINEL, 1, 0))
+            for v in vs]
+    return functools.reduce(jnp.maximum, hits) > 0
 
   # The limit rides in the carry: Pallas-Triton's while lowering mixes up
   # constants captured by the condition.
@@ -97,10 +108,10 @@ def _wait(ref, idx, limit, interpret: bool):
     return pending(c[0]) & (c[1] < c[2])
 
   def body(c):
-    return plgpu.load(view, volatile=True), c[1] + 1, c[2]
+    return load(), c[1] + 1, c[2]
 
-  v, spins, _ = lax.while_loop(cond, body, (plgpu.load(view, volatile=True), jnp.int32(0), limit))
-  return v, spins
+  vs, spins, _ = lax.while_loop(cond, body, (load(), jnp.int32(0), limit))
+  return vs, spins
 
 
 def _specs(ax: int, n: int, bt: int, hsz: int, hs: int):
@@ -187,7 +198,7 @@ def _forward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, save: bool, 
   def body(i, carry):
     h, stalled, cur = carry
     nxt = load(jnp.minimum(i + 1, n - 1))  # in flight while this step waits and computes
-    h_row, spins = _wait(ex_ref, _at(ax, time_of(i - 1)), _limit(stalled), interpret)
+    (h_row,), spins = _wait(ex_ref, [_at(ax, time_of(i - 1))], _limit(stalled), interpret)
     stalled = stalled + _gave_up(spins)
     return step(i, h, h_row, cur), stalled, nxt
 
@@ -266,10 +277,12 @@ def _backward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, has_mask: b
     for gate, v in enumerate((da_z, da_r, da_c)):
       dxp_ref[_at(ax, t, gate, slice(None))] = v.astype(dxp_ref.dtype)
     dhin = jnp.zeros_like(dh)
-    for gate, wt in enumerate((wzt, wrt, wct)):
-      row, spins = _wait(ex_ref, _at(ax, t, gate), _limit(stalled), interpret)
+    groups = [[0, 1, 2]] if JOINT_WAIT else [[0], [1], [2]]
+    for gates in groups:
+      rows, spins = _wait(ex_ref, [_at(ax, t, g) for g in gates], _limit(stalled), interpret)
       stalled = stalled + _gave_up(spins)
-      dhin = dhin + _dot(row, wt)
+      for g, row in zip(gates, rows):
+        dhin = dhin + _dot(row, (wzt, wrt, wct)[g])
     direct = d * (1 - z)
     if has_mask:
       direct = jnp.where(keep, direct, dh)
