@@ -44,8 +44,9 @@ PREFETCH = True
 NUM_STAGES = 1
 # Column split (`gru_jax.kernels.pallas_split`): S programs per batch tile, each
 # owning H/S hidden columns, exchanging the state through global memory every
-# step.  None: S = H / SPLIT_COLUMNS when that is 2 or more; 0: off; an int: that
-# S.  Applies to "reset_after" without recurrent dropout.  H200, f32, train /
+# step.  None: S = H / SPLIT_COLUMNS from H = 128 up (where it was measured; the
+# unsplit kernel's weights fit in registers below); 0: off; an int: that S.
+# Applies to "reset_after" without recurrent dropout.  H200, f32, train /
 # forward ms (gpu_check phase 2c): 64x1000x128x128 unsplit 7.74 / 3.17, S=2
 # 6.20 / 2.46, S=4 5.55 / 2.38, S=8 6.29 / 3.01, S=4 with 8 warps 6.71 / 3.17;
 # 64x100x128x128 1.11 / 0.55 unsplit, 0.82 / 0.42 S=4, 0.78 / 0.41 S=8;
@@ -92,7 +93,7 @@ def _split(cfg: Config, batch: int, hsz: int, rm) -> int:
     sms = getattr(jax.devices()[0], "core_count", None)
   split = SPLIT
   if split is None:
-    split = hsz // SPLIT_COLUMNS if hsz >= 2 * SPLIT_COLUMNS and not cfg.interpret else 0
+    split = hsz // SPLIT_COLUMNS if hsz >= 128 and not cfg.interpret else 0
   ok, _ = pallas_split.applies(variant=cfg.variant, hidden_size=hsz, batch=batch,
                                tile=_tile(batch, cfg.interpret), split=split,
                                has_rm=rm is not None, interpret=cfg.interpret, sm_count=sms)

@@ -18,7 +18,8 @@ through global memory:
 
 This needs all programs of a tile resident at once (checked against the SM
 count in `applies`); a spin is bounded (``SPIN_LIMIT``) so that a broken
-assumption shows as wrong numbers, which the GPU checks catch, not as a hang.
+assumption shows as NaN outputs, not as a hang: an element that never arrived
+is still the sentinel NaN, and it flows into the state.
 Only the "reset_after" variant is split (its one recurrent matmul per step
 needs only the previous state; "seed" would need a second exchange of r⊙h),
 without recurrent dropout.  In Pallas interpret mode the programs run one
@@ -43,11 +44,11 @@ Array = jax.Array
 
 SENTINEL = 0x7FBADBAD
 # Spins per wait before giving up (about a second); after one gives up, a
-# program stops waiting altogether, so a broken run ends with wrong outputs.
+# program stops waiting altogether, so a broken run ends quickly, with NaNs.
 SPIN_LIMIT = 1 << 20
-# The backward kernel waits for its three gate rows together (one memory round
-# trip per step) instead of one after another (three; measured on an H200 as
-# the default below).  Off until it has been timed and checked on a GPU:
+# True: the backward kernel waits for its three gate rows together (one memory
+# round trip per step) instead of one after another (three round trips: what
+# was measured on the H200).  Off until it has been timed and checked on a GPU;
 # experiments/gpu_check.py phase 2c does both.
 JOINT_WAIT = False
 
