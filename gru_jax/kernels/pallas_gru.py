@@ -45,7 +45,7 @@ NUM_STAGES = 1
 # Column split (`gru_jax.kernels.pallas_split`): S programs per batch tile, each
 # owning H/S hidden columns, exchanging the state through global memory every
 # step.  None: S = H / SPLIT_COLUMNS from H = 128 up (where it was measured; the
-# unsplit kernel's weights fit in registers below); 0: off; an int: that S.
+# unsplit kernel's whole weights are a quarter the size at H=64); 0: off; an int: that S.
 # Applies to "reset_after" without recurrent dropout.  H200, f32, train /
 # forward ms (gpu_check phase 2c): 64x1000x128x128 unsplit 7.74 / 3.17, S=2
 # 6.20 / 2.46, S=4 5.55 / 2.38, S=8 6.29 / 3.01, S=4 with 8 warps 6.71 / 3.17;
