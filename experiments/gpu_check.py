@@ -253,7 +253,7 @@ def set_split(split: int | None, warps: int, joint: bool = False) -> None:
 def split_phase(out_dir: str, tiny: bool, budget_s: float, log) -> dict:
   """Phase 2c: the column-split kernels (`gru_jax.kernels.pallas_split`).
 
-  Each (split, warps) configuration is checked against "xla" and "scan"
+  Each (split, warps, joint wait) configuration is checked against "xla" and "scan"
   (forward and gradients, padding mask, forward/reverse time, batch/time-major
   layout); the correct ones are then timed, forward and train, on the shapes
   where the split applies, against the unsplit kernel (split 0).  Writes
