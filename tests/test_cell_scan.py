@@ -266,3 +266,23 @@ def test_bad_step_input():
     cell.init(jax.random.key(0), 0, 3)
   with pytest.raises(TypeError, match=r"params must be a GRUParams"):
     gru_jax.gru({"w": 1}, jnp.ones((1, 2, 3)))
+
+
+def test_cpu_projection_vjp_matches_numpy():
+  """The hoisted input projection's hand-written VJP (a materialised xsᵀ on CPU)
+  gives dx = g·wᵀ and dw = xsᵀ·g as float64 NumPy computes them; bf16 weights
+  use the plain matmul (and JAX's own VJP)."""
+  from gru_jax import scan as scan_lib
+  k = jax.random.key(3)
+  xs = jax.random.normal(k, (3, 4, 5))
+  w = jax.random.normal(jax.random.fold_in(k, 1), (5, 6))
+  g = jax.random.normal(jax.random.fold_in(k, 2), (3, 4, 6))
+  out, vjp = jax.vjp(lambda a, b: scan_lib._project(a, b, jnp.float32), xs, w)
+  dx, dw = vjp(g)
+  x64, w64, g64 = (np.asarray(a, np.float64) for a in (xs, w, g))
+  np.testing.assert_allclose(out, x64 @ w64, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, x64.reshape(-1, 5).T @ g64.reshape(-1, 6), rtol=1e-5, atol=1e-5)
+  wb = w.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(scan_lib._project(xs, wb, jnp.float32),
+                                cell.matmul(xs, wb, jnp.float32))
