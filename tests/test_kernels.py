@@ -321,6 +321,7 @@ def test_split_applies_only_where_it_can_run():
   for change, why in [(dict(split=0), "off"), (dict(variant="seed"), "reset_after"),
                       (dict(has_rm=True), "dropout"), (dict(split=3), "power of two"),
                       (dict(split=16), "< 16"), (dict(batch=1024), "resident on 132 SMs"),
+                      (dict(sm_count=None), "SM count is unknown"),
                       (dict(interpret=True), "split must be 1")]:
     ok, reason = pallas_split.applies(**{**base, **change})
     assert not ok and why in reason, (change, reason)
@@ -334,6 +335,7 @@ def test_split_kernels_lower_to_triton_for_gpu(joint_wait, monkeypatch):
   backward's three gate rows waited for one after another or together."""
   from gru_jax.kernels import fused_rnn, pallas_split
   monkeypatch.setattr(pallas_gru, "SPLIT", 4)
+  monkeypatch.setattr(pallas_gru, "_sm_count", lambda: 132)  # an H100's; the CPU reports none
   monkeypatch.setattr(pallas_split, "JOINT_WAIT", joint_wait)
   fused_rnn._make.cache_clear()
   b, t, h = 64, 5, 128
@@ -364,7 +366,9 @@ def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
   cfg = lambda **k: fused_rnn.Config(**{**dict(variant="reset_after", reverse=False, time_axis=0,
                                                impl="pallas", interpret=False), **k})
   assert pallas_gru.SPLIT is None
+  monkeypatch.setattr(pallas_gru, "_sm_count", lambda: 132)  # an H100's; the CPU reports none
   assert pallas_gru._split(cfg(), 64, 128, None) == 4
+  assert pallas_gru._split(cfg(), 1024, 128, None) == 0  # 256 programs > 132 SMs
   assert pallas_gru._split(cfg(), 64, 64, None) == 0  # not measured below H=128
   assert pallas_gru._split(cfg(), 64, 32, None) == 0
   assert pallas_gru._split(cfg(interpret=True), 64, 128, None) == 0
@@ -372,6 +376,8 @@ def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
   assert pallas_gru._split(cfg(), 64, 128, jnp.ones((64, 128))) == 0  # recurrent dropout
   monkeypatch.setattr(pallas_gru, "SPLIT", 8)
   assert pallas_gru._split(cfg(), 64, 128, None) == 8
+  monkeypatch.setattr(pallas_gru, "_sm_count", lambda: None)
+  assert pallas_gru._split(cfg(), 64, 128, None) == 0
   assert fused_rnn.default_primal("cpu") == "loop"
   assert fused_rnn.default_primal("gpu") == "scan"
   monkeypatch.setattr(fused_rnn, "PRIMAL", "scan")

@@ -86,11 +86,14 @@ def supported(*, hidden_size: int, batch: int, compute_dtype, state_dtype,
   return True, "fits"
 
 
+def _sm_count() -> int | None:
+  """Streaming multiprocessors of the GPU (JAX's `core_count`), None if not reported."""
+  return getattr(jax.devices()[0], "core_count", None)
+
+
 def _split(cfg: Config, batch: int, hsz: int, rm) -> int:
   """The column split to run with (0: the one-program-per-tile kernels)."""
-  sms = None
-  if not cfg.interpret:
-    sms = getattr(jax.devices()[0], "core_count", None)
+  sms = None if cfg.interpret else _sm_count()
   split = SPLIT
   if split is None:
     split = hsz // SPLIT_COLUMNS if hsz >= 128 and not cfg.interpret else 0

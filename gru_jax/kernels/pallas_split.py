@@ -72,8 +72,10 @@ def applies(*, variant: str, hidden_size: int, batch: int, tile: int, split: int
     return (split == 1, "interpret mode runs programs in turn: split must be 1")
   if hidden_size // split < 16:
     return False, f"{hidden_size // split} columns per program < 16, the smallest Triton matmul"
+  if sm_count is None:  # the spin-waits need every program resident: do not guess
+    return False, "the device's SM count is unknown"
   programs = batch // tile * split
-  if sm_count is not None and programs > sm_count:
+  if programs > sm_count:
     return False, f"{programs} programs would not all be resident on {sm_count} SMs"
   return True, "fits"
 
