@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from gru_jax.kernels import pallas_split
+from gru_jax.kernels._pallas_common import at as _at, call, dot as _dot, time_loop
 from gru_jax.kernels.fused_rnn import Config, Residuals, outputs_from_prev
 
 Array = jax.Array
@@ -112,16 +113,6 @@ def _tile(batch: int, interpret: bool) -> int:
   return 1
 
 
-def _at(ax: int, t, *rest):
-  """Index (t along the time axis ``ax``, all batch rows of the tile, *rest)."""
-  return ((t, slice(None)) if ax == 0 else (slice(None), t)) + rest
-
-
-def _dot(a: Array, w: Array) -> Array:
-  """a·w with a cast to w's dtype, float32 accumulation and result."""
-  return jnp.dot(a.astype(w.dtype), w, preferred_element_type=jnp.float32)
-
-
 def _specs(cfg: Config, n: int, bt: int, hsz: int):
   """BlockSpecs for the per-tile arrays, in the caller's layout."""
   if cfg.time_axis == 0:
@@ -139,22 +130,6 @@ def _specs(cfg: Config, n: int, bt: int, hsz: int):
   )
 
 
-def _time_loop(n: int, load, step, init):
-  """fori_loop over i < n of ``step(i, carry, load(i))``, optionally software-pipelined.
-
-  With PREFETCH the loads for i+1 are issued at the top of iteration i (clamped
-  at the end) and carried, instead of being waited on inside iteration i+1.
-  """
-  if not PREFETCH:
-    return jax.lax.fori_loop(0, n, lambda i, c: step(i, c, load(i)), init)
-
-  def body(i, c):
-    carry, cur = c
-    nxt = load(jnp.minimum(i + 1, n - 1))
-    return step(i, carry, cur), nxt
-  return jax.lax.fori_loop(0, n, body, (init, load(0)))[0]
-
-
 def _add_optional(args: list, in_specs: list, sp: dict, mask, rm) -> None:
   """Appends the mask (as int32: Triton loads no bools) and the dropout multiplier when given."""
   if mask is not None:
@@ -166,14 +141,9 @@ def _add_optional(args: list, in_specs: list, sp: dict, mask, rm) -> None:
 
 
 def _call(kernel, cfg: Config, batch: int, out_shape, in_specs, out_specs, bt: int):
-  kw = {}
-  if not cfg.interpret:
-    from jax.experimental.pallas import triton as plgpu
-    # TritonCompilerParams is the name in older JAX (pyproject allows jax>=0.6).
-    params = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-    kw["compiler_params"] = params(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-  return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch // bt,), in_specs=in_specs,
-                        out_specs=out_specs, interpret=cfg.interpret, **kw)
+  return call(kernel, interpret=cfg.interpret, grid=(batch // bt,), out_shape=out_shape,
+              in_specs=in_specs, out_specs=out_specs, num_warps=NUM_WARPS,
+              num_stages=NUM_STAGES)
 
 
 # ---------------------------------------------------------------- forward
@@ -223,7 +193,7 @@ def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_
       ref[_at(ax, t)] = v.astype(ref.dtype)
     return h_new
 
-  out_refs[-1][...] = _time_loop(n, load, body, h0_ref[...].astype(jnp.float32))
+  out_refs[-1][...] = time_loop(n, load, body, h0_ref[...].astype(jnp.float32), prefetch=PREFETCH)
 
 
 def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
@@ -317,7 +287,7 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
 
   dh = glast_ref[...].astype(jnp.float32)
   drm0 = jnp.zeros_like(dh)
-  dh, drm = _time_loop(n, load, body, (dh, drm0))
+  dh, drm = time_loop(n, load, body, (dh, drm0), prefetch=PREFETCH)
   dh0_ref[...] = dh
   if has_rm:
     drm_ref[...] = drm

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from gru_jax.kernels._pallas_common import at as _at, call, dot as _dot, time_loop
 from gru_jax.kernels.fused_rnn import Config, Residuals
 
 Array = jax.Array
@@ -78,14 +79,6 @@ def applies(*, variant: str, hidden_size: int, batch: int, tile: int, split: int
   if programs > sm_count:
     return False, f"{programs} programs would not all be resident on {sm_count} SMs"
   return True, "fits"
-
-
-def _at(ax: int, t, *rest):
-  return ((t, slice(None)) if ax == 0 else (slice(None), t)) + rest
-
-
-def _dot(a: Array, w: Array) -> Array:
-  return jnp.dot(a.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def _wait(ref, idxs, limit, interpret: bool):
@@ -135,17 +128,6 @@ def _specs(ax: int, n: int, bt: int, hsz: int, hs: int):
       bias3=pl.BlockSpec((3, hs), lambda i, j: (0, j)),
       bias=pl.BlockSpec((hs,), lambda i, j: (j,)),
   )
-
-
-def _call(kernel, *, interpret, grid, out_shape, in_specs, out_specs, aliases, num_warps):
-  kw = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    params = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-    kw["compiler_params"] = params(num_warps=num_warps, num_stages=1)
-  return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                        out_specs=out_specs, input_output_aliases=aliases,
-                        interpret=interpret, **kw)
 
 
 # Integer arithmetic only: Pallas-Triton lowers bool->int conversions and scalar
@@ -198,14 +180,12 @@ def _forward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, save: bool, 
 
   h = step(0, h0_ref[...].astype(jnp.float32), h0_row_ref[...].astype(jnp.float32), load(0))
 
-  def body(i, carry):
-    h, stalled, cur = carry
-    nxt = load(jnp.minimum(i + 1, n - 1))  # in flight while this step waits and computes
+  def body(i, carry, cur):  # step i+1's inputs are in flight while this one waits
+    h, stalled = carry
     (h_row,), spins = _wait(ex_ref, [_at(ax, time_of(i - 1))], _limit(stalled), interpret)
-    stalled = stalled + _gave_up(spins)
-    return step(i, h, h_row, cur), stalled, nxt
+    return step(i, h, h_row, cur), stalled + _gave_up(spins)
 
-  h, _, _ = lax.fori_loop(1, n, body, (h, jnp.int32(0), load(jnp.minimum(1, n - 1))))
+  h, _ = time_loop(n, load, body, (h, jnp.int32(0)), prefetch=True, start=1)
   hlast_ref[...] = h
 
 
@@ -236,10 +216,10 @@ def forward(w_h, b_x, b_hn, xp, h0, mask, *, cfg: Config, save: bool, tile: int,
   kernel = functools.partial(_forward_kernel, ax=ax, n=n, reverse=cfg.reverse, hs=hs,
                              save=save, has_mask=mask is not None,
                              interpret=cfg.interpret)
-  states, *res, h_last = _call(
+  states, *res, h_last = call(
       kernel, interpret=cfg.interpret, grid=(batch // tile, split), out_shape=out_shape,
       in_specs=in_specs, out_specs=out_specs, aliases={len(args) - 1: 0},
-      num_warps=num_warps)(*args)
+      num_warps=num_warps, num_stages=1)(*args)
   # The exchange holds every step's carried state; outputs are zero at masked steps.
   hs_out = states if mask is None else jnp.where(mask[..., None], states, 0.0)
   return h_last, hs_out, (Residuals(*res) if save else None)
@@ -262,9 +242,8 @@ def _backward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, has_mask: b
     at = _at(ax, time_of(i))
     return tuple(ref[at] for ref in seq_refs)
 
-  def body(i, carry):
-    dh, stalled, cur = carry
-    nxt = load(jnp.minimum(i + 1, n - 1))
+  def body(i, carry, cur):
+    dh, stalled = carry
     t = time_of(i)
     hp, z, r, c, hn, g = cur[:6]
     d = dh + g
@@ -289,10 +268,10 @@ def _backward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, has_mask: b
     direct = d * (1 - z)
     if has_mask:
       direct = jnp.where(keep, direct, dh)
-    return direct + dhin, stalled, nxt
+    return direct + dhin, stalled
 
   dh = glast_ref[...].astype(jnp.float32)
-  dh, _, _ = lax.fori_loop(0, n, body, (dh, jnp.int32(0), load(0)))
+  dh, _ = time_loop(n, load, body, (dh, jnp.int32(0)), prefetch=True)
   dh0_ref[...] = dh
 
 
@@ -320,7 +299,7 @@ def backward(w_h, res: Residuals, mask, g_last, g_hs, *, cfg: Config, tile: int,
   out_specs = [sp["gates_row"], sp["gates"], sp["state_own"]]
   kernel = functools.partial(_backward_kernel, ax=ax, n=n, reverse=cfg.reverse, hs=hs,
                              has_mask=mask is not None, interpret=cfg.interpret)
-  _, dxp, dh0 = _call(kernel, interpret=cfg.interpret, grid=(batch // tile, split),
-                      out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
-                      aliases={len(args) - 1: 0}, num_warps=num_warps)(*args)
+  _, dxp, dh0 = call(kernel, interpret=cfg.interpret, grid=(batch // tile, split),
+                     out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
+                     aliases={len(args) - 1: 0}, num_warps=num_warps, num_stages=1)(*args)
   return dh0, dxp.reshape(res.z.shape[:2] + (3 * hsz,)), None
