@@ -132,7 +132,10 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
     return h_new, tuple(put(b, v, t, ax) for b, v in zip(bufs, parts))
 
   n_bufs = (5 if cfg.variant == "reset_after" else 4) if save else 1
-  bufs = tuple(jnp.zeros(shape, sd) for _ in range(n_bufs))
+  # Every slot is written, so the fill values are never read.  Distinct ones
+  # keep XLA from filling one buffer and copying it n_bufs-1 times (0.35 ms of
+  # the 64x100x128x128 CPU train step).
+  bufs = tuple(jnp.full(shape, i, sd) for i in range(n_bufs))
   h_last, bufs = lax.fori_loop(0, n, body, (h0, bufs), unroll=cfg.unroll)
   if not save:
     return h_last, bufs[0], None
