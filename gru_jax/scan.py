@@ -182,6 +182,51 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
 
 
 @functools.partial(jax.named_call, name="gru")
+def _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, time_major: bool, variant: str,
+               reverse: bool, unroll: int, impl: str, to_time_major: bool = False):
+  """The "xla"/"pallas" backends: projection, then `fused_rnn.recurrence`.
+
+  No bias and no transpose of xp: the loops add the bias per step and read xp
+  in the given layout.  ``to_time_major`` runs [B,T,.] inputs time-major
+  inside (x, D wide, moved in; hs moved out).
+  """
+  if to_time_major:
+    xs, mask = jnp.swapaxes(xs, 0, 1), None if mask is None else mask.T
+  xp = _project(xs, w_x, h0.dtype)
+  h_last, hs = rec_lib.recurrence(
+      w_h, b_x, b_hn, xp, h0, mask, rm, variant=variant, reverse=reverse,
+      time_axis=0 if time_major or to_time_major else 1, impl=impl, unroll=unroll,
+      interpret=jax.default_backend() != "gpu")
+  return h_last, jnp.swapaxes(hs, 0, 1) if to_time_major else hs
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_major_cpu(**static):
+  """[B,T,D] inputs on CPU: the batch-major loop undifferentiated, the time-major one under AD.
+
+  XLA:CPU's loops store [B,H] blocks into time-major buffers faster.  With
+  five residuals per step that pays for moving x in and hs out (train
+  64x100x128x128: 21.7 -> 20.2 ms); with one output per step it does not
+  (forward 64x100x512x512: 71.8 batch-major, 76.4 time-major), so each path
+  gets its own layout (docs/benchmarks.md).
+  """
+  @jax.custom_vjp
+  def run(w_x, w_h, b_x, b_hn, xs, h0, mask, rm):
+    return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, time_major=False, **static)
+
+  def run_fwd(w_x, w_h, b_x, b_hn, xs, h0, mask, rm):
+    tm = lambda *a: _projected(*a[:6], mask, a[6], time_major=False, to_time_major=True,
+                               **static)
+    return jax.vjp(tm, w_x, w_h, b_x, b_hn, xs, h0, rm)
+
+  def run_bwd(vjp, cts):
+    *grads, d_rm = vjp(cts)
+    return (*grads, None, d_rm)
+
+  run.defvjp(run_fwd, run_bwd)
+  return run
+
+
 def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | None = None,
         reverse: bool = False, time_major: bool = False, variant: str = "seed",
         unroll: int = 1, return_gates: bool = False,
@@ -232,22 +277,14 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
   if impl != "scan":
     if input_dropout_mask is not None:
       xs = xs * (input_dropout_mask[None] if time_major else input_dropout_mask[:, None])
-    # No bias and no transpose here: the loops add the bias per step and
-    # read xp in the caller's layout (see gru_jax.kernels.fused_rnn).
-    mask = None if mask is None else mask.astype(bool)
-    # XLA:CPU's loops store [B,H] blocks into time-major buffers faster: the
-    # train step 64x100x128x128 went from 21.7 to 20.2 ms with x (D wide)
-    # moved in and hs moved out (docs/benchmarks.md).
-    to_tm = impl == "xla" and not time_major and jax.default_backend() == "cpu"
-    if to_tm:
-      xs, mask = jnp.swapaxes(xs, 0, 1), None if mask is None else mask.T
-    xp = _project(xs, params.w_x.astype(compute_dtype), state_dtype)
-    h_last, hs = rec_lib.recurrence(
-        params.w_h.astype(compute_dtype), cell_lib.folded_bias(params, variant).astype(state_dtype),
-        params.b_h[2 * params.hidden_size:].astype(state_dtype), xp, h0, mask, rec_mask,
-        variant=variant, reverse=reverse, time_axis=0 if time_major or to_tm else 1, impl=impl,
-        unroll=unroll, interpret=jax.default_backend() != "gpu")
-    return h_last, jnp.swapaxes(hs, 0, 1) if to_tm else hs
+    args = (params.w_x.astype(compute_dtype), params.w_h.astype(compute_dtype),
+            cell_lib.folded_bias(params, variant).astype(state_dtype),
+            params.b_h[2 * params.hidden_size:].astype(state_dtype), xs, h0,
+            None if mask is None else mask.astype(bool), rec_mask)
+    static = dict(variant=variant, reverse=bool(reverse), unroll=int(unroll), impl=impl)
+    if impl == "xla" and not time_major and jax.default_backend() == "cpu":
+      return _batch_major_cpu(**static)(*args)
+    return _projected(*args, time_major=time_major, **static)
   xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)  # x is D wide: cheaper than moving xp
   if input_dropout_mask is not None:
     xs_tm = xs_tm * input_dropout_mask[None]
