@@ -17,7 +17,11 @@ Layout choices come from profiling XLA:CPU (docs/benchmarks.md):
 * the loops read and write each gate's [B,H] block of xp with a dynamic slice
   at a static column offset; slicing columns out of a per-step [B,3H] slice
   instead compiles to unvectorised code, 5-10x slower;
-* the time axis follows the caller's layout, so no [T,B]<->[B,T] transposes;
+* the time axis is either layout (``time_axis``), so the loops need no
+  transposes of their own; stores into time-major buffers are the faster
+  ones, so under AD on CPU `gru_jax.scan` moves [B,T,D] inputs time-major
+  before the projection (the undifferentiated loop, one store per step,
+  stays batch-major);
 * peak temporary memory is kept low (no zero-filled output buffers, the
   backward loop writes into the dead xp), because XLA:CPU mmaps a temporary
   buffer above 32 MiB afresh on every call and pays a page fault per 4 KiB.
