@@ -181,7 +181,6 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
   return h_last, unchunk(hs), jax.tree.map(unchunk, gs)
 
 
-@functools.partial(jax.named_call, name="gru")
 def _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, time_major: bool, variant: str,
                reverse: bool, unroll: int, impl: str, to_time_major: bool = False):
   """The "xla"/"pallas" backends: projection, then `fused_rnn.recurrence`.
@@ -215,18 +214,20 @@ def _batch_major_cpu(**static):
     return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, time_major=False, **static)
 
   def run_fwd(w_x, w_h, b_x, b_hn, xs, h0, mask, rm):
-    tm = lambda *a: _projected(*a[:6], mask, a[6], time_major=False, to_time_major=True,
-                               **static)
-    return jax.vjp(tm, w_x, w_h, b_x, b_hn, xs, h0, rm)
+    def time_major(w_x, w_h, b_x, b_hn, xs, h0, rm):  # everything but the bool mask
+      return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, time_major=False,
+                        to_time_major=True, **static)
+    return jax.vjp(time_major, w_x, w_h, b_x, b_hn, xs, h0, rm)  # residuals: the VJP
 
   def run_bwd(vjp, cts):
     *grads, d_rm = vjp(cts)
-    return (*grads, None, d_rm)
+    return (*grads, None, d_rm)  # None: the mask's cotangent
 
   run.defvjp(run_fwd, run_bwd)
   return run
 
 
+@functools.partial(jax.named_call, name="gru")
 def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | None = None,
         reverse: bool = False, time_major: bool = False, variant: str = "seed",
         unroll: int = 1, return_gates: bool = False,
