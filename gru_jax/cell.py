@@ -121,29 +121,35 @@ def recurrent_gates(w_h: Array, b_h: Array, h: Array, xp: Array, *, variant: str
 
 
 def split_gates(w_h: Array, b_hn: Array, h: Array, xz: Array, xr: Array, xc: Array, *,
-                variant: str, h_drop: Array | None = None) -> tuple[Gates, Array | None]:
+                variant: str, h_drop: Array | None = None,
+                through: Callable[[str, Array], Array] | None = None
+                ) -> tuple[Gates, Array | None]:
   """`recurrent_gates` with the projection given per gate: xz, xr, xc each [B,H].
 
   ``b_hn`` [H] is the candidate's recurrent bias (used by "reset_after" only).
   Returns the gates and, for "reset_after", hn = h·W_hn + b_hn (None for
   "seed"), which the hand-written backward pass reuses.  Loops pass whole
   per-gate blocks: on XLA:CPU, slicing columns of a per-step slice of the
-  projection inside the gate fusion defeats vectorisation.
+  projection inside the gate fusion defeats vectorisation.  ``through(name,
+  v)``, if given, is applied to each of "z", "r", "hn", "candidate" as it is
+  computed, and what it returns is used from then on (a loop stores each
+  gate and continues from the stored copy).
   """
+  through = through or (lambda _, v: v)
   hsz = h.shape[-1]
   hin = h if h_drop is None else h_drop
   if variant == "seed":
     # Two dependent matmuls: the candidate's input r⊙h needs r first.
     hzr = matmul(hin, w_h[:, :2 * hsz], h.dtype)
-    z = jax.nn.sigmoid(xz + hzr[..., :hsz])
-    r = jax.nn.sigmoid(xr + hzr[..., hsz:])
-    cand = jnp.tanh(xc + matmul(r * hin, w_h[:, 2 * hsz:], h.dtype))
+    z = through("z", jax.nn.sigmoid(xz + hzr[..., :hsz]))
+    r = through("r", jax.nn.sigmoid(xr + hzr[..., hsz:]))
+    cand = through("candidate", jnp.tanh(xc + matmul(r * hin, w_h[:, 2 * hsz:], h.dtype)))
     return Gates(z, r, cand), None
   hh = matmul(hin, w_h, h.dtype)
-  z = jax.nn.sigmoid(xz + hh[..., :hsz])
-  r = jax.nn.sigmoid(xr + hh[..., hsz:2 * hsz])
-  hn = hh[..., 2 * hsz:] + b_hn.astype(h.dtype)
-  cand = jnp.tanh(xc + r * hn)
+  z = through("z", jax.nn.sigmoid(xz + hh[..., :hsz]))
+  r = through("r", jax.nn.sigmoid(xr + hh[..., hsz:2 * hsz]))
+  hn = through("hn", hh[..., 2 * hsz:] + b_hn.astype(h.dtype))
+  cand = through("candidate", jnp.tanh(xc + r * hn))
   return Gates(z, r, cand), hn
 
 
