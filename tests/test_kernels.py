@@ -104,6 +104,18 @@ def test_cpu_batch_major_primal_and_time_major_vjp_agree_with_reference(variant,
   chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+def test_cpu_layout_vjp_under_vmap_and_checkpoint():
+  """vmap of grad and grad of jax.checkpoint go through the CPU layout VJP unchanged."""
+  p, xs, _, mask, _, _ = problem(8)
+  xs4 = jnp.stack([xs, -xs, 0.5 * xs])
+  loss = lambda backend: lambda x: jnp.sum(
+      gru_jax.gru(p, x, mask=mask, variant="reset_after", backend=backend)[1] ** 2)
+  chex.assert_trees_all_close(jax.vmap(jax.grad(loss("xla")))(xs4),
+                              jax.vmap(jax.grad(loss("scan")))(xs4), atol=2e-5, rtol=2e-5)
+  chex.assert_trees_all_close(jax.jit(jax.grad(jax.checkpoint(loss("xla"))))(xs),
+                              jax.grad(loss("scan"))(xs), atol=2e-5, rtol=2e-5)
+
+
 # ---------------------------------------------------------------- gradients
 
 @pytest.mark.parametrize("backend", FUSED)
