@@ -11,6 +11,23 @@ def at(ax: int, t, *rest):
   return ((t, slice(None)) if ax == 0 else (slice(None), t)) + rest
 
 
+def gate_loader(xp_ref, mask_ref, ax: int, time_of):
+  """load(i) for a forward kernel: step time_of(i)'s three [tile,H] gate inputs, then its mask."""
+  def load(i):
+    t = time_of(i)
+    xs = tuple(xp_ref[at(ax, t, g, slice(None))] for g in range(3))
+    return xs + ((mask_ref[at(ax, t)],) if mask_ref is not None else ())
+  return load
+
+
+def row_loader(refs, ax: int, time_of):
+  """load(i) for a backward kernel: each ref's [tile,.] block at step time_of(i)."""
+  def load(i):
+    idx = at(ax, time_of(i))
+    return tuple(ref[idx] for ref in refs)
+  return load
+
+
 def dot(a: jax.Array, w: jax.Array) -> jax.Array:
   """a·w with a cast to w's dtype, float32 accumulation and result."""
   return jnp.dot(a.astype(w.dtype), w, preferred_element_type=jnp.float32)

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from gru_jax.kernels import pallas_split
-from gru_jax.kernels._pallas_common import at as _at, call, dot as _dot, time_loop
+from gru_jax.kernels._pallas_common import (at as _at, call, dot as _dot, gate_loader,
+                                             row_loader, time_loop)
 from gru_jax.kernels.fused_rnn import Config, Residuals, outputs_from_prev
 
 Array = jax.Array
@@ -163,10 +164,7 @@ def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_
 
   time_of = lambda i: n - 1 - i if cfg.reverse else i
 
-  def load(i):
-    t = time_of(i)
-    xs = tuple(xp_ref[_at(ax, t, g, slice(None))] for g in range(3))
-    return xs + ((mask_ref[_at(ax, t)],) if has_mask else ())
+  load = gate_loader(xp_ref, mask_ref, ax, time_of)
 
   def body(i, h, inputs):
     t = time_of(i)
@@ -250,9 +248,7 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
   seq_refs = [prev_ref, z_ref, r_ref, c_ref, g_ref] + ([] if seed else [hn_ref]) + (
       [mask_ref] if has_mask else [])
 
-  def load(i):
-    at = _at(ax, time_of(i))
-    return tuple(ref[at] for ref in seq_refs)
+  load = row_loader(seq_refs, ax, time_of)
 
   def body(i, carry, inputs):
     dh, drm = carry

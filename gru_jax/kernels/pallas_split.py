@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from gru_jax.kernels._pallas_common import at as _at, call, dot as _dot, time_loop
+from gru_jax.kernels._pallas_common import (at as _at, call, dot as _dot, gate_loader,
+                                             row_loader, time_loop)
 from gru_jax.kernels.fused_rnn import Config, Residuals
 
 Array = jax.Array
@@ -157,10 +158,7 @@ def _forward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, save: bool, 
   cols = pl.ds(pl.program_id(1) * hs, hs)
   time_of = lambda i: n - 1 - i if reverse else i
 
-  def load(i):
-    t = time_of(i)
-    xs = tuple(xp_ref[_at(ax, t, g, slice(None))] for g in range(3))
-    return xs + ((mask_ref[_at(ax, t)],) if has_mask else ())
+  load = gate_loader(xp_ref, mask_ref, ax, time_of)
 
   def step(i, h, h_row, inputs):
     t = time_of(i)
@@ -238,9 +236,7 @@ def _backward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, has_mask: b
   time_of = lambda i: i if reverse else n - 1 - i  # opposite to the forward loop
   seq_refs = [prev_ref, z_ref, r_ref, c_ref, hn_ref, g_ref] + ([mask_ref] if has_mask else [])
 
-  def load(i):
-    at = _at(ax, time_of(i))
-    return tuple(ref[at] for ref in seq_refs)
+  load = row_loader(seq_refs, ax, time_of)
 
   def body(i, carry, cur):
     dh, stalled = carry
