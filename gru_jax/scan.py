@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from gru_jax import cell as cell_lib
 from gru_jax.cell import Gates, GRUParams
@@ -182,42 +183,101 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
 
 
 def _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, time_major: bool, variant: str,
-               reverse: bool, unroll: int, impl: str, to_time_major: bool = False):
+               reverse: bool, unroll: int, impl: str):
   """The "xla"/"pallas" backends: projection, then `fused_rnn.recurrence`.
 
   No bias and no transpose of xp: the loops add the bias per step and read xp
-  in the given layout.  ``to_time_major`` runs [B,T,.] inputs time-major
-  inside (x, D wide, moved in; hs moved out).
+  in the layout of xs.
   """
-  if to_time_major:
-    xs, mask = jnp.swapaxes(xs, 0, 1), None if mask is None else mask.T
   xp = _project(xs, w_x, h0.dtype)
-  h_last, hs = rec_lib.recurrence(
+  return rec_lib.recurrence(
       w_h, b_x, b_hn, xp, h0, mask, rm, variant=variant, reverse=reverse,
-      time_axis=0 if time_major or to_time_major else 1, impl=impl, unroll=unroll,
+      time_axis=0 if time_major else 1, impl=impl, unroll=unroll,
       interpret=jax.default_backend() != "gpu")
-  return h_last, jnp.swapaxes(hs, 0, 1) if to_time_major else hs
+
+
+# Under AD on CPU the sequence runs as `cpu_chunks(T)` chunks of consecutive
+# steps, each projected and run on its own, with each chunk's projection made
+# to wait for the loop two chunks back.  XLA:CPU's thunk executor then runs a
+# chunk's projection on the second core while the previous chunk's forward
+# loop runs on the first, and in the backward pass a chunk's dx and weight-
+# gradient matmuls while the next chunk's backward loop runs; unchunked, each
+# of those waits for its whole loop (train 64x100x128x128: 19.8 -> 17.1 ms;
+# docs/benchmarks.md).  Overrides `cpu_chunks` when set.
+CPU_CHUNKS: int | None = None
+
+
+def cpu_chunks(t: int) -> int:
+  """How many chunks a differentiated CPU call of T steps runs in.
+
+  Measured (train step, ms, unchunked -> this): T=20 runs unchunked (2 chunks:
+  4.37 -> 4.57); T=50: 10.33 -> 9.58 (5); T=100: 19.8 -> 17.1 (5); T=500:
+  74.8 -> 66.1 (5; 10 chunks gave 73-76); T=1000: 112.8 -> 102.9 (10).
+  """
+  if CPU_CHUNKS is not None:
+    return max(1, min(int(CPU_CHUNKS), t))
+  if t < 40:
+    return 1
+  return max(min(5, t // 10), min(10, t // 100))
+
+
+def _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, chunks: int, reverse: bool, **static):
+  """`_projected` on time-major xs [T,B,D] in ``chunks`` runs of consecutive steps.
+
+  The state is carried from chunk to chunk in running order (last chunk
+  first when ``reverse``), so the result is the unchunked one.
+  """
+  t = xs.shape[0]
+  edges = [round(i * t / chunks) for i in range(chunks + 1)]
+  spans = list(zip(edges[:-1], edges[1:]))
+  h, outs, before = h0, {}, None
+  for lo, hi in (reversed(spans) if reverse else spans):
+    x_c = xs[lo:hi]
+    if before is not None:
+      x_c = _waits_for(x_c, before)
+    before = h
+    h, outs[lo] = _projected(w_x, w_h, b_x, b_hn, x_c, h,
+                             None if mask is None else mask[lo:hi], rm, time_major=True,
+                             reverse=reverse, **static)
+  return h, jnp.concatenate([outs[lo] for lo, _ in spans], axis=0)
+
+
+def _waits_for(x: Array, h: Array) -> Array:
+  """x, given a data dependency on h ([B,H]) that does not change its value.
+
+  XLA:CPU's thunk executor orders work only by the buffers it reads and
+  writes (an `optimization_barrier` emits no thunk), so the dependency is an
+  add of 0·h[0,0], with h made finite first so a NaN in one sequence does not
+  reach the others.
+  """
+  v = lax.stop_gradient(h[:1, :1]).astype(x.dtype)
+  return x + 0 * jnp.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @functools.lru_cache(maxsize=None)
-def _batch_major_cpu(**static):
-  """[B,T,D] inputs on CPU: the batch-major loop undifferentiated, the time-major one under AD.
+def _cpu(time_major: bool, chunks: int, **static):
+  """The "xla" backend on CPU: one loop undifferentiated, time-major chunks under AD.
 
   XLA:CPU's loops store [B,H] blocks into time-major buffers faster.  With
-  five residuals per step that pays for moving x in and hs out (train
+  five residuals per step that pays for moving [B,T,D] x in and hs out (train
   64x100x128x128: 21.7 -> 20.2 ms); with one output per step it does not
-  (forward 64x100x512x512: 71.8 batch-major, 76.4 time-major), so each path
-  gets its own layout (docs/benchmarks.md).
+  (forward 64x100x512x512: 71.8 batch-major, 76.4 time-major), so the primal
+  runs in the caller's layout and the forward rule time-major, in chunks
+  (see `cpu_chunks`).
   """
   @jax.custom_vjp
   def run(w_x, w_h, b_x, b_hn, xs, h0, mask, rm):
-    return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, time_major=False, **static)
+    return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, time_major=time_major, **static)
 
   def run_fwd(w_x, w_h, b_x, b_hn, xs, h0, mask, rm):
-    def time_major(w_x, w_h, b_x, b_hn, xs, h0, rm):  # everything but the bool mask
-      return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, time_major=False,
-                        to_time_major=True, **static)
-    return jax.vjp(time_major, w_x, w_h, b_x, b_hn, xs, h0, rm)  # residuals: the VJP
+    mask_tm = mask if time_major or mask is None else mask.T
+
+    def chunked(w_x, w_h, b_x, b_hn, xs, h0, rm):  # everything but the bool mask
+      xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
+      h_last, hs = _chunked(w_x, w_h, b_x, b_hn, xs_tm, h0, mask_tm, rm, chunks=chunks,
+                            **static)
+      return h_last, hs if time_major else jnp.swapaxes(hs, 0, 1)
+    return jax.vjp(chunked, w_x, w_h, b_x, b_hn, xs, h0, rm)  # residuals: the VJP
 
   def run_bwd(vjp, cts):
     *grads, d_rm = vjp(cts)
@@ -283,8 +343,8 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
             params.b_h[2 * params.hidden_size:].astype(state_dtype), xs, h0,
             None if mask is None else mask.astype(bool), rec_mask)
     static = dict(variant=variant, reverse=bool(reverse), unroll=int(unroll), impl=impl)
-    if impl == "xla" and not time_major and jax.default_backend() == "cpu":
-      return _batch_major_cpu(**static)(*args)
+    if impl == "xla" and jax.default_backend() == "cpu":
+      return _cpu(bool(time_major), cpu_chunks(t), **static)(*args)
     return _projected(*args, time_major=time_major, **static)
   xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)  # x is D wide: cheaper than moving xp
   if input_dropout_mask is not None:

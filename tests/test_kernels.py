@@ -104,6 +104,60 @@ def test_cpu_batch_major_primal_and_time_major_vjp_agree_with_reference(variant,
   chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the chunking is CPU-only")
+@pytest.mark.parametrize("variant,reverse,time_major,chunks", [
+    ("seed", False, False, 3), ("seed", True, True, 3), ("reset_after", False, True, 3),
+    ("reset_after", True, False, 3), ("reset_after", True, True, 7)])
+def test_cpu_chunked_vjp_matches_reference_and_scan(monkeypatch, variant, reverse, time_major,
+                                                    chunks):
+  """Under AD on CPU the steps run in chunks (T=7: 3 uneven ones, or 7 of one step).
+
+  Outputs against the float64 reference; gradients (with both dropout masks)
+  against autodiff of the scan.
+  """
+  monkeypatch.setattr(scan, "CPU_CHUNKS", chunks)
+  p, xs, h0, mask, m_in, m_rec = problem(9, t=7)
+  tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
+  kw = dict(mask=tm(mask), reverse=reverse, variant=variant, time_major=time_major)
+  (h_last, hs), _ = jax.vjp(lambda xs, h0: gru_jax.gru(p, xs, h0, backend="xla", **kw),
+                            tm(xs), h0)
+  ref_last, ref_hs = reference.run(p, xs, np.asarray(h0), mask=np.asarray(mask),
+                                   reverse=reverse, variant=variant)
+  np.testing.assert_allclose(tm(hs), ref_hs, atol=2e-5)
+  np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
+  ct, ct_last = cotangents(xs, p.hidden_size)
+  kw.update(input_dropout_mask=m_in)
+  got, want = (jax.grad(
+      lambda p, xs, h0, m: jnp.sum(tm(gru_jax.gru(p, xs, h0, backend=b, recurrent_dropout_mask=m,
+                                                   **kw)[1]) * ct) + jnp.sum(
+          gru_jax.gru(p, xs, h0, backend=b, recurrent_dropout_mask=m, **kw)[0] * ct_last),
+      argnums=(0, 1, 2, 3))(p, tm(xs), h0, m_rec) for b in ("xla", "scan"))
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the chunking is CPU-only")
+def test_cpu_chunks_keep_a_nan_row_to_itself(monkeypatch):
+  """A NaN in one sequence stays in that sequence across chunk boundaries.
+
+  The chunks are ordered by a data dependency on the carried state; the
+  other rows' outputs and input gradients still match the float64 reference
+  and the scan backend.
+  """
+  monkeypatch.setattr(scan, "CPU_CHUNKS", 3)
+  p, xs, h0, _, _, _ = problem(10, t=7)
+  xs = xs.at[0, 1, 0].set(jnp.nan)
+  run = lambda backend: lambda xs: gru_jax.gru(p, xs, h0, backend=backend)[1]
+  hs, vjp = jax.vjp(run("xla"), xs)
+  _, ref_hs = reference.run(p, np.asarray(xs), np.asarray(h0))
+  assert np.isnan(np.asarray(hs[0, 1:])).all()
+  np.testing.assert_allclose(hs[1:], ref_hs[1:], atol=2e-5)
+  ct, _ = cotangents(xs, p.hidden_size)
+  got, = vjp(ct)
+  want, = jax.vjp(run("scan"), xs)[1](ct)
+  assert np.isfinite(np.asarray(got[1:])).all()
+  np.testing.assert_allclose(got[1:], want[1:], atol=2e-5, rtol=2e-5)
+
+
 def test_cpu_layout_vjp_under_vmap_and_checkpoint():
   """vmap of grad and grad of jax.checkpoint go through the CPU layout VJP unchanged."""
   p, xs, _, mask, _, _ = problem(8)
