@@ -6,7 +6,9 @@ does only the recurrent work.  Three implementations of the loop
 
 * "xla": an XLA loop with a hand-written VJP (`gru_jax.kernels.fused_rnn`):
   stores the gate activations, runs one reverse loop, and computes dW_h with
-  large matmuls after it.  Works on every device; the default.
+  large matmuls after it.  Works on every device; the default.  On CPU,
+  under AD, it runs time-major and in chunks of time steps, so XLA:CPU
+  overlaps one chunk's matmuls with the next chunk's loop (`cpu_chunks`).
 * "pallas": the same VJP with the loops as fused Pallas kernels
   (`gru_jax.kernels.pallas_gru`): GPU, or interpret mode on CPU (slow, for tests).
 * "scan": a plain `jax.lax.scan` differentiated by JAX.  The only path with
@@ -210,9 +212,11 @@ CPU_CHUNKS: int | None = None
 def cpu_chunks(t: int) -> int:
   """How many chunks a differentiated CPU call of T steps runs in.
 
-  Measured (train step, ms, unchunked -> this): T=20 runs unchunked (2 chunks:
-  4.37 -> 4.57); T=50: 10.33 -> 9.58 (5); T=100: 19.8 -> 17.1 (5); T=500:
-  74.8 -> 66.1 (5; 10 chunks gave 73-76); T=1000: 112.8 -> 102.9 (10).
+  Follows measurements, not a model (train step B×T×D×H, ms, unchunked ->
+  chunked): 64×20×128×128 4.37 -> 4.57 with 2 chunks, so T < 40 runs
+  unchunked; 64×50×128×128 10.33 -> 9.58 (5 chunks); 64×100×128×128 19.8 ->
+  17.1 (5); 16×500×64×256 74.8 -> 66.1 (5; 10 chunks gave 73-76);
+  32×1000×64×128 112.8 -> 102.9 (10).
   """
   if CPU_CHUNKS is not None:
     return max(1, min(int(CPU_CHUNKS), t))
