@@ -106,9 +106,11 @@ def folded_bias(params: GRUParams, variant: str) -> Array:
   return params.b_x + jnp.asarray(params.b_h).at[2 * params.hidden_size:].set(0)
 
 
-def recurrent_gates(w_h: Array, b_h: Array, h: Array, xp: Array, *, variant: str,
-                    h_drop: Array | None = None) -> Gates:
+def recurrent_gates(w_h: Array | tuple[Array, Array], b_h: Array, h: Array, xp: Array, *,
+                    variant: str, h_drop: Array | None = None) -> Gates:
   """Gates from the hoisted input projection ``xp`` [B,3H] and state h [B,H].
+
+  ``w_h`` is [H,3H], or inside a loop the pair `loop_weights` makes for "seed".
 
   ``h_drop`` is h with recurrent dropout applied: it feeds the matmuls,
   while the undropped h is what the update blends (variational dropout).
@@ -120,13 +122,28 @@ def recurrent_gates(w_h: Array, b_h: Array, h: Array, xp: Array, *, variant: str
   return g
 
 
-def split_gates(w_h: Array, b_hn: Array, h: Array, xz: Array, xr: Array, xc: Array, *,
-                variant: str, h_drop: Array | None = None,
+def loop_weights(w_h: Array, variant: str) -> Array | tuple[Array, Array]:
+  """w_h [H,3H] as `split_gates` takes it inside a loop: split for "seed".
+
+  "seed" multiplies by w_h[:, :2H] and w_h[:, 2H:] separately; sliced inside a
+  loop body, XLA:CPU copies both slices (768 KB at H=256) every step (forward
+  16x500x64x256: 49.7 ms, 15 of them in the copies), so loops split it once
+  outside and pass the pair.
+  """
+  if variant != "seed":
+    return w_h
+  hsz = w_h.shape[0]
+  return w_h[:, :2 * hsz], w_h[:, 2 * hsz:]
+
+
+def split_gates(w_h: Array | tuple[Array, Array], b_hn: Array, h: Array, xz: Array, xr: Array,
+                xc: Array, *, variant: str, h_drop: Array | None = None,
                 through: Callable[[str, Array], Array] | None = None
                 ) -> tuple[Gates, Array | None]:
   """`recurrent_gates` with the projection given per gate: xz, xr, xc each [B,H].
 
-  ``b_hn`` [H] is the candidate's recurrent bias (used by "reset_after" only).
+  ``w_h`` is [H,3H], or for "seed" the pair `loop_weights` makes.  ``b_hn``
+  [H] is the candidate's recurrent bias (used by "reset_after" only).
   Returns the gates and, for "reset_after", hn = h·W_hn + b_hn (None for
   "seed"), which the hand-written backward pass reuses.  Loops pass whole
   per-gate blocks: on XLA:CPU, slicing columns of a per-step slice of the
@@ -139,11 +156,12 @@ def split_gates(w_h: Array, b_hn: Array, h: Array, xz: Array, xr: Array, xc: Arr
   hsz = h.shape[-1]
   hin = h if h_drop is None else h_drop
   if variant == "seed":
+    w_zr, w_c = w_h if isinstance(w_h, tuple) else loop_weights(w_h, variant)
     # Two dependent matmuls: the candidate's input r⊙h needs r first.
-    hzr = matmul(hin, w_h[:, :2 * hsz], h.dtype)
+    hzr = matmul(hin, w_zr, h.dtype)
     z = through("z", jax.nn.sigmoid(xz + hzr[..., :hsz]))
     r = through("r", jax.nn.sigmoid(xr + hzr[..., hsz:]))
-    cand = through("candidate", jnp.tanh(xc + matmul(r * hin, w_h[:, 2 * hsz:], h.dtype)))
+    cand = through("candidate", jnp.tanh(xc + matmul(r * hin, w_c, h.dtype)))
     return Gates(z, r, cand), None
   hh = matmul(hin, w_h, h.dtype)
   z = through("z", jax.nn.sigmoid(xz + hh[..., :hsz]))

@@ -143,9 +143,11 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
   [T,B,D], h0 [B,H], mask_tm [T,B] or None -> (h_last, hs [T,B,H], gates).
   """
 
+  w_loop = cell_lib.loop_weights(w_h, variant)
+
   def body(h, inp):
     xp_t, m_t = inp
-    g = cell_lib.recurrent_gates(w_h, b_h, h, xp_t, variant=variant,
+    g = cell_lib.recurrent_gates(w_loop, b_h, h, xp_t, variant=variant,
                                  h_drop=None if rec_mask is None else h * rec_mask)
     h_new = cell_lib.blend(h, g)
     out = h_new

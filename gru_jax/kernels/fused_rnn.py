@@ -123,6 +123,7 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
   # outside, XLA:CPU makes an extra pass and temporary.
   bias = [b_x[i * hsz:(i + 1) * hsz] for i in range(3)]
 
+  w_h = cell_lib.loop_weights(w_h, cfg.variant)
   names = ("prev", "z", "r", "candidate") + (("hn",) if cfg.variant == "reset_after" else ())
   read_back = jax.default_backend() == "cpu"
 
@@ -179,6 +180,7 @@ def scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config):
   xp_tm = xp if ax == 0 else jnp.swapaxes(xp, 0, 1)
   mask_tm = None if mask is None else (mask if ax == 0 else mask.T)
   bias = [b_x[i * hsz:(i + 1) * hsz] for i in range(3)]
+  w_h = cell_lib.loop_weights(w_h, cfg.variant)
 
   def body(h, inp):
     xp_t, m_t = inp
