@@ -22,7 +22,10 @@ default backend, reset_after form: the form every peer but Haiku computes).
 
 Implementations (``--impls``, default all that are installed and apply):
   gru_jax/<backend>/<variant>  backend "xla", "pallas" (GPU only; interpret
-                               mode elsewhere is not a speed), "scan"
+                               mode elsewhere is not a speed), "scan"; options
+                               may follow: /loop or /scan (how an undifferentiated
+                               "xla" call runs), /chunks=N (time chunks of a
+                               differentiated CPU call; 1 = unchunked)
   flax      nn.RNN(nn.GRUCell)           equinox  eqx.nn.GRUCell + lax.scan
   haiku     hk.GRU + hk.dynamic_unroll   keras    keras.layers.GRU, JAX backend, stateless_call
   torch     torch.nn.GRU (oneDNN on CPU, cuDNN on GPU)
@@ -115,18 +118,30 @@ def build(impl: str, shape, mode: str, dtype_name: str):
   if impl == REFERENCE or impl.startswith("gru_jax/"):
     import gru_jax
     from gru_jax.kernels import fused_rnn
-    # gru_jax/<backend>/<variant>[/<primal>]: primal "loop" or "scan" forces how an
-    # undifferentiated "xla" call runs (it is read while tracing, inside apply).
-    backend, variant, *primal = ("auto", "reset_after") if impl == REFERENCE else impl.split("/")[1:]
+    # gru_jax/<backend>/<variant>[/<option>...]: "loop" or "scan" forces how an
+    # undifferentiated "xla" call runs, "chunks=N" how many time chunks a
+    # differentiated CPU call runs in (both read while tracing, inside apply).
+    backend, variant, *opts = ("auto", "reset_after") if impl == REFERENCE else impl.split("/")[1:]
+    settings = {(fused_rnn, "PRIMAL"): None, (gru_jax.scan, "CPU_CHUNKS"): None}
+    for opt in opts:
+      if opt in ("loop", "scan"):
+        settings[fused_rnn, "PRIMAL"] = opt
+      elif opt.startswith("chunks=") and opt[7:].isdigit() and int(opt[7:]) >= 1:
+        settings[gru_jax.scan, "CPU_CHUNKS"] = int(opt[7:])
+      else:
+        raise ValueError(f"unknown option {opt!r} in {impl!r}: expected loop, scan or chunks=N")
     x, ct = _inputs(shape, jnp.float32)
     params = gru_jax.cell.init(key, d, h)
 
     def apply(p, x):
-      saved, fused_rnn.PRIMAL = fused_rnn.PRIMAL, (primal or [None])[0]
+      saved = {k: getattr(*k) for k in settings}
+      for (mod, name), value in settings.items():
+        setattr(mod, name, value)
       try:
         return gru_jax.gru(p, x, variant=variant, backend=backend, compute_dtype=act)[1]
       finally:
-        fused_rnn.PRIMAL = saved
+        for (mod, name), value in saved.items():
+          setattr(mod, name, value)
     return finish(apply, params, x, ct)
 
   if impl == "flax":

@@ -75,3 +75,24 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
   assert "## Targets" in (out / "summary.md").read_text()
   tc = res["train_check"]  # the training loop end to end, on the Pallas path when on GPU
   assert tc["steps"] == 20 and tc["backend"] == "xla" and 0 < tc["test_mse"] < 1
+
+
+def test_impl_options_set_and_restore_library_settings(tmp_path):
+  """/chunks=N and /loop reach gru_jax while tracing and are restored after; bad ones are errors."""
+  from gru_jax import scan
+  from gru_jax.kernels import fused_rnn
+  seen = []
+  real = scan.cpu_chunks
+  try:
+    scan.cpu_chunks = lambda t: seen.append((scan.CPU_CHUNKS, fused_rnn.PRIMAL)) or real(t)
+    res = benchmark.run(["2x50x4x8"], impls=["gru_jax/xla/seed/loop/chunks=3",
+                                            "gru_jax/xla/seed/chunks=x"],
+                        repeats=1, warmup=0, gap_ms=0, out_dir=str(tmp_path), plot=False,
+                        log=lambda *_: None)
+  finally:
+    scan.cpu_chunks = real
+  assert (3, "loop") in seen
+  assert scan.CPU_CHUNKS is None and fused_rnn.PRIMAL is None
+  r = res["results"][0]
+  assert "gru_jax/xla/seed/loop/chunks=3" in r["timings"]
+  assert "unknown option 'chunks=x'" in r["errors"]["gru_jax/xla/seed/chunks=x"]
