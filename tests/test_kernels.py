@@ -127,11 +127,15 @@ def test_cpu_chunked_vjp_matches_reference_and_scan(monkeypatch, variant, revers
   np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
   ct, ct_last = cotangents(xs, p.hidden_size)
   kw.update(input_dropout_mask=m_in)
-  got, want = (jax.grad(
-      lambda p, xs, h0, m: jnp.sum(tm(gru_jax.gru(p, xs, h0, backend=b, recurrent_dropout_mask=m,
-                                                   **kw)[1]) * ct) + jnp.sum(
-          gru_jax.gru(p, xs, h0, backend=b, recurrent_dropout_mask=m, **kw)[0] * ct_last),
-      argnums=(0, 1, 2, 3))(p, tm(xs), h0, m_rec) for b in ("xla", "scan"))
+
+  def loss(backend):
+    def f(p, xs, h0, m):
+      h_last, hs = gru_jax.gru(p, xs, h0, backend=backend, recurrent_dropout_mask=m, **kw)
+      return jnp.sum(tm(hs) * ct) + jnp.sum(h_last * ct_last)
+    return f
+
+  got, want = (jax.grad(loss(b), argnums=(0, 1, 2, 3))(p, tm(xs), h0, m_rec)
+               for b in ("xla", "scan"))
   chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -158,8 +162,13 @@ def test_cpu_chunks_keep_a_nan_row_to_itself(monkeypatch):
   np.testing.assert_allclose(got[1:], want[1:], atol=2e-5, rtol=2e-5)
 
 
-def test_cpu_layout_vjp_under_vmap_and_checkpoint():
-  """vmap of grad and grad of jax.checkpoint go through the CPU layout VJP unchanged."""
+@pytest.mark.parametrize("chunks", [None, 3])
+def test_cpu_layout_vjp_under_vmap_and_checkpoint(monkeypatch, chunks):
+  """vmap of grad and grad of jax.checkpoint go through the CPU layout VJP unchanged.
+
+  ``chunks``: the library's default for T=6 (one chunk), or 3 time chunks.
+  """
+  monkeypatch.setattr(scan, "CPU_CHUNKS", chunks)
   p, xs, _, mask, _, _ = problem(8)
   xs4 = jnp.stack([xs, -xs, 0.5 * xs])
   loss = lambda backend: lambda x: jnp.sum(
