@@ -200,14 +200,16 @@ def _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, time_major: bool, varia
       interpret=jax.default_backend() != "gpu")
 
 
-# Under AD on CPU the sequence runs as `cpu_chunks(T)` chunks of consecutive
-# steps, each projected and run on its own, with each chunk's projection made
-# to wait for the loop two chunks back.  XLA:CPU's thunk executor then runs a
-# chunk's projection on the second core while the previous chunk's forward
-# loop runs on the first, and in the backward pass a chunk's dx and weight-
-# gradient matmuls while the next chunk's backward loop runs; unchunked, each
-# of those waits for its whole loop (train 64x100x128x128: 19.8 -> 17.1 ms;
-# docs/benchmarks.md).  Overrides `cpu_chunks` when set.
+# On CPU the sequence runs in chunks of consecutive steps, each projected and
+# run on its own, with each chunk's projection made to wait for the loop two
+# chunks back.  XLA:CPU's thunk executor then runs a chunk's projection on the
+# second core while the previous chunk's forward loop runs on the first, and
+# in the backward pass a chunk's dx and weight-gradient matmuls while the next
+# chunk's backward loop runs; unchunked, each of those waits for its whole loop
+# (train 64x100x128x128: 19.8 -> 17.1 ms).  Undifferentiated, chunks keep the
+# program's temporaries under the 32 MiB above which XLA:CPU's buffer is mapped
+# afresh on every call (docs/benchmarks.md).  Overrides `cpu_chunks` and
+# `cpu_forward_chunks` when set.
 CPU_CHUNKS: int | None = None
 
 
@@ -227,25 +229,48 @@ def cpu_chunks(t: int) -> int:
   return max(min(5, t // 10), min(10, t // 100))
 
 
-def _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, chunks: int, reverse: bool, **static):
-  """`_projected` on time-major xs [T,B,D] in ``chunks`` runs of consecutive steps.
+def cpu_forward_chunks(t: int, xp_bytes: int) -> int:
+  """How many chunks an undifferentiated CPU call runs in; xp_bytes: size of x·w_x.
+
+  Unchunked, the temporaries are about the projection x·w_x [B,T,3H]; with k
+  chunks about 3/k of it (two chunks' projections are live at once).  Chunks
+  are made when the projection passes 24 MiB, enough of them to stay near
+  8 MiB each (forward, ms: 64×100×512×512, 37.5 MiB, 70.6-74.0 -> 65.2-65.5
+  with 5 chunks; 32×1000×64×128, 46.9 MiB, 38.9-46.8 -> 28.6-30.0 with 5;
+  below the threshold 64×50×128×128 3.76 -> 3.91 with 5 and 64×100×128×128
+  7.13 -> 7.48, so smaller calls run whole).
+  """
+  if CPU_CHUNKS is not None:
+    return max(1, min(int(CPU_CHUNKS), t))
+  if xp_bytes <= 24 * 2**20:
+    return 1
+  return max(1, min(-(-xp_bytes // (8 * 2**20)), t // 10))
+
+
+def _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, chunks: int, time_major: bool,
+             reverse: bool, **static):
+  """`_projected` in ``chunks`` runs of consecutive steps.
 
   The state is carried from chunk to chunk in running order (last chunk
   first when ``reverse``), so the result is the unchunked one.
   """
-  t = xs.shape[0]
+  if chunks == 1:
+    return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, time_major=time_major,
+                      reverse=reverse, **static)
+  ax = 0 if time_major else 1
+  cut = lambda a, lo, hi: None if a is None else lax.slice_in_dim(a, lo, hi, axis=ax)
+  t = xs.shape[ax]
   edges = [round(i * t / chunks) for i in range(chunks + 1)]
   spans = list(zip(edges[:-1], edges[1:]))
   h, outs, before = h0, {}, None
   for lo, hi in (reversed(spans) if reverse else spans):
-    x_c = xs[lo:hi]
+    x_c = cut(xs, lo, hi)
     if before is not None:
       x_c = _waits_for(x_c, before)
     before = h
-    h, outs[lo] = _projected(w_x, w_h, b_x, b_hn, x_c, h,
-                             None if mask is None else mask[lo:hi], rm, time_major=True,
-                             reverse=reverse, **static)
-  return h, jnp.concatenate([outs[lo] for lo, _ in spans], axis=0)
+    h, outs[lo] = _projected(w_x, w_h, b_x, b_hn, x_c, h, cut(mask, lo, hi), rm,
+                             time_major=time_major, reverse=reverse, **static)
+  return h, jnp.concatenate([outs[lo] for lo, _ in spans], axis=ax)
 
 
 def _waits_for(x: Array, h: Array) -> Array:
@@ -261,19 +286,19 @@ def _waits_for(x: Array, h: Array) -> Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu(time_major: bool, chunks: int, **static):
-  """The "xla" backend on CPU: one loop undifferentiated, time-major chunks under AD.
+def _cpu(time_major: bool, chunks: int, forward_chunks: int, **static):
+  """The "xla" backend on CPU, in chunks of time steps (`cpu_chunks`, `cpu_forward_chunks`).
 
   XLA:CPU's loops store [B,H] blocks into time-major buffers faster.  With
   five residuals per step that pays for moving [B,T,D] x in and hs out (train
   64x100x128x128: 21.7 -> 20.2 ms); with one output per step it does not
   (forward 64x100x512x512: 71.8 batch-major, 76.4 time-major), so the primal
-  runs in the caller's layout and the forward rule time-major, in chunks
-  (see `cpu_chunks`).
+  runs in the caller's layout and the forward rule time-major.
   """
   @jax.custom_vjp
   def run(w_x, w_h, b_x, b_hn, xs, h0, mask, rm):
-    return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, time_major=time_major, **static)
+    return _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, chunks=forward_chunks,
+                    time_major=time_major, **static)
 
   def run_fwd(w_x, w_h, b_x, b_hn, xs, h0, mask, rm):
     mask_tm = mask if time_major or mask is None else mask.T
@@ -281,7 +306,7 @@ def _cpu(time_major: bool, chunks: int, **static):
     def chunked(w_x, w_h, b_x, b_hn, xs, h0, rm):  # everything but the bool mask
       xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
       h_last, hs = _chunked(w_x, w_h, b_x, b_hn, xs_tm, h0, mask_tm, rm, chunks=chunks,
-                            **static)
+                            time_major=True, **static)
       return h_last, hs if time_major else jnp.swapaxes(hs, 0, 1)
     return jax.vjp(chunked, w_x, w_h, b_x, b_hn, xs, h0, rm)  # residuals: the VJP
 
@@ -350,7 +375,9 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
             None if mask is None else mask.astype(bool), rec_mask)
     static = dict(variant=variant, reverse=bool(reverse), unroll=int(unroll), impl=impl)
     if impl == "xla" and jax.default_backend() == "cpu":
-      return _cpu(bool(time_major), cpu_chunks(t), **static)(*args)
+      xp_bytes = b * t * 3 * params.hidden_size * jnp.dtype(state_dtype).itemsize
+      return _cpu(bool(time_major), cpu_chunks(t), cpu_forward_chunks(t, xp_bytes),
+                  **static)(*args)
     return _projected(*args, time_major=time_major, **static)
   xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)  # x is D wide: cheaper than moving xp
   if input_dropout_mask is not None:

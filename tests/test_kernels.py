@@ -110,21 +110,22 @@ def test_cpu_batch_major_primal_and_time_major_vjp_agree_with_reference(variant,
     ("reset_after", True, False, 3), ("reset_after", True, True, 7)])
 def test_cpu_chunked_vjp_matches_reference_and_scan(monkeypatch, variant, reverse, time_major,
                                                     chunks):
-  """Under AD on CPU the steps run in chunks (T=7: 3 uneven ones, or 7 of one step).
+  """On CPU the steps run in chunks (T=7: 3 uneven ones, or 7 of one step).
 
-  Outputs against the float64 reference; gradients (with both dropout masks)
-  against autodiff of the scan.
+  Outputs, undifferentiated (the caller's layout) and under AD (time-major),
+  against the float64 reference; gradients (with both dropout masks) against
+  autodiff of the scan.
   """
   monkeypatch.setattr(scan, "CPU_CHUNKS", chunks)
   p, xs, h0, mask, m_in, m_rec = problem(9, t=7)
   tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
   kw = dict(mask=tm(mask), reverse=reverse, variant=variant, time_major=time_major)
-  (h_last, hs), _ = jax.vjp(lambda xs, h0: gru_jax.gru(p, xs, h0, backend="xla", **kw),
-                            tm(xs), h0)
+  run = lambda xs, h0: gru_jax.gru(p, xs, h0, backend="xla", **kw)
   ref_last, ref_hs = reference.run(p, xs, np.asarray(h0), mask=np.asarray(mask),
                                    reverse=reverse, variant=variant)
-  np.testing.assert_allclose(tm(hs), ref_hs, atol=2e-5)
-  np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
+  for h_last, hs in (jax.jit(run)(tm(xs), h0), jax.vjp(run, tm(xs), h0)[0]):
+    np.testing.assert_allclose(tm(hs), ref_hs, atol=2e-5)
+    np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
   ct, ct_last = cotangents(xs, p.hidden_size)
   kw.update(input_dropout_mask=m_in)
 
@@ -481,3 +482,31 @@ def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
   assert fused_rnn.default_primal("gpu") == "scan"
   monkeypatch.setattr(fused_rnn, "PRIMAL", "scan")
   assert fused_rnn.default_primal("cpu") == "scan"
+
+
+def test_cpu_chunk_counts_follow_their_rules(monkeypatch):
+  """Known answers for the chunk counts, and the override bounded by T."""
+  assert [scan.cpu_chunks(t) for t in (1, 39, 40, 100, 500, 1000, 5000)] == [1, 1, 4, 5, 5, 10, 10]
+  mib = 2**20
+  assert scan.cpu_forward_chunks(100, 24 * mib) == 1
+  assert scan.cpu_forward_chunks(100, 37 * mib) == 5  # ceil(37 / 8)
+  assert scan.cpu_forward_chunks(1000, 47 * mib) == 6
+  assert scan.cpu_forward_chunks(30, 400 * mib) == 3  # at most one chunk per 10 steps
+  monkeypatch.setattr(scan, "CPU_CHUNKS", 50)
+  assert scan.cpu_chunks(7) == 7 and scan.cpu_forward_chunks(7, 0) == 7
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the chunking is CPU-only")
+def test_cpu_default_forward_chunks_a_large_projection():
+  """x·w_x of 37.5 MiB (B=64, T=100, H=512): the undifferentiated call runs in 5 chunks.
+
+  Outputs, with a mask and reverse, against the float64 reference.
+  """
+  b, t, h = 64, 100, 512
+  assert scan.cpu_forward_chunks(t, b * t * 3 * h * 4) == 5
+  p, xs, h0, mask, _, _ = problem(11, b=b, t=t, d=3, h=h)
+  h_last, hs = jax.jit(lambda xs: gru_jax.gru(p, xs, h0, mask=mask, reverse=True,
+                                              backend="xla"))(xs)
+  ref_last, ref_hs = reference.run(p, xs, np.asarray(h0), mask=np.asarray(mask), reverse=True)
+  np.testing.assert_allclose(hs, ref_hs, atol=5e-5)
+  np.testing.assert_allclose(h_last, ref_last, atol=5e-5)
