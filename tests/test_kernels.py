@@ -510,3 +510,26 @@ def test_cpu_default_forward_chunks_a_large_projection():
   ref_last, ref_hs = reference.run(p, xs, np.asarray(h0), mask=np.asarray(mask), reverse=True)
   np.testing.assert_allclose(hs, ref_hs, atol=5e-5)
   np.testing.assert_allclose(h_last, ref_last, atol=5e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the chunking is CPU-only")
+def test_cpu_chunks_one_runs_whole_and_saves_the_joined_outputs(monkeypatch):
+  """CPU_CHUNKS=1 (the README's memory switch) traces one loop pair, and a smaller step.
+
+  Known answers from the compiled programs: the default traces 5 forward and 5
+  backward loops at T=100 and needs more temporary memory than the whole run.
+  """
+  p = gru_jax.cell.init(jax.random.key(0), 8, 16)
+  xs = jnp.ones((4, 100, 8))
+  step = lambda: jax.jit(jax.grad(lambda p: jnp.sum(gru_jax.gru(p, xs)[1] ** 2))).lower(p)
+
+  def loops_and_temp():
+    lowered = step()
+    return (lowered.as_text().count("stablehlo.while"),
+            lowered.compile().memory_analysis().temp_size_in_bytes)
+
+  chunked_loops, chunked_temp = loops_and_temp()
+  monkeypatch.setattr(scan, "CPU_CHUNKS", 1)
+  whole_loops, whole_temp = loops_and_temp()
+  assert (chunked_loops, whole_loops) == (10, 2)
+  assert whole_temp < chunked_temp
