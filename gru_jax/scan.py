@@ -213,6 +213,11 @@ def _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, time_major: bool, varia
 CPU_CHUNKS: int | None = None
 
 
+def _forced_chunks(t: int) -> int:
+  """`CPU_CHUNKS`, at least 1 and at most one chunk per step."""
+  return max(1, min(int(CPU_CHUNKS), t))
+
+
 def cpu_chunks(t: int) -> int:
   """How many chunks a differentiated CPU call of T steps runs in.
 
@@ -223,7 +228,7 @@ def cpu_chunks(t: int) -> int:
   32×1000×64×128 112.8 -> 102.9 (10).
   """
   if CPU_CHUNKS is not None:
-    return max(1, min(int(CPU_CHUNKS), t))
+    return _forced_chunks(t)
   if t < 40:
     return 1
   return max(min(5, t // 10), min(10, t // 100))
@@ -241,7 +246,7 @@ def cpu_forward_chunks(t: int, xp_bytes: int) -> int:
   7.13 -> 7.48, so smaller calls run whole).
   """
   if CPU_CHUNKS is not None:
-    return max(1, min(int(CPU_CHUNKS), t))
+    return _forced_chunks(t)
   if xp_bytes <= 24 * 2**20:
     return 1
   return max(1, min(-(-xp_bytes // (8 * 2**20)), t // 10))

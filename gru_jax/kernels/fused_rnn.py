@@ -213,7 +213,7 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
   seed = cfg.variant == "seed"
   # Transposed once here, so every step's matmul reads a contiguous operand.
   if seed:
-    wt_zr, wt_c = w_h[:, :2 * hsz].T, w_h[:, 2 * hsz:].T
+    wt_zr, wt_c = (w.T for w in cell_lib.loop_weights(w_h, cfg.variant))
   else:
     wt = w_h.T
 
