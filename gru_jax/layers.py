@@ -43,7 +43,7 @@ def dropout_multiplier(rng: Array, rate: float, batch: int, shape: tuple[int, ..
   return bits.astype(dtype) / keep
 
 
-def _check_seq(name: str, xs: Array, mask: Array | None) -> None:
+def check_sequence_input(name: str, xs: Array, mask: Array | None) -> None:
   if xs.ndim != 3:
     raise ValueError(f"{name} expects inputs [B,T,D], got shape {xs.shape}")
   if mask is not None and mask.shape != xs.shape[:2]:
@@ -94,34 +94,58 @@ class GRU(nn.Module):
   def __call__(self, xs: Array, mask: Array | None = None, h0: Array | None = None, *,
                deterministic: bool = True, example_ids: Array | None = None):
     """xs [B,T,D], mask [B,T] bool, h0 [B,H] -> hs [B,T,H] or h_last [B,H] (see attributes)."""
-    _check_seq("GRU", xs, mask)
+    check_sequence_input("GRU", xs, mask)
     params = self._params(xs.shape[-1])
-    b = xs.shape[0]
-    in_mask = rec_mask = None
-    if not deterministic and self.dropout > 0:
-      in_mask = dropout_multiplier(self.make_rng("dropout"), self.dropout, b, (xs.shape[-1],),
-                                   example_ids, xs.dtype)
-    if not deterministic and self.recurrent_dropout > 0:
-      rec_mask = dropout_multiplier(self.make_rng("dropout"), self.recurrent_dropout, b,
-                                    (self.hidden_size,), example_ids, xs.dtype)
+    ln = None
     if self.layer_norm:
-      if in_mask is not None or rec_mask is not None or self.remat_chunk:
-        raise ValueError("GRU(layer_norm=True) supports neither dropout, recurrent_dropout "
-                         "nor remat_chunk; put a SequenceDropout before the layer instead")
       init = ln_lib.init_ln(self.hidden_size, self.param_dtype)
       ln = ln_lib.LNParams(*(self.param(n, lambda _, v=v: v)
                              for n, v in zip(ln_lib.LNParams._fields, init)))
-      h_last, hs = ln_lib.ln_gru(params, ln, xs, h0, mask=mask, reverse=self.reverse,
-                                 variant=self.variant, unroll=self.unroll)
-      out = hs if self.return_sequences else h_last
-      return (out, h_last) if self.return_state else out
-    h_last, hs = scan_lib.gru(params, xs, h0, mask=mask, reverse=self.reverse,
-                              variant=self.variant, unroll=self.unroll,
+    in_mask, rec_mask = gru_dropout_masks(
+        lambda: self.make_rng("dropout"), xs, self.hidden_size, self.dropout,
+        self.recurrent_dropout, deterministic, example_ids)
+    return apply_gru(self, params, ln, xs, mask, h0, in_mask, rec_mask)
+
+
+def gru_dropout_masks(next_key: Callable[[], Array], xs: Array, hidden_size: int,
+                      rate: float, recurrent_rate: float, deterministic: bool,
+                      example_ids: Array | None = None) -> tuple[Array | None, Array | None]:
+  """The input [B,D] and recurrent [B,H] dropout multipliers of one GRU call (None if off).
+
+  ``next_key()`` is called once per mask that is drawn.
+  """
+  b, d = xs.shape[0], xs.shape[-1]
+  in_mask = rec_mask = None
+  if not deterministic and rate > 0:
+    in_mask = dropout_multiplier(next_key(), rate, b, (d,), example_ids, xs.dtype)
+  if not deterministic and recurrent_rate > 0:
+    rec_mask = dropout_multiplier(next_key(), recurrent_rate, b, (hidden_size,), example_ids,
+                                  xs.dtype)
+  return in_mask, rec_mask
+
+
+def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, xs: Array,
+              mask: Array | None, h0: Array | None, in_mask: Array | None,
+              rec_mask: Array | None):
+  """Runs one configured GRU layer; ``cfg`` carries the layer's attributes.
+
+  Shared by the Linen and NNX layers so that both compute the same function.
+  Returns hs [B,T,H] or h_last [B,H], and ``(outputs, h_last)`` with ``return_state``.
+  """
+  if ln is not None:
+    if in_mask is not None or rec_mask is not None or cfg.remat_chunk:
+      raise ValueError("GRU(layer_norm=True) supports neither dropout, recurrent_dropout "
+                       "nor remat_chunk; put a SequenceDropout before the layer instead")
+    h_last, hs = ln_lib.ln_gru(params, ln, xs, h0, mask=mask, reverse=cfg.reverse,
+                               variant=cfg.variant, unroll=cfg.unroll)
+  else:
+    h_last, hs = scan_lib.gru(params, xs, h0, mask=mask, reverse=cfg.reverse,
+                              variant=cfg.variant, unroll=cfg.unroll,
                               input_dropout_mask=in_mask, recurrent_dropout_mask=rec_mask,
-                              compute_dtype=self.compute_dtype, remat_chunk=self.remat_chunk,
-                              backend=self.backend)
-    out = hs if self.return_sequences else h_last
-    return (out, h_last) if self.return_state else out
+                              compute_dtype=cfg.compute_dtype, remat_chunk=cfg.remat_chunk,
+                              backend=cfg.backend)
+  out = hs if cfg.return_sequences else h_last
+  return (out, h_last) if cfg.return_state else out
 
 
 class Bidirectional(nn.Module):
@@ -160,7 +184,7 @@ class StackedGRU(nn.Module):
 
   @nn.compact
   def __call__(self, xs, mask=None, *, deterministic=True, example_ids=None):
-    _check_seq("StackedGRU", xs, mask)
+    check_sequence_input("StackedGRU", xs, mask)
     kw = dict(self.gru_kwargs or {})
     h = xs
     for i, size in enumerate(self.hidden_sizes):
@@ -205,34 +229,53 @@ class SequenceBatchNorm(nn.Module):
   def __call__(self, x: Array, mask: Array | None = None, *,
                use_running_average: bool | None = None) -> Array:
     use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-    if x.ndim not in (2, 3):
-      raise ValueError(f"SequenceBatchNorm expects [B,T,F] or [B,F], got shape {x.shape}")
-    if mask is not None and (x.ndim != 3 or mask.shape != x.shape[:2]):
-      raise ValueError(f"SequenceBatchNorm: mask must have shape [B,T]={x.shape[:2]} for "
-                       f"inputs {x.shape}, got {mask.shape}")
+    check_batch_norm_input(x, mask)
     feat = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (feat,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (feat,), jnp.float32)
     scale = self.param("scale", nn.initializers.ones, (feat,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (feat,), jnp.float32)
-    w = jnp.ones(x.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
     if use_ra:
       mean, var = ra_mean.value, ra_var.value
     else:
-      axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
-      sums = (jnp.sum(w), jnp.sum(xf * w[..., None], axes))
-      if self.axis_name is not None:
-        sums = jax.lax.psum(sums, self.axis_name)
-      count = jnp.maximum(sums[0], 1.0)
-      mean = sums[1] / count
-      sq = jnp.sum(jnp.square(xf - mean) * w[..., None], axes)
-      if self.axis_name is not None:
-        sq = jax.lax.psum(sq, self.axis_name)
-      var = sq / count
+      mean, var = masked_moments(x, mask, self.axis_name)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    y = y.astype(x.dtype)
-    return y if mask is None else y * mask[..., None].astype(x.dtype)
+    return normalize(x, mask, mean, var, scale, bias, self.epsilon)
+
+
+def check_batch_norm_input(x: Array, mask: Array | None) -> None:
+  if x.ndim not in (2, 3):
+    raise ValueError(f"SequenceBatchNorm expects [B,T,F] or [B,F], got shape {x.shape}")
+  if mask is not None and (x.ndim != 3 or mask.shape != x.shape[:2]):
+    raise ValueError(f"SequenceBatchNorm: mask must have shape [B,T]={x.shape[:2]} for "
+                     f"inputs {x.shape}, got {mask.shape}")
+
+
+def masked_moments(x: Array, mask: Array | None, axis_name: str | None = None):
+  """Per-feature mean and (biased) variance [F] of x [B,T,F] or [B,F] over valid steps.
+
+  With ``axis_name`` the sums are taken across that mapped axis, so every
+  device weighs in by its count of valid steps.
+  """
+  w = jnp.ones(x.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  sums = (jnp.sum(w), jnp.sum(xf * w[..., None], axes))
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  count = jnp.maximum(sums[0], 1.0)
+  mean = sums[1] / count
+  sq = jnp.sum(jnp.square(xf - mean) * w[..., None], axes)
+  if axis_name is not None:
+    sq = jax.lax.psum(sq, axis_name)
+  return mean, sq / count
+
+
+def normalize(x: Array, mask: Array | None, mean: Array, var: Array, scale: Array,
+              bias: Array, epsilon: float) -> Array:
+  """(x - mean) / sqrt(var + eps) * scale + bias in x's dtype; padded steps set to 0."""
+  y = (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+  y = y.astype(x.dtype)
+  return y if mask is None else y * mask[..., None].astype(x.dtype)

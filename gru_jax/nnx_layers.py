@@ -1,0 +1,248 @@
+"""Flax NNX layers around the pure GRU functions.
+
+The same layers as `gru_jax.layers` (Linen), for NNX models: each computes
+exactly what its Linen twin computes (they share `layers.apply_gru`,
+`layers.masked_moments` and `layers.normalize`), with the same parameter
+names, so Linen variables load with `GRU.from_params` or by assignment.
+
+NNX conventions: modules are built eagerly from ``in_features`` and an
+``nnx.Rngs``; dropout starts on (``deterministic=False``) and batch norm
+starts on batch statistics, and ``model.eval()`` / ``model.train()`` switch
+both, as for ``nnx.Dropout`` and ``nnx.BatchNorm``.  Dropout keys come from
+the ``dropout`` stream (``default`` if there is none); with ``example_ids``
+[B] each example's mask depends only on (key, example id).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gru_jax import cell as cell_lib
+from gru_jax import layernorm as ln_lib
+from gru_jax import layers as linen_layers
+
+Array = jax.Array
+
+
+def _dropout_stream(rngs: nnx.Rngs | None, needed: bool):
+  if not needed:
+    return nnx.data(None)
+  if rngs is None:
+    raise ValueError("dropout > 0 needs rngs=nnx.Rngs(...) (a 'dropout' or 'default' stream)")
+  return rngs["dropout"].fork()
+
+
+def _dropout_key(stream, rngs: nnx.Rngs | None, owner: str) -> Callable[[], Array]:
+  def next_key():
+    if rngs is not None:
+      return rngs["dropout"]()
+    if stream is None:
+      raise ValueError(f"{owner}: dropout is on but the layer has no rngs; build it with "
+                       "rngs=nnx.Rngs(...) or pass rngs= to the call")
+    return stream()
+  return next_key
+
+
+class GRU(nnx.Module):
+  """One GRU layer over [B,T,D] inputs, wrapping `gru_jax.gru`.
+
+  Args:
+    in_features: D.
+    hidden_size: H.
+    variant: "seed" (the founding document's equations) or "reset_after".
+    return_sequences: return hs [B,T,H] (else the final state [B,H]).
+    return_state: also return the final state: ``(outputs, h_last)``.
+    reverse: run backwards in time (valid steps only, see `gru_jax.gru`).
+    dropout, recurrent_dropout: rates of the input [B,D] and recurrent [B,H]
+      dropout masks, fixed over time (variational dropout).
+    layer_norm: layer-normalised GRU with extra params ``gamma_x``,
+      ``beta_x``, ``gamma_h``, ``beta_h`` [3H].
+    kernel_init, recurrent_init, bias_init, param_dtype: as `gru_jax.cell.init`.
+    unroll, compute_dtype, remat_chunk, backend: passed to `gru_jax.gru`.
+    deterministic: dropout off; flipped by ``model.eval()`` / ``model.train()``.
+    rngs: ``params`` stream for the weights, ``dropout`` stream for the masks.
+
+  Parameters ``w_x`` [D,3H], ``w_h`` [H,3H], ``b_x`` [3H], ``b_h`` [3H]
+  (`GRUParams`; ``layer.params`` returns them as one).
+  """
+
+  def __init__(self, in_features: int, hidden_size: int, *, variant: str = "seed",
+               return_sequences: bool = True, return_state: bool = False,
+               reverse: bool = False, dropout: float = 0.0, recurrent_dropout: float = 0.0,
+               layer_norm: bool = False,
+               kernel_init: Callable = jax.nn.initializers.glorot_uniform(),
+               recurrent_init: Callable = jax.nn.initializers.orthogonal(),
+               bias_init: Callable = jax.nn.initializers.zeros,
+               param_dtype: Any = jnp.float32, unroll: int = 1, compute_dtype: Any = None,
+               remat_chunk: int | None = None, backend: str = "auto",
+               deterministic: bool = False, rngs: nnx.Rngs):
+    for name, rate in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
+      if not 0.0 <= rate < 1.0:
+        raise ValueError(f"GRU: {name} must be in [0, 1), got {rate}")
+    p = cell_lib.init(rngs.params(), in_features, hidden_size, variant=variant,
+                      dtype=param_dtype, kernel_init=kernel_init,
+                      recurrent_init=recurrent_init, bias_init=bias_init)
+    for name, value in zip(cell_lib.GRUParams._fields, p):
+      setattr(self, name, nnx.Param(value))
+    if layer_norm:
+      for name, value in zip(ln_lib.LNParams._fields, ln_lib.init_ln(hidden_size, param_dtype)):
+        setattr(self, name, nnx.Param(value))
+    self.in_features, self.hidden_size = in_features, hidden_size
+    self.variant, self.reverse, self.unroll = variant, reverse, unroll
+    self.return_sequences, self.return_state = return_sequences, return_state
+    self.dropout, self.recurrent_dropout = dropout, recurrent_dropout
+    self.layer_norm, self.compute_dtype = layer_norm, compute_dtype
+    self.remat_chunk, self.backend = remat_chunk, backend
+    self.deterministic = deterministic
+    self.rngs = _dropout_stream(rngs, dropout > 0 or recurrent_dropout > 0)
+
+  @classmethod
+  def from_params(cls, params: cell_lib.GRUParams, *, rngs: nnx.Rngs | None = None,
+                  **kwargs) -> GRU:
+    """A layer holding ``params`` (e.g. from `gru_jax.convert` or a Linen GRU's variables)."""
+    layer = cls(params.input_size, params.hidden_size, rngs=rngs or nnx.Rngs(0), **kwargs)
+    for name, value in zip(cell_lib.GRUParams._fields, params):
+      old = getattr(layer, name)[...]
+      if value.shape != old.shape:
+        raise ValueError(f"params.{name} has shape {value.shape}, expected {old.shape}")
+      setattr(layer, name, nnx.Param(jnp.asarray(value)))
+    return layer
+
+  @property
+  def params(self) -> cell_lib.GRUParams:
+    return cell_lib.GRUParams(*(getattr(self, n)[...] for n in cell_lib.GRUParams._fields))
+
+  def __call__(self, xs: Array, mask: Array | None = None, h0: Array | None = None, *,
+               deterministic: bool | None = None, example_ids: Array | None = None,
+               rngs: nnx.Rngs | None = None):
+    """xs [B,T,D], mask [B,T] bool, h0 [B,H] -> hs [B,T,H] or h_last [B,H] (see Args)."""
+    linen_layers.check_sequence_input("GRU", xs, mask)
+    det = self.deterministic if deterministic is None else deterministic
+    ln = None
+    if self.layer_norm:
+      ln = ln_lib.LNParams(*(getattr(self, n)[...] for n in ln_lib.LNParams._fields))
+    in_mask, rec_mask = linen_layers.gru_dropout_masks(
+        _dropout_key(self.rngs, rngs, "GRU"), xs, self.hidden_size, self.dropout,
+        self.recurrent_dropout, det, example_ids)
+    return linen_layers.apply_gru(self, self.params, ln, xs, mask, h0, in_mask, rec_mask)
+
+
+class Bidirectional(nnx.Module):
+  """A forward and a backward `GRU` (attributes ``forward``/``backward``).
+
+  Outputs [B,T,2H] ("concat") or [B,T,H] ("sum"); with ``return_sequences``
+  False, the two final states [B,2H] / [B,H].  The backward layer runs each
+  sequence's valid steps in reverse, so with padding the outputs line up.
+  ``gru_kwargs`` go to both layers.
+  """
+
+  def __init__(self, in_features: int, hidden_size: int, *, merge_mode: str = "concat",
+               return_sequences: bool = True, rngs: nnx.Rngs, **gru_kwargs):
+    if merge_mode not in ("concat", "sum"):
+      raise ValueError(f"merge_mode must be 'concat' or 'sum', got {merge_mode!r}")
+    self.merge_mode = merge_mode
+    self.forward = GRU(in_features, hidden_size, return_sequences=return_sequences,
+                       rngs=rngs, **gru_kwargs)
+    self.backward = GRU(in_features, hidden_size, return_sequences=return_sequences,
+                        reverse=True, rngs=rngs, **gru_kwargs)
+
+  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, rngs=None):
+    outs = [layer(xs, mask, deterministic=deterministic, example_ids=example_ids, rngs=rngs)
+            for layer in (self.forward, self.backward)]
+    return jnp.concatenate(outs, -1) if self.merge_mode == "concat" else outs[0] + outs[1]
+
+
+class SequenceDropout(nnx.Module):
+  """Element-wise dropout on [B,...] features, per-example reproducible via ``example_ids``."""
+
+  def __init__(self, rate: float, *, deterministic: bool = False,
+               rngs: nnx.Rngs | None = None):
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f"SequenceDropout: rate must be in [0, 1), got {rate}")
+    self.rate, self.deterministic = rate, deterministic
+    self.rngs = _dropout_stream(rngs, rate > 0)
+
+  def __call__(self, x, *, deterministic=None, example_ids=None, rngs=None):
+    det = self.deterministic if deterministic is None else deterministic
+    if det or self.rate == 0:
+      return x
+    key = _dropout_key(self.rngs, rngs, "SequenceDropout")()
+    return x * linen_layers.dropout_multiplier(key, self.rate, x.shape[0], x.shape[1:],
+                                               example_ids, x.dtype)
+
+
+class StackedGRU(nnx.Module):
+  """``len(hidden_sizes)`` GRU layers (``layer_0``, ``layer_1``, ...), each returning sequences.
+
+  ``dropout_between`` applies (per-example) dropout to the outputs of every
+  layer but the last.  Returns hs [B,T,H_last] (or [B,T,2H_last] bidirectional).
+  """
+
+  def __init__(self, in_features: int, hidden_sizes: Sequence[int], *,
+               bidirectional: bool = False, dropout_between: float = 0.0,
+               rngs: nnx.Rngs, **gru_kwargs):
+    if not hidden_sizes:
+      raise ValueError("StackedGRU needs at least one hidden size")
+    self.num_layers = len(hidden_sizes)
+    d = in_features
+    for i, size in enumerate(hidden_sizes):
+      if bidirectional:
+        layer = Bidirectional(d, size, rngs=rngs, **gru_kwargs)
+        d = 2 * size
+      else:
+        layer = GRU(d, size, rngs=rngs, **gru_kwargs)
+        d = size
+      setattr(self, f"layer_{i}", layer)
+    self.between = SequenceDropout(dropout_between, rngs=rngs)
+
+  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, rngs=None):
+    linen_layers.check_sequence_input("StackedGRU", xs, mask)
+    h = xs
+    for i in range(self.num_layers):
+      h = getattr(self, f"layer_{i}")(h, mask, deterministic=deterministic,
+                                      example_ids=example_ids, rngs=rngs)
+      if i < self.num_layers - 1:
+        h = self.between(h, deterministic=deterministic, example_ids=example_ids, rngs=rngs)
+    return h
+
+
+class SequenceBatchNorm(nnx.Module):
+  """Batch normalisation after a GRU layer: per-feature statistics over batch and time.
+
+  Inputs [B,T,F] with mask [B,T] (padded steps are excluded from the
+  statistics and output as zeros) or [B,F].  Running averages ``mean`` and
+  ``var`` (``nnx.BatchStat``) are used when ``use_running_average``;
+  ``axis_name`` averages statistics across a mapped axis, weighted by each
+  device's count of valid steps.  Defaults are Keras's (momentum 0.99,
+  epsilon 1e-3), as in the Linen layer.
+  """
+
+  def __init__(self, num_features: int, *, momentum: float = 0.99, epsilon: float = 1e-3,
+               use_running_average: bool = False, axis_name: str | None = None,
+               rngs: nnx.Rngs | None = None):
+    del rngs  # accepted for the NNX calling convention; nothing here is random
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.num_features, self.momentum, self.epsilon = num_features, momentum, epsilon
+    self.use_running_average, self.axis_name = use_running_average, axis_name
+
+  def __call__(self, x: Array, mask: Array | None = None, *,
+               use_running_average: bool | None = None) -> Array:
+    linen_layers.check_batch_norm_input(x, mask)
+    if x.shape[-1] != self.num_features:
+      raise ValueError(f"SequenceBatchNorm: x has {x.shape[-1]} features (shape {x.shape}), "
+                       f"the layer was built for {self.num_features}")
+    use_ra = self.use_running_average if use_running_average is None else use_running_average
+    if use_ra:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      mean, var = linen_layers.masked_moments(x, mask, self.axis_name)
+      self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
+      self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
+    return linen_layers.normalize(x, mask, mean, var, self.scale[...], self.bias[...],
+                                  self.epsilon)
