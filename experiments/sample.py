@@ -1,17 +1,21 @@
-r"""Samples text from a character language model trained by experiments.train.
+r"""Generates from a model trained by experiments.train: text from a character LM,
+or a greedy translation from a sequence-to-sequence model.
 
   python -m experiments.sample --workdir=runs/shakes --prompt="ROMEO:" --length=300
+  python -m experiments.sample --workdir=runs/words --prompt=30015
 
-Reads the run's config.json and latest checkpoint; --temperature < 1 is more
-conservative, > 1 more varied.
+Reads the run's config.json and latest checkpoint.  For an LM, --temperature
+< 1 is more conservative, > 1 more varied; a seq2seq model decodes greedily
+(one source per call; --prompt is split into characters, e.g. digits).
 """
 from absl import app, flags
 
-flags.DEFINE_string("workdir", None, "Training workdir of an 'lm' run.", required=True)
-flags.DEFINE_string("prompt", "\n", "Text to continue.")
-flags.DEFINE_integer("length", 200, "Characters to generate.")
-flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("workdir", None, "Training workdir of an 'lm' or 'seq2seq' run.",
+                    required=True)
+flags.DEFINE_string("prompt", "\n", "Text to continue (lm) or to translate (seq2seq).")
+flags.DEFINE_integer("length", 200, "Characters to generate (lm).")
+flags.DEFINE_float("temperature", 1.0, "Softmax temperature (lm).")
+flags.DEFINE_integer("seed", 0, "Sampling seed (lm).")
 FLAGS = flags.FLAGS
 
 
@@ -22,13 +26,40 @@ def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed
 
   _, model, variables, info = train.restore_for_inference(workdir)
   vocab = info.extras.get("vocab")
+  if model.task == "seq2seq":
+    return translate(model, variables, info, prompt)
   if model.task != "lm" or vocab is None:
-    raise ValueError(f"{workdir} holds a {model.task!r} model on {info.name}, not a character LM")
+    raise ValueError(f"{workdir} holds a {model.task!r} model on {info.name}, not a character "
+                     "LM or a sequence-to-sequence model")
   index = {c: i for i, c in enumerate(vocab)}
   ids = jnp.array([index.get(c, info.extras.get("unk_id", 0)) for c in prompt], jnp.int32)
   out = models.sample_lm(model, variables, ids, length, jax.random.key(seed),
                          temperature=temperature)
   return "".join(vocab[int(i)] for i in out)
+
+
+def translate(model, variables, info, source: str) -> str:
+  """Greedy translation of one source string, read one character per token."""
+  import jax.numpy as jnp
+  from gru_jax import models
+
+  vocab, ex = info.extras["vocab"], info.extras
+  index = {c: i for i, c in enumerate(vocab)}
+  unknown = sorted({c for c in source if c not in index})
+  if unknown or not 0 < len(source) <= info.seq_len:
+    raise ValueError(f"the source must be 1-{info.seq_len} characters from the vocabulary; "
+                     f"got {source!r}" + (f" (unknown: {unknown})" if unknown else ""))
+  ids = jnp.full((1, info.seq_len), ex["pad_id"], jnp.int32)
+  ids = ids.at[0, :len(source)].set(jnp.array([index[c] for c in source], jnp.int32))
+  out = models.greedy_decode(model, variables, ids, ids != ex["pad_id"],
+                             max_len=ex["target_len"], bos_id=ex["bos_id"],
+                             eos_id=ex["eos_id"], pad_id=ex["pad_id"])[0]
+  words = []
+  for t in out.tolist():
+    if t == ex["eos_id"]:
+      break
+    words.append(vocab[t])
+  return " ".join(words)
 
 
 def main(argv):

@@ -115,3 +115,127 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
 
   buf, _ = jax.lax.fori_loop(p, total, body, (buf, rng))
   return buf[0]
+
+
+class Seq2Seq(nn.Module):
+  """GRU encoder–decoder (Cho et al. 2014, the paper that introduced the GRU).
+
+  The encoder reads source tokens ``inputs`` [B,S] (valid where ``mask`` [B,S])
+  through ``len(hidden_sizes)`` GRU layers (optionally bidirectional); the
+  context c [B,C] is the top layer's final state (both directions' final
+  states, concatenated).  Decoder layer i starts from tanh(Dense_i(c)); every
+  decoder step reads [embed(y_{t-1}), c], and the output layer reads
+  [h_t, embed(y_{t-1}), c], as in Cho et al.  ``__call__`` is the
+  teacher-forced pass: ``decoder_inputs`` [B,L] (<bos> then the target) give
+  logits [B,L,num_outputs]; `greedy_decode` generates step by step with the
+  same parameters (`start`, `step`).
+
+  Attributes:
+    vocab_size: source vocabulary.  num_outputs: target vocabulary.
+    hidden_sizes: GRU sizes, encoder and decoder alike.
+    dropout: on embeddings and between layers when training.
+    other fields: as `SequenceModel`, passed to every GRU.
+  """
+  vocab_size: int
+  num_outputs: int
+  hidden_sizes: Sequence[int] = (128,)
+  embed_dim: int = 64
+  bidirectional: bool = False
+  dropout: float = 0.0
+  recurrent_dropout: float = 0.0
+  variant: str = "seed"
+  unroll: int = 1
+  compute_dtype: Any = None
+  remat_chunk: int | None = None
+  backend: str = "auto"
+  task: str = "seq2seq"
+
+  def setup(self):
+    if self.task != "seq2seq":
+      raise ValueError(f"Seq2Seq has task 'seq2seq', got {self.task!r}")
+    if not self.hidden_sizes:
+      raise ValueError("Seq2Seq needs at least one hidden size")
+    kw = dict(variant=self.variant, recurrent_dropout=self.recurrent_dropout,
+              unroll=self.unroll, compute_dtype=self.compute_dtype,
+              remat_chunk=self.remat_chunk, backend=self.backend, return_state=True)
+    self.src_embed = nn.Embed(self.vocab_size, self.embed_dim)
+    self.tgt_embed = nn.Embed(self.num_outputs, self.embed_dim)
+    self.encoder = [
+        tuple(layers.GRU(size, reverse=rev, **kw)
+              for rev in ((False, True) if self.bidirectional else (False,)))
+        for size in self.hidden_sizes]
+    self.bridge = [nn.Dense(size) for size in self.hidden_sizes]
+    self.decoder = [layers.GRU(size, **kw) for size in self.hidden_sizes]
+    self.drop = layers.SequenceDropout(self.dropout)
+    self.head = nn.Dense(self.num_outputs)
+
+  def _check(self, name, tokens, ndim=2):
+    if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"Seq2Seq: {name} must be int tokens of rank {ndim}, got "
+                       f"{tokens.dtype} {tokens.shape}")
+
+  def start(self, inputs: Array, mask: Array | None = None, *, train: bool = False,
+            example_ids: Array | None = None):
+    """Encodes inputs [B,S] -> (context [B,C], initial decoder states, one [B,H_i] per layer)."""
+    self._check("inputs", inputs)
+    if mask is not None and mask.shape != inputs.shape:
+      raise ValueError(f"Seq2Seq: mask must have shape [B,S]={inputs.shape}, got {mask.shape}")
+    det = not train
+    x = self.drop(self.src_embed(inputs), deterministic=det, example_ids=example_ids)
+    for i, grus in enumerate(self.encoder):
+      outs = [g(x, mask, deterministic=det, example_ids=example_ids) for g in grus]
+      x = jnp.concatenate([o[0] for o in outs], -1)
+      context = jnp.concatenate([o[1] for o in outs], -1)
+      if i < len(self.encoder) - 1:
+        x = self.drop(x, deterministic=det, example_ids=example_ids)
+    states = tuple(jnp.tanh(d(context)) for d in self.bridge)
+    return context, states
+
+  def _decode(self, context, states, prev_tokens, det, example_ids):
+    """prev_tokens [B,L] from states (one [B,H_i] per layer) -> (logits [B,L,V], new states)."""
+    e = self.drop(self.tgt_embed(prev_tokens), deterministic=det, example_ids=example_ids)
+    c = jnp.broadcast_to(context[:, None], e.shape[:2] + context.shape[-1:])
+    x = jnp.concatenate([e, c], -1)
+    new = []
+    for i, (gru, h0) in enumerate(zip(self.decoder, states)):
+      x, h = gru(x, None, h0, deterministic=det, example_ids=example_ids)
+      new.append(h)
+      x = self.drop(x, deterministic=det, example_ids=example_ids)
+    return self.head(jnp.concatenate([x, e, c], -1)), tuple(new)
+
+  def step(self, context: Array, states: tuple, prev_token: Array):
+    """One decoding step: prev_token [B] -> (logits [B,V], new states); no dropout."""
+    logits, states = self._decode(context, states, prev_token[:, None], True, None)
+    return logits[:, 0], states
+
+  def __call__(self, inputs: Array, mask: Array | None = None, *, decoder_inputs: Array,
+               train: bool = False, example_ids: Array | None = None) -> Array:
+    """Teacher-forced logits [B,L,num_outputs] for decoder_inputs [B,L] given inputs [B,S]."""
+    self._check("decoder_inputs", decoder_inputs)
+    if decoder_inputs.shape[0] != inputs.shape[0]:
+      raise ValueError(f"Seq2Seq: decoder_inputs {decoder_inputs.shape} and inputs "
+                       f"{inputs.shape} must share the batch size")
+    context, states = self.start(inputs, mask, train=train, example_ids=example_ids)
+    return self._decode(context, states, decoder_inputs, not train, example_ids)[0]
+
+
+def greedy_decode(model: Seq2Seq, variables, inputs: Array, mask: Array | None = None, *,
+                  max_len: int, bos_id: int, eos_id: int, pad_id: int = 0) -> Array:
+  """Greedy decoding: inputs [B,S] -> tokens [B,max_len], <eos> included, then pad_id.
+
+  One compiled loop of `Seq2Seq.step` calls, O(max_len) steps.
+  """
+  if max_len < 1:
+    raise ValueError(f"max_len must be >= 1, got {max_len}")
+  context, states = model.apply(variables, inputs, mask, method=Seq2Seq.start)
+
+  def body(carry, _):
+    states, prev, done = carry
+    logits, states = model.apply(variables, context, states, prev, method=Seq2Seq.step)
+    tok = jnp.where(done, pad_id, jnp.argmax(logits, -1).astype(jnp.int32))
+    return (states, tok, done | (tok == eos_id)), tok
+
+  b = inputs.shape[0]
+  init = (states, jnp.full((b,), bos_id, jnp.int32), jnp.zeros((b,), bool))
+  _, toks = jax.lax.scan(body, init, None, length=max_len)
+  return toks.T

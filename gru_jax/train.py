@@ -52,18 +52,29 @@ class TrainState:
 # ----------------------------------------------------------------------------- construction
 
 def create_model(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, *,
-                 axis_name: str | None = None, **overrides) -> models.SequenceModel:
-  """The `SequenceModel` that ``config.model`` describes, sized for the dataset ``info``."""
+                 axis_name: str | None = None, **overrides) -> nn.Module:
+  """The model ``config.model`` describes, sized for the dataset ``info``.
+
+  A `SequenceModel`, or a `Seq2Seq` for a "seq2seq" dataset (its GRU fields
+  come from the same config keys; it has no batch norm).
+  """
   m = config.model
-  kw = dict(
-      task=info.task, num_outputs=info.num_classes, hidden_sizes=tuple(m.hidden_sizes),
-      batch_norm=m.batch_norm, dropout=m.dropout, input_dropout=m.input_dropout,
+  common = dict(
+      hidden_sizes=tuple(m.hidden_sizes), embed_dim=m.embed_dim, dropout=m.dropout,
       recurrent_dropout=m.recurrent_dropout, variant=m.variant, bidirectional=m.bidirectional,
+      unroll=m.unroll, remat_chunk=config.remat or None, backend=m.backend,
+      compute_dtype=None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype))
+  if info.task == "seq2seq":
+    if m.batch_norm or m.input_dropout:
+      raise ValueError(f"dataset {info.name!r} is sequence to sequence (models.Seq2Seq): set "
+                       "config.model.batch_norm=False and config.model.input_dropout=0.0 "
+                       f"(got {m.batch_norm}, {m.input_dropout})")
+    return models.Seq2Seq(vocab_size=info.input_dim, num_outputs=info.num_classes, **common)
+  kw = dict(
+      common, task=info.task, num_outputs=info.num_classes, batch_norm=m.batch_norm,
+      input_dropout=m.input_dropout,
       vocab_size=info.input_dim if info.input_kind == "tokens" else None,
-      embed_dim=m.embed_dim, bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
-      axis_name=axis_name, unroll=m.unroll, remat_chunk=config.remat or None,
-      compute_dtype=None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype),
-      backend=m.backend)
+      bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, axis_name=axis_name)
   kw.update(overrides)
   return models.SequenceModel(**kw)
 
@@ -91,10 +102,17 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int
   return opt
 
 
+def model_inputs(batch: dict) -> dict:
+  """Keyword inputs a model takes besides (inputs, mask): a seq2seq batch's decoder_inputs."""
+  return {"decoder_inputs": batch["decoder_inputs"]} if "decoder_inputs" in batch else {}
+
+
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array,
                batch: dict) -> TrainState:
-  """A fresh state; ``batch`` ("inputs", "mask") only gives the input shapes."""
-  variables = model.init(rng, batch["inputs"][:1], batch["mask"][:1], train=False)
+  """A fresh state; ``batch`` ("inputs", "mask"[, "decoder_inputs"]) only gives the shapes."""
+  first = {k: v[:1] for k, v in batch.items()}
+  variables = model.init(rng, first["inputs"], first["mask"], train=False,
+                         **model_inputs(first))
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     batch_stats=variables.get("batch_stats", {}))
@@ -135,8 +153,9 @@ def _per_example_terms(task: str, outputs: Array, batch: dict, cw: Array | None)
     err = outputs - batch["labels"].reshape(outputs.shape)
     return jnp.mean(err ** 2, -1), w, None, None
   labels = batch["labels"]
-  if task in ("tagging", "lm"):
-    w = (batch["mask"] * w[:, None]).reshape(-1)
+  if task in ("tagging", "lm", "seq2seq"):
+    step_mask = batch["label_mask"] if task == "seq2seq" else batch["mask"]
+    w = (step_mask * w[:, None]).reshape(-1)
     outputs = outputs.reshape(-1, outputs.shape[-1])
     labels = labels.reshape(-1)
   loss = optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), labels)
@@ -163,7 +182,7 @@ def train_step(state: TrainState, batch: dict, rng: Array, *, model: nn.Module,
     out, upd = model.apply({"params": params, "batch_stats": state.batch_stats},
                            batch["inputs"], batch["mask"], train=True,
                            example_ids=batch["example_id"], rngs={"dropout": step_rng},
-                           mutable=["batch_stats"])
+                           mutable=["batch_stats"], **model_inputs(batch))
     loss, lw, _, _ = _per_example_terms(model.task, out, batch, cw)
     total = jnp.maximum(_sum(lw, axis_name), 1e-9)
     return jnp.sum(loss * lw) / total, upd
@@ -184,9 +203,14 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, num_classes: 
               axis_name: str | None = None) -> dict:
   """Sums over a batch (padding has weight 0): loss, count and a confusion matrix or squared error."""
   out = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                    batch["inputs"], batch["mask"], train=False)
+                    batch["inputs"], batch["mask"], train=False, **model_inputs(batch))
   loss, lw, pred, lab = _per_example_terms(model.task, out, batch, None)
   sums = {"loss": jnp.sum(loss * lw), "count": jnp.sum(lw)}
+  if model.task == "seq2seq":
+    # All of a target's teacher-forced argmaxes right <=> greedy decoding reproduces it exactly.
+    wrong = (pred != lab[0]).reshape(batch["labels"].shape) & batch["label_mask"]
+    sums["sequences"] = jnp.sum(batch["weight"])
+    sums["sequences_right"] = jnp.sum(batch["weight"] * ~jnp.any(wrong, -1))
   if model.task == "regression":
     sums["sq_err"] = jnp.sum(loss * lw)
   else:
@@ -213,9 +237,13 @@ def summarize(sums: dict, task: str, extras: dict | None = None) -> dict:
     return out
   cm = sums["confusion"].astype(np.float64)
   out["accuracy"] = float(np.trace(cm) / max(cm.sum(), 1e-12))
-  if task == "lm":
+  if task == "seq2seq":
+    out["sequence_accuracy"] = float(sums["sequences_right"]) / max(float(sums["sequences"]),
+                                                                    1e-12)
+  if task in ("lm", "seq2seq"):
     out["perplexity"] = math.exp(min(out["loss"], 50.0))
-    out["bits_per_char"] = out["loss"] / math.log(2)
+    if task == "lm":
+      out["bits_per_char"] = out["loss"] / math.log(2)
     return out
   support = cm.sum(1)
   predicted = cm.sum(0)
@@ -319,7 +347,8 @@ def batch_stats_step(state: TrainState, batch: dict, *, model: nn.Module):
   """This batch's exact batch-norm statistics (``model`` built with bn_momentum=0, dropout off)."""
   _, upd = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                        batch["inputs"], batch["mask"], train=True, mutable=["batch_stats"],
-                       rngs={"dropout": jax.random.key(0)}, example_ids=None)
+                       rngs={"dropout": jax.random.key(0)}, example_ids=None,
+                       **model_inputs(batch))
   return upd["batch_stats"]
 
 
@@ -426,7 +455,7 @@ def restore_for_inference(workdir: str):
   ds_opts = {k: v for k, v in config.dataset.to_dict().items() if k != "name"}
   arrays, info = data_lib.load(config.dataset.name, "train", **ds_opts)
   model = create_model(config, info)
-  batch = {"inputs": arrays["inputs"][:1], "mask": arrays["mask"][:1]}
+  batch = {k: arrays[k][:1] for k in ("inputs", "mask", "decoder_inputs") if k in arrays}
   state = init_state(model, create_optimizer(config, 1), jax.random.key(0), batch)
   mngr = _checkpoint_manager(workdir)
   if mngr.latest_step() is None:
@@ -569,6 +598,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_every = config.eval_every_steps or steps_per_epoch
   ckpt_every = config.checkpoint_every_steps or eval_every
 
+  if info.task == "seq2seq" and config.trim_to_multiple:
+    raise ValueError("config.trim_to_multiple cuts the source's time axis only; it is not "
+                     "supported for sequence-to-sequence datasets")
   model = create_model(config, info, axis_name=runtime.axis_name)
   tx = create_optimizer(config, total_steps)
   cw = None
@@ -597,12 +629,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                              axis_name=runtime.axis_name), 3)
   p_eval = runtime.compile(eval_step, dict(model=model, num_classes=info.num_classes,
                                            axis_name=runtime.axis_name), 2)
-  p_stats = runtime.compile(batch_stats_step, dict(model=create_model(
+  uses_bn = getattr(model, "batch_norm", False)
+  p_stats = uses_bn and runtime.compile(batch_stats_step, dict(model=create_model(
       config, info, axis_name=runtime.axis_name, bn_momentum=0.0)), 2)
   dstate = runtime.put_state(state)
 
   def run_eval(step, dstate):
-    if config.bn_recalibrate_batches and model.batch_norm:
+    if config.bn_recalibrate_batches and uses_bn:
       dstate = recalibrate_batch_stats(runtime, p_stats, dstate,
                                        train_data.batches(0, 0, config.seed + 7919, plain=True),
                                        config.bn_recalibrate_batches)

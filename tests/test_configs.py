@@ -15,6 +15,7 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 
 PUBLIC = {"mnist", "imdb", "shakespeare"}
 SMALL_DATA = {"adding": dict(seq_len=12, num_train=64, num_validation=16, num_test=16),
               "copy": dict(delay=5, num_train=64, num_validation=16, num_test=16),
+              "number_words": dict(num_train=64, num_validation=16, num_test=16),
               "imdb": dict(vocab_size=50, max_len=30), "shakespeare": dict(seq_len=20)}
 
 
@@ -28,7 +29,7 @@ def load_config(name):
 
 def test_every_config_is_covered():
   assert {"digits", "keras_faithful", "adding", "copy", "sunspots", "mnist", "imdb",
-          "shakespeare"} <= set(CONFIGS)
+          "shakespeare", "number_words"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -14,6 +14,7 @@ alone, which makes exact resume and multi-host slicing trivial.
 | sunspots          | regression     | [N,window,1]        | [N,1] float | 216-window / 47 / 46 |
 | adding            | regression     | [N,T,2]             | [N,1] float | 100k / 10k / 10k     |
 | copy              | tagging        | [N,T+20] tokens, 10 | [N,T+20] 10 | 100k / 10k / 10k     |
+| number_words      | seq2seq        | [N,6] digit tokens  | [N,11] 43   | 100k / 5k / 5k       |
 | mnist             | classification | [N,784,1]           | [N] 10      | 55000 / 5000 / 10000 |
 | imdb_reviews      | classification | [N,max_len] tokens  | [N] 2       | 22500 / 2500 / 25000 |
 | tiny_shakespeare  | lm             | [N,T] tokens        | [N,T] vocab | chars // seq_len     |
@@ -41,6 +42,7 @@ _LOADERS = {
     "sunspots": ("gru_jax.data.local", "load_sunspots"),
     "adding": ("gru_jax.data.synthetic", "load_adding"),
     "copy": ("gru_jax.data.synthetic", "load_copy"),
+    "number_words": ("gru_jax.data.synthetic", "load_number_words"),
     "mnist": ("gru_jax.data.public", "load_mnist"),
     "imdb_reviews": ("gru_jax.data.public", "load_imdb_reviews"),
     "tiny_shakespeare": ("gru_jax.data.public", "load_tiny_shakespeare"),
@@ -83,6 +85,7 @@ def load(name: str, split: str, *, shard: tuple[int, int] | None = None,
   Returns:
     arrays: "inputs" [N,T,D] float32 or [N,T] int32; "labels" [N] int32
       (classification), [N,T] int32 (tagging, lm) or [N,K] float32 (regression);
+      seq2seq sets add "decoder_inputs" [N,L] int32 and "label_mask" [N,L] bool;
       "mask" [N,T] bool, True on valid steps.  The arrays are shared with an
       in-process cache and are read-only: copy before modifying.
     info: the `DatasetInfo` (a fresh copy per call).

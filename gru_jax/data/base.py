@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 SPLITS = ("train", "validation", "test")
-TASKS = ("classification", "tagging", "regression", "lm")
+TASKS = ("classification", "tagging", "regression", "lm", "seq2seq")
 INPUT_KINDS = ("float", "tokens")
 DATA_DIR_ENV = "GRU_JAX_DATA_DIR"
 
@@ -23,7 +23,8 @@ class DatasetInfo:
   """What a model and trainer need to know about a loaded dataset.
 
   task: "classification" (labels [N] int32), "tagging" (labels [N,T] int32),
-    "regression" (labels [N,K] float32) or "lm" (next-token labels [N,T] int32).
+    "regression" (labels [N,K] float32), "lm" (next-token labels [N,T] int32) or
+    "seq2seq" (also "decoder_inputs", "labels" and "label_mask" [N,L]).
   input_kind: "float" (inputs [N,T,D] float32) or "tokens" (inputs [N,T] int32).
   input_dim: D for float inputs, the vocabulary size for tokens.
   num_classes: classes or vocabulary size; the output size K for regression.

@@ -10,6 +10,15 @@
   which the model must output the 10 symbols; blank is the target elsewhere.
   A memoryless model that outputs blank and then a uniform guess reaches
   cross-entropy 10·ln 8 / (T + 20) per step, the baseline to beat.
+* ``number_words``: translation-style sequence to sequence (the seed's
+  "translation" application; Cho et al. 2014's encoder–decoder): a number's
+  digits ("3 0 1 5") to its English words ("three thousand fifteen").  The
+  output is longer or shorter than the input and reorders it (teens, tens),
+  so a per-step tagger cannot solve it.  Numbers 0–999,999.  The splits hold
+  disjoint sets of numbers (90 / 5 / 5 by a fixed hash of the number), so the
+  test set asks for numbers never seen in training; each example draws its
+  digit count uniformly from those its split holds (training: 1–6; the hash
+  leaves no one-digit number to validation or test), then the number.
 
 Each split draws from its own generator seeded by (seed, split, dataset), so
 a split does not change when another split's size changes.
@@ -20,7 +29,7 @@ import math
 
 import numpy as np
 
-from gru_jax.data.base import DatasetInfo, check_int, split_rng
+from gru_jax.data.base import SPLITS, DatasetInfo, check_int, split_rng
 
 # The 1/6 of the text above: Var(U(0,1)) = 1/12, two independent values.
 ADDING_BASELINE_MSE = 1.0 / 6.0
@@ -30,7 +39,18 @@ COPY_BLANK = 8
 COPY_DELIMITER = 9
 COPY_VOCAB = 10
 
-_ADDING_STREAM, _COPY_STREAM = 1, 2
+_ADDING_STREAM, _COPY_STREAM, _WORDS_STREAM = 1, 2, 3
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+# Shared source/target vocabulary: padding, begin and end of sequence, digits, words.
+WORDS_VOCAB = (("<pad>", "<bos>", "<eos>") + tuple("0123456789") + tuple(_ONES)
+               + tuple(_TENS) + ("hundred", "thousand"))
+WORDS_PAD, WORDS_BOS, WORDS_EOS = 0, 1, 2
+WORDS_MAX_DIGITS = 6
+# Longest reading below 10^6: "seven hundred seventy seven thousand seven hundred seventy seven".
+WORDS_MAX_WORDS = 10
 
 
 def _sizes(num_train, num_validation, num_test) -> dict:
@@ -99,4 +119,76 @@ def load_copy(split: str, *, delay: int = 100, num_train: int = 100_000,
                      num_classes=COPY_VOCAB, seq_len=length, num_examples=sizes,
                      extras={"baseline_xent": copy_baseline_xent(t), "delay": t,
                              "blank": COPY_BLANK, "delimiter": COPY_DELIMITER, "seed": seed})
+  return arrays, info
+
+
+def number_to_words(n: int) -> list[str]:
+  """English words of 0 <= n < 10^6, US style without "and": 1015 -> one thousand fifteen."""
+  if not 0 <= n < 10 ** WORDS_MAX_DIGITS:
+    raise ValueError(f"n must be in [0, 10^{WORDS_MAX_DIGITS}), got {n}")
+  if n == 0:
+    return ["zero"]
+
+  def below_1000(m):
+    out = []
+    if m >= 100:
+      out += [_ONES[m // 100], "hundred"]
+      m %= 100
+    if m >= 20:
+      out.append(_TENS[m // 10 - 2])
+      m %= 10
+    if m:
+      out.append(_ONES[m])
+    return out
+
+  thousands, rest = divmod(n, 1000)
+  return (below_1000(thousands) + ["thousand"] if thousands else []) + below_1000(rest)
+
+
+def _number_split(numbers: np.ndarray) -> np.ndarray:
+  """Split index (0 train, 1 validation, 2 test) of each number: 90 / 5 / 5 by a fixed hash."""
+  bucket = (numbers.astype(np.uint64) * np.uint64(2654435761) % np.uint64(2 ** 32)) % np.uint64(100)
+  return np.where(bucket < 90, 0, np.where(bucket < 95, 1, 2))
+
+
+def load_number_words(split: str, *, num_train: int = 100_000, num_validation: int = 5_000,
+                      num_test: int = 5_000, seed: int = 0, data_dir=None):
+  """Digits to English words, a sequence-to-sequence task (shared vocabulary `WORDS_VOCAB`).
+
+  Returns arrays: "inputs" [N,6] int32 digit tokens and "mask" [N,6] (no leading
+  zeros; padding after the last digit), "decoder_inputs" [N,11] (<bos> then the
+  words), "labels" [N,11] (the words then <eos>) and "label_mask" [N,11].
+  """
+  del data_dir
+  sizes = _sizes(num_train, num_validation, num_test)
+  n = sizes[split]
+  rng = split_rng(seed, split, _WORDS_STREAM)
+  everything = np.arange(10 ** WORDS_MAX_DIGITS)
+  mine = everything[_number_split(everything) == SPLITS.index(split)]
+  digits = np.where(mine == 0, 1, np.floor(np.log10(np.maximum(mine, 1))).astype(int) + 1)
+  pools = [mine[digits == k] for k in range(1, WORDS_MAX_DIGITS + 1)]
+  pools = [p for p in pools if len(p)]
+  which = rng.integers(0, len(pools), size=n)
+  numbers = np.array([pools[k][i] for k, i in
+                      zip(which, (rng.random(n) * np.array([len(pools[k]) for k in which]))
+                          .astype(int))], np.int64)
+  index = {w: i for i, w in enumerate(WORDS_VOCAB)}
+  length = WORDS_MAX_WORDS + 1
+  inputs = np.full((n, WORDS_MAX_DIGITS), WORDS_PAD, np.int32)
+  dec = np.full((n, length), WORDS_PAD, np.int32)
+  labels = np.full((n, length), WORDS_PAD, np.int32)
+  for row, num in enumerate(numbers):
+    ds = [index[c] for c in str(num)]
+    ws = [index[w] for w in number_to_words(int(num))]
+    inputs[row, :len(ds)] = ds
+    dec[row, :len(ws) + 1] = [WORDS_BOS] + ws
+    labels[row, :len(ws) + 1] = ws + [WORDS_EOS]
+  arrays = {"inputs": inputs, "mask": inputs != WORDS_PAD, "decoder_inputs": dec,
+            "labels": labels, "label_mask": dec != WORDS_PAD}
+  v = len(WORDS_VOCAB)
+  info = DatasetInfo(name="number_words", task="seq2seq", input_kind="tokens", input_dim=v,
+                     num_classes=v, seq_len=WORDS_MAX_DIGITS, num_examples=sizes,
+                     extras={"vocab": list(WORDS_VOCAB), "pad_id": WORDS_PAD,
+                             "bos_id": WORDS_BOS, "eos_id": WORDS_EOS,
+                             "target_len": length, "seed": seed})
   return arrays, info
