@@ -173,13 +173,13 @@ def to_torch(params: GRUParams, module=None, layer: int = 0, direction: int = 0)
   import torch
   _check_params(params)
   arrays = (params.w_x.T, params.w_h.T, params.b_x, params.b_h)
-  arrays = [_zrh_to_rzn(np.array(a)) for a in arrays]
+  arrays = [_zrh_to_rzn(_torch_ready(a)) for a in arrays]
   if module is None:
     if not isinstance(layer, int) or layer < 0 or direction not in (0, 1):
       raise ValueError(f"layer must be an int >= 0 and direction 0 or 1, got layer={layer!r}, "
                        f"direction={direction!r}")
     suffix = f"_l{layer}" + ("_reverse" if direction else "")
-    return {f"{k}{suffix}": torch.from_numpy(np.ascontiguousarray(a))
+    return {f"{k}{suffix}": _to_tensor(a, params.w_x.dtype)
             for k, a in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), arrays)}
   if not isinstance(module, (torch.nn.GRU, torch.nn.GRUCell)):
     raise TypeError(f"module must be a torch.nn.GRU or torch.nn.GRUCell, got "
@@ -196,8 +196,21 @@ def to_torch(params: GRUParams, module=None, layer: int = 0, direction: int = 0)
                 {k: tuple(t.shape) for k, t in zip(names, targets)})
   with torch.no_grad():
     for t, a in zip(targets, arrays):
-      t.copy_(torch.from_numpy(np.ascontiguousarray(a)))
+      t.copy_(torch.from_numpy(np.ascontiguousarray(a)))  # copy_ casts to t's dtype
   return module
+
+
+def _torch_ready(a) -> np.ndarray:
+  """A NumPy array torch can read: bfloat16 (no NumPy dtype in torch's eyes) goes via float32,
+  which holds every bfloat16 value exactly."""
+  a = np.asarray(a)
+  return a.astype(np.float32) if a.dtype == jnp.bfloat16 else np.array(a)
+
+
+def _to_tensor(a: np.ndarray, dtype):
+  import torch
+  t = torch.from_numpy(np.ascontiguousarray(a))
+  return t.to(torch.bfloat16) if dtype == jnp.bfloat16 else t
 
 
 # --- Keras 3 -----------------------------------------------------------------

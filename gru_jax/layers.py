@@ -175,10 +175,12 @@ class StackedGRU(nn.Module):
   """``len(hidden_sizes)`` GRU layers (``layer_0``, ``layer_1``, ...), each returning sequences.
 
   ``dropout_between`` applies (per-example) dropout to the outputs of every
-  layer but the last.  Returns hs [B,T,H_last] (or [B,T,2H_last] bidirectional).
+  layer but the last.  Returns hs [B,T,H_last]; bidirectional, [B,T,2H_last]
+  with ``merge_mode="concat"`` or [B,T,H_last] with "sum".
   """
   hidden_sizes: Sequence[int]
   bidirectional: bool = False
+  merge_mode: str = "concat"
   dropout_between: float = 0.0
   gru_kwargs: dict | None = None
 
@@ -189,7 +191,8 @@ class StackedGRU(nn.Module):
     h = xs
     for i, size in enumerate(self.hidden_sizes):
       if self.bidirectional:
-        layer = Bidirectional(size, gru_kwargs=kw, name=f"layer_{i}")
+        layer = Bidirectional(size, merge_mode=self.merge_mode, gru_kwargs=kw,
+                              name=f"layer_{i}")
       else:
         layer = GRU(size, name=f"layer_{i}", **kw)
       h = layer(h, mask, deterministic=deterministic, example_ids=example_ids)

@@ -14,7 +14,7 @@ the ``dropout`` stream (``default`` if there is none); with ``example_ids``
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,14 +100,41 @@ class GRU(nnx.Module):
     self.rngs = _dropout_stream(rngs, dropout > 0 or recurrent_dropout > 0)
 
   @classmethod
-  def from_params(cls, params: cell_lib.GRUParams, *, rngs: nnx.Rngs | None = None,
-                  **kwargs) -> GRU:
-    """A layer holding ``params`` (e.g. from `gru_jax.convert` or a Linen GRU's variables)."""
-    layer = cls(params.input_size, params.hidden_size, rngs=rngs or nnx.Rngs(0), **kwargs)
-    for name, value in zip(cell_lib.GRUParams._fields, params):
+  def from_params(cls, params: cell_lib.GRUParams | Mapping[str, Array], *,
+                  rngs: nnx.Rngs | None = None, **kwargs) -> GRU:
+    """A layer holding ``params``: a `GRUParams` (e.g. from `gru_jax.convert`) or a Linen
+    GRU's ``variables["params"]`` (with ``gamma_x``... when it was layer-normalised).
+
+    ``rngs`` is needed only for dropout (its ``dropout`` stream); ``kwargs`` are the
+    other constructor arguments.
+    """
+    values = dict(params._asdict() if isinstance(params, cell_lib.GRUParams) else params)
+    ln_names = set(ln_lib.LNParams._fields)
+    unknown = set(values) - set(cell_lib.GRUParams._fields) - ln_names
+    missing = set(cell_lib.GRUParams._fields) - set(values)
+    if unknown or missing:
+      raise ValueError(f"params must hold {cell_lib.GRUParams._fields} (and the layer-norm "
+                       f"{ln_lib.LNParams._fields}); unknown {sorted(unknown)}, missing "
+                       f"{sorted(missing)}")
+    has_ln = bool(ln_names & set(values))
+    kwargs.setdefault("layer_norm", has_ln)
+    if has_ln != kwargs["layer_norm"]:
+      raise ValueError(f"layer_norm={kwargs['layer_norm']} but params "
+                       f"{'hold' if has_ln else 'lack'} the layer-norm parameters")
+    drops = kwargs.get("dropout", 0) > 0 or kwargs.get("recurrent_dropout", 0) > 0
+    if drops and rngs is None:
+      raise ValueError("from_params with dropout needs rngs=nnx.Rngs(...): without it every "
+                       "layer would draw the same masks")
+    w_x, w_h = jnp.shape(values["w_x"]), jnp.shape(values["w_h"])
+    if len(w_x) != 2 or len(w_h) != 2:
+      raise ValueError(f"params.w_x and params.w_h must be 2-D, got {w_x} and {w_h}")
+    layer = cls(w_x[0], w_h[0], rngs=nnx.Rngs(0), **kwargs)  # placeholder weights, replaced
+    if drops:
+      layer.rngs = _dropout_stream(rngs, True)
+    for name, value in values.items():
       old = getattr(layer, name)[...]
-      if value.shape != old.shape:
-        raise ValueError(f"params.{name} has shape {value.shape}, expected {old.shape}")
+      if jnp.shape(value) != old.shape:
+        raise ValueError(f"params.{name} has shape {jnp.shape(value)}, expected {old.shape}")
       setattr(layer, name, nnx.Param(jnp.asarray(value)))
     return layer
 
@@ -178,20 +205,21 @@ class StackedGRU(nnx.Module):
   """``len(hidden_sizes)`` GRU layers (``layer_0``, ``layer_1``, ...), each returning sequences.
 
   ``dropout_between`` applies (per-example) dropout to the outputs of every
-  layer but the last.  Returns hs [B,T,H_last] (or [B,T,2H_last] bidirectional).
+  layer but the last.  Returns hs [B,T,H_last]; bidirectional, [B,T,2H_last]
+  with ``merge_mode="concat"`` or [B,T,H_last] with "sum".
   """
 
   def __init__(self, in_features: int, hidden_sizes: Sequence[int], *,
-               bidirectional: bool = False, dropout_between: float = 0.0,
-               rngs: nnx.Rngs, **gru_kwargs):
+               bidirectional: bool = False, merge_mode: str = "concat",
+               dropout_between: float = 0.0, rngs: nnx.Rngs, **gru_kwargs):
     if not hidden_sizes:
       raise ValueError("StackedGRU needs at least one hidden size")
     self.num_layers = len(hidden_sizes)
     d = in_features
     for i, size in enumerate(hidden_sizes):
       if bidirectional:
-        layer = Bidirectional(d, size, rngs=rngs, **gru_kwargs)
-        d = 2 * size
+        layer = Bidirectional(d, size, merge_mode=merge_mode, rngs=rngs, **gru_kwargs)
+        d = 2 * size if merge_mode == "concat" else size
       else:
         layer = GRU(d, size, rngs=rngs, **gru_kwargs)
         d = size

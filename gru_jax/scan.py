@@ -40,6 +40,11 @@ def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dro
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if not isinstance(params, GRUParams):
     raise TypeError(f"params must be a GRUParams, got {type(params).__name__}")
+  for name, a in zip(GRUParams._fields, params):
+    if jnp.ndim(a) != (2 if name.startswith("w") else 1):
+      raise ValueError(f"params.{name} must be {'2-D' if name.startswith('w') else '1-D'} "
+                       "(w_x [D,3H], w_h [H,3H], b_x [3H], b_h [3H]), got shape "
+                       f"{jnp.shape(a)}")
   d, h3 = params.w_x.shape
   hsz = params.w_h.shape[0]
   if params.w_h.shape != (hsz, 3 * hsz) or h3 != 3 * hsz or params.b_x.shape != (3 * hsz,) \
@@ -360,13 +365,22 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
   Returns:
     ``(h_last [B,H], hs [B,T,H])``, plus gates when ``return_gates``.
   """
+  # Lists and NumPy arrays are welcome; the checks below read .shape and .dtype.
+  xs, h0, mask, input_dropout_mask, recurrent_dropout_mask = (
+      None if a is None else jnp.asarray(a)
+      for a in (xs, h0, mask, input_dropout_mask, recurrent_dropout_mask))
   b, t = _validate(params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
                    time_major, variant, backend, remat_chunk)
   state_dtype = xs.dtype
   compute_dtype = jnp.dtype(compute_dtype or state_dtype)
+  if not jnp.issubdtype(compute_dtype, jnp.floating):
+    raise ValueError(f"compute_dtype must be a floating-point dtype (e.g. jnp.bfloat16), got "
+                     f"{compute_dtype}")
   impl = resolve_backend(backend, hidden_size=params.hidden_size, batch=b,
                          compute_dtype=compute_dtype, state_dtype=state_dtype,
                          return_gates=return_gates, remat_chunk=remat_chunk)
+  if t == 0:
+    impl = "scan"  # nothing to fuse, and the fused loops trace a step that needs T >= 1
   if h0 is None:
     h0 = jnp.zeros((b, params.hidden_size), state_dtype)
   h0 = h0.astype(state_dtype)

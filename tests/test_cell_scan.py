@@ -248,6 +248,7 @@ def _p():
     (dict(recurrent_dropout_mask=jnp.ones((1, 4))), r"recurrent_dropout_mask must have shape"),
     (dict(remat_chunk=0), r"remat_chunk must be a positive int"),
     (dict(backend="cudnn"), r"backend must be one of"),
+    (dict(compute_dtype=jnp.int32), r"compute_dtype must be a floating-point dtype \(e.g. jnp.bfloat16\), got int32"),
 ])
 def test_bad_input_errors_name_argument_and_shapes(kwargs, match):
   args = dict(xs=jnp.ones((2, 5, 3)))
@@ -286,3 +287,34 @@ def test_cpu_projection_vjp_matches_numpy():
   wb = w.astype(jnp.bfloat16)
   np.testing.assert_array_equal(scan_lib._project(xs, wb, jnp.float32),
                                 cell.matmul(xs, wb, jnp.float32))
+
+
+@pytest.mark.parametrize("backend", ["auto", "xla", "scan", "pallas"])
+def test_zero_length_sequences_return_h0_on_every_backend(backend):
+  p = _p()
+  h0 = jax.random.normal(jax.random.key(1), (2, 4))
+  xs = jnp.ones((2, 0, 3))
+  h_last, hs = gru_jax.gru(p, xs, h0, backend=backend)
+  np.testing.assert_array_equal(h_last, h0)  # no step: the known answer is h0 itself
+  assert hs.shape == (2, 0, 4)
+  g = jax.grad(lambda h: jnp.sum(gru_jax.gru(p, xs, h, backend=backend)[0] * 3.0))(h0)
+  np.testing.assert_array_equal(g, jnp.full((2, 4), 3.0))
+
+
+def test_lists_and_numpy_arrays_are_accepted_like_jax_arrays():
+  p = _p()
+  rs = np.random.RandomState(0)
+  xs, h0 = rs.randn(2, 5, 3).astype(np.float32), rs.randn(2, 4).astype(np.float32)
+  mask = np.arange(5)[None] < np.array([5, 2])[:, None]
+  h_last, hs = gru_jax.gru(p, xs.tolist(), h0.tolist(), mask=mask.tolist())
+  ref_last, ref_hs = reference.run(p, xs, h0=h0, mask=mask)
+  np.testing.assert_allclose(hs, ref_hs, atol=1e-5)
+  np.testing.assert_allclose(h_last, ref_last, atol=1e-5)
+
+
+def test_params_of_the_wrong_rank_are_named():
+  p = _p()
+  with pytest.raises(ValueError, match=r"params.w_x must be 2-D .* got shape \(12,\)"):
+    gru_jax.gru(p._replace(w_x=jnp.ones(12)), jnp.ones((2, 5, 3)))
+  with pytest.raises(ValueError, match=r"params.b_h must be 1-D .* got shape \(1, 12\)"):
+    gru_jax.gru(p._replace(b_h=jnp.ones((1, 12))), jnp.ones((2, 5, 3)))

@@ -149,6 +149,21 @@ def test_torch_round_trip_into_module_and_state_dict():
       np.testing.assert_array_equal(g, w)
 
 
+def test_torch_export_of_bfloat16_params():
+  import torch
+  m = _torch_gru()
+  p = jax.tree.map(lambda a: a.astype(jnp.bfloat16), convert.from_torch(m))
+  as_f32 = jax.tree.map(lambda a: a.astype(jnp.float32), p)  # exact: f32 holds every bf16
+  sd = convert.to_torch(p)
+  want = convert.to_torch(as_f32)
+  for k, v in sd.items():
+    assert v.dtype == torch.bfloat16
+    np.testing.assert_array_equal(v.float().numpy(), want[k].numpy())
+  into = convert.to_torch(p, _torch_gru(seed=5).to(torch.bfloat16))
+  for k, v in into.state_dict().items():
+    np.testing.assert_array_equal(v.float().numpy(), want[k].numpy())
+
+
 def test_torch_errors():
   torch = pytest.importorskip("torch")
   m = _torch_gru()

@@ -527,3 +527,15 @@ def test_sharded_batches_reject_bad_arguments():
     data.sharded_batches(shards, 8, num_batches=6, **kw)
   with pytest.raises(ValueError, match="start_batch"):
     data.sharded_batches(shards, 8, num_batches=2, start_batch=3, **kw)
+
+
+def test_trimming_keeps_every_valid_step_of_left_padded_and_holey_masks():
+  mask = np.array([[0, 0, 0, 1, 1, 1, 0, 0],     # left padding
+                   [1, 0, 0, 0, 1, 0, 0, 0],     # a hole
+                   [1, 1, 0, 0, 0, 0, 0, 0]], bool)
+  inputs = np.arange(24).reshape(3, 8)
+  b = next(data.batches({"inputs": inputs, "mask": mask}, 3, seed=0, epoch=0, shuffle=False,
+                        drop_remainder=True, trim_to_multiple=1))
+  # The last valid step of the batch is step 5: steps 0-5 stay, 6-7 (all padding) go.
+  np.testing.assert_array_equal(b["mask"], mask[:, :6])
+  np.testing.assert_array_equal(b["inputs"], inputs[:, :6])

@@ -215,3 +215,43 @@ def test_bad_inputs_name_the_argument_and_shapes():
     G.SequenceBatchNorm(4)(jnp.ones((2, 3, 5)))
   with pytest.raises(ValueError, match="merge_mode"):
     G.Bidirectional(3, 4, merge_mode="avg", rngs=nnx.Rngs(0))
+
+
+def test_from_params_takes_linen_variables_and_needs_rngs_for_dropout():
+  xs = _xs(8)
+  for layer_norm in (False, True):
+    lin = layers.GRU(5, layer_norm=layer_norm, bias_init=nn.initializers.normal(0.3))
+    v = lin.init(jax.random.key(3), xs)
+    ours = G.GRU.from_params(v["params"])
+    assert ours.layer_norm == layer_norm
+    np.testing.assert_allclose(ours(xs), lin.apply(v, xs), atol=1e-6)
+  with pytest.raises(ValueError, match="needs rngs"):
+    G.GRU.from_params(ours.params, dropout=0.2)
+  with pytest.raises(ValueError, match=r"unknown \['kernel'\], missing \['w_x'\]"):
+    G.GRU.from_params({"kernel": 1, "w_h": 1, "b_x": 1, "b_h": 1})
+  # With rngs, layers built from the same params draw different masks.
+  a = G.GRU.from_params(ours.params, dropout=0.5, rngs=nnx.Rngs(dropout=1))
+  b = G.GRU.from_params(ours.params, dropout=0.5, rngs=nnx.Rngs(dropout=2))
+  assert float(jnp.abs(a(xs) - b(xs)).max()) > 1e-3
+
+
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_stacked_bidirectional_sum_feeds_h_features_to_the_next_layer(api):
+  xs = _xs(9)
+  if api == "nnx":
+    st = G.StackedGRU(4, (5, 3), bidirectional=True, merge_mode="sum", rngs=nnx.Rngs(0))
+    out = st(xs)
+    p = {f"layer_{i}": {d: getattr(getattr(st, f"layer_{i}"), d).params
+                        for d in ("forward", "backward")} for i in range(2)}
+  else:
+    st = layers.StackedGRU((5, 3), bidirectional=True, merge_mode="sum")
+    v = st.init(jax.random.key(0), xs)
+    out = st.apply(v, xs)
+    p = {k: {d: GRUParams(**v["params"][k][d]) for d in ("forward", "backward")}
+         for k in ("layer_0", "layer_1")}
+  h = np.asarray(xs, np.float64)
+  for i in range(2):
+    q = p[f"layer_{i}"]
+    h = reference.run(q["forward"], h)[1] + reference.run(q["backward"], h, reverse=True)[1]
+  assert out.shape == (3, 6, 3)
+  np.testing.assert_allclose(out, h, atol=1e-5)

@@ -108,11 +108,13 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
       [process_index*B/process_count, (process_index+1)*B/process_count) of each global batch.
     start_batch: index of the first global batch to yield (resume mid-epoch);
       the batches before it are skipped without being gathered.
-    bucket_by_length: group similar lengths (by `arrays["mask"].sum(1)`) into
-      batches within windows of `bucket_window` batches; see `epoch_order`.
+    bucket_by_length: group similar lengths (each row's last valid step + 1,
+      from `arrays["mask"]`) into batches within windows of `bucket_window`
+      batches; see `epoch_order`.
     trim_to_multiple: if set, cut the time axis of every array whose leading
-      dims equal the mask's [N,T] to the global batch's longest real sequence,
+      dims equal the mask's [N,T] after the global batch's last valid step,
       rounded up to this multiple (fewer padded steps, few distinct shapes).
+      Any mask pattern keeps all its valid steps.
     stream: selects an independent epoch order (see `epoch_order`).
 
   Yields:
@@ -142,7 +144,7 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
                      f"{None if mask is None else np.shape(mask)}")
   if trim_to_multiple is not None:
     check_int("trim_to_multiple", trim_to_multiple, 1)
-  lengths = np.asarray(mask).sum(axis=1) if needs_lengths else None
+  lengths = _ends(mask) if needs_lengths else None
   order = epoch_order(n, b, seed=seed, epoch=epoch, shuffle=shuffle,
                       lengths=lengths if bucket_by_length else None, bucket_window=bucket_window,
                       stream=stream)
@@ -150,6 +152,13 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
   timed = [k for k, v in arrays.items()
            if mask is not None and v.ndim >= 2 and v.shape[:2] == np.shape(mask)]
   return _iterate(arrays, order, b, pi, pc, start, total, lengths, timed, trim_to_multiple)
+
+
+def _ends(mask) -> np.ndarray:
+  """Per row, one past the last valid step (0 for an empty row): the length for prefix
+  masks, and what trimming must keep for any other pattern (left padding, holes)."""
+  m = np.asarray(mask, bool)
+  return np.where(m.any(1), m.shape[1] - np.argmax(m[:, ::-1], axis=1), 0)
 
 
 def _iterate(arrays, order, b, pi, pc, start, total, lengths, timed, multiple):
