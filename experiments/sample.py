@@ -8,7 +8,9 @@ Reads the run's config.json and latest checkpoint.  For an LM, --temperature
 < 1 is more conservative, > 1 more varied; a seq2seq model decodes greedily
 (one source per call; --prompt is split into characters, e.g. digits).
 """
-from absl import app, flags
+from absl import flags
+
+from experiments import cli
 
 flags.DEFINE_string("workdir", None, "Training workdir of an 'lm' or 'seq2seq' run.",
                     required=True)
@@ -44,6 +46,8 @@ def translate(model, variables, info, source: str) -> str:
   from gru_jax import models
 
   vocab, ex = info.extras["vocab"], info.extras
+  if info.name == "number_words" and source.isdigit():
+    source = str(int(source))  # the data spells numbers without leading zeros
   index = {c: i for i, c in enumerate(vocab)}
   unknown = sorted({c for c in source if c not in index})
   if unknown or not 0 < len(source) <= info.seq_len:
@@ -68,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,14 +9,13 @@ cluster, jax.distributed is initialised from --coordinator_address /
 """
 import logging as pylogging
 import os
-import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from experiments import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.",
-                                lock_config=True)
+cli.define_config("config", _DEFAULT_CONFIG, "Training config file.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.", required=True)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
@@ -35,15 +34,8 @@ def main(argv):
       lambda r: "orbax" not in r.pathname or r.levelno >= pylogging.WARNING)
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.TrainingError, ValueError) as e:
-    if os.environ.get("GRU_JAX_TRACEBACK"):  # for debugging the library itself
-      raise
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

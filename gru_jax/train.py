@@ -343,6 +343,14 @@ def evaluate(runtime: Runtime, eval_fn: Callable, state, arrays: dict, batch_siz
   return total
 
 
+def recalibration_model(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, *,
+                        axis_name: str | None = None) -> nn.Module:
+  """The model for `batch_stats_step`: the evaluated network (every dropout off), with batch
+  norm momentum 0 so that one step returns the batch's exact statistics."""
+  return create_model(config, info, axis_name=axis_name, bn_momentum=0.0, dropout=0.0,
+                      input_dropout=0.0, recurrent_dropout=0.0)
+
+
 def batch_stats_step(state: TrainState, batch: dict, *, model: nn.Module):
   """This batch's exact batch-norm statistics (``model`` built with bn_momentum=0, dropout off)."""
   _, upd = model.apply({"params": state.params, "batch_stats": state.batch_stats},
@@ -439,7 +447,8 @@ def _restore(mngr, template: TrainState, sharding) -> TrainState:
   except Exception as e:  # orbax raises several types for a tree/shape mismatch
     raise TrainingError(
         f"the checkpoint at step {step} in {mngr.directory} does not fit this config's model "
-        f"({type(e).__name__}: {str(e)[:300]}); use a fresh --workdir") from e
+        f"or optimizer ({type(e).__name__}: {str(e)[:300]}); use a fresh --workdir or the "
+        "command that wrote it") from e
 
 
 def restore_for_inference(workdir: str):
@@ -464,18 +473,33 @@ def restore_for_inference(workdir: str):
   return config, model, {"params": state.params, "batch_stats": state.batch_stats}, info
 
 
+def _dataset_identity(options: dict | None) -> dict | None:
+  """The dataset options that decide its contents: defaults filled in (a config may list them
+  or not), data_dir left out (the same data may move)."""
+  if not options or options.get("name") not in data_lib.NAMES:
+    return options
+  full = {**data_lib.options(options["name"]), **options}
+  return {k: v for k, v in full.items() if k != "data_dir"}
+
+
 def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict):
   """Refuses to resume a workdir written by a different model or dataset."""
   path = os.path.join(workdir, "config.json")
-  fingerprint = {"model": config.model.to_dict(), "dataset": config.dataset.to_dict()}
+  fingerprint = {"model": config.model.to_dict(),
+                 "dataset": _dataset_identity(config.dataset.to_dict())}
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    old_fp = {"model": old.get("model"), "dataset": old.get("dataset")}
+    old_fp = {"model": old.get("model"), "dataset": _dataset_identity(old.get("dataset"))}
     if json.loads(json.dumps(old_fp)) != json.loads(json.dumps(fingerprint)):
       diff = [k for k in ("model", "dataset") if old_fp[k] != json.loads(json.dumps(fingerprint[k]))]
       raise TrainingError(f"workdir {workdir} holds a run with a different {' and '.join(diff)} "
                           f"config ({path}); use a fresh --workdir or the same config")
+
+
+def _write_config(workdir: str, config: ml_collections.ConfigDict):
+  """<workdir>/config.json, written once the workdir is known to accept this config."""
+  path = os.path.join(workdir, "config.json")
   if jax.process_index() == 0:
     with open(path + ".tmp", "w") as f:  # atomic: other processes may be reading it
       f.write(config.to_json(indent=2))
@@ -576,11 +600,29 @@ class _TrainData:
                             trim_to_multiple=(c.trim_to_multiple or None) if not plain else None)
 
 
+_COUNTS = {"batch_size": 1, "log_every_steps": 1, "num_epochs": 0, "num_train_steps": 0,
+           "eval_every_steps": 0, "checkpoint_every_steps": 0, "eval_batch_size": 0,
+           "bn_recalibrate_batches": 0, "remat": 0, "trim_to_multiple": 0, "data_shards": 0}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for counts and sizes out of range, before anything is loaded."""
+  for key, minimum in _COUNTS.items():
+    if key in config:
+      data_lib.base.check_int(f"config.{key}", config[key], minimum)
+  sizes = config.model.hidden_sizes
+  if (not isinstance(sizes, (tuple, list)) or not sizes
+      or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in sizes)):
+    raise ValueError(f"config.model.hidden_sizes must be a non-empty tuple of ints >= 1, "
+                     f"e.g. '(128,)', got {sizes!r}")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and evaluates.
 
   Returns the final metrics per split, e.g. ``{"validation": {...}, "test": {...}}``.
   """
+  check_config(config)
   os.makedirs(workdir, exist_ok=True)
   runtime = make_runtime(config.parallel)
   runtime.check_batch(config.batch_size, "config.batch_size")
@@ -622,6 +664,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if mngr.latest_step() is not None:
     state = _restore(mngr, state, runtime.replicated)
     logging.info("Resumed from %s at step %d", mngr.directory, int(state.step))
+  _write_config(workdir, config)
   start = int(state.step)
   writer = MetricsWriter(workdir, start)
 
@@ -630,11 +673,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   p_eval = runtime.compile(eval_step, dict(model=model, num_classes=info.num_classes,
                                            axis_name=runtime.axis_name), 2)
   uses_bn = getattr(model, "batch_norm", False)
-  p_stats = uses_bn and runtime.compile(batch_stats_step, dict(model=create_model(
-      config, info, axis_name=runtime.axis_name, bn_momentum=0.0)), 2)
+  p_stats = uses_bn and runtime.compile(batch_stats_step, dict(model=recalibration_model(
+      config, info, axis_name=runtime.axis_name)), 2)
   dstate = runtime.put_state(state)
 
-  def run_eval(step, dstate):
+  def run_eval(step, dstate, write=True):
     if config.bn_recalibrate_batches and uses_bn:
       dstate = recalibrate_batch_stats(runtime, p_stats, dstate,
                                        train_data.batches(0, 0, config.seed + 7919, plain=True),
@@ -643,7 +686,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for split in config.eval_splits:
       sums = evaluate(runtime, p_eval, dstate, splits[split], eval_bs, config.seed)
       results[split] = summarize(sums, info.task, info.extras)
-      writer.write(step, split, results[split])
+      if write:
+        writer.write(step, split, results[split])
       brief = {k: round(v, 4) for k, v in results[split].items()
                if isinstance(v, float) and k != "count"}
       logging.info("step %d %s %s", step, split, brief)
@@ -691,6 +735,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step >= total_steps:
           break
   mngr.wait_until_finished()
-  if not results and config.eval_splits:  # resumed at the end: evaluate the restored state
-    dstate, results = run_eval(step, dstate)
+  if not results and config.eval_splits:
+    # Resumed at the end: report the restored state; metrics.jsonl already holds these.
+    dstate, results = run_eval(step, dstate, write=False)
   return results

@@ -41,7 +41,7 @@ EXAMPLES = """\
 examples:
   # a 2x2 grid, two trials at a time
   python launch/sweep.py --sweep_dir runs/grid1 \\
-      --grid learning_rate=1e-3,3e-3 --grid model.hidden_size=64,128 --parallel 2
+      --grid learning_rate=1e-3,3e-3 --grid 'model.hidden_sizes=(64,),(128,)' --parallel 2
 
   # 16 random trials; successive halving 16 x 100 steps -> 5 x 300 -> 1 x 900
   python launch/sweep.py --sweep_dir runs/rand1 \\
@@ -68,8 +68,8 @@ With both --grid and --random, every grid point is run with each of the
 --num_trials random draws (so --grid seed=0,1,2 repeats every draw 3 times).
 
 spec files (--spec): JSON, or Python defining get_sweep(), holding a dict such as
-  {"grid": {"model.hidden_size": [64, 128]},
-   "random": {"learning_rate": "loguniform:1e-4:1e-2", "model.cell": ["gru", "lstm"]},
+  {"grid": {"model.hidden_sizes": [[64], [128]]},
+   "random": {"learning_rate": "loguniform:1e-4:1e-2", "model.variant": ["seed", "reset_after"]},
    "fixed": {"num_epochs": 5}, "num_trials": 8, "seed": 0,
    "metric": "validation/accuracy", "mode": "max",
    "halving": {"eta": 3, "min_steps": 100, "max_steps": 900, "asynchronous": false}}
@@ -116,7 +116,7 @@ def format_value(value) -> str:
 def _check_key(key: str, where: str) -> str:
   if not _KEY_RE.match(key):
     raise SpecError(f"{where}: {key!r} is not a config key such as learning_rate or "
-                    "model.hidden_size")
+                    "model.dropout")
   return key
 
 
@@ -127,9 +127,22 @@ def _split_assignment(text: str, where: str, form: str) -> tuple[str, str]:
   return _check_key(key.strip(), f"{where} {text!r}"), rest.strip()
 
 
+def split_values(text: str) -> list[str]:
+  """'1e-3,3e-3' -> ['1e-3', '3e-3']; commas inside brackets stay: '(8,),(16,)' -> two tuples."""
+  values, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if ch == "," and depth == 0:
+      values.append(text[start:i].strip())
+      start = i + 1
+  values.append(text[start:].strip())
+  return values
+
+
 def parse_grid(text: str) -> tuple[str, list]:
   key, rest = _split_assignment(text, "--grid", "KEY=V1,V2,... e.g. learning_rate=1e-3,3e-3")
-  values = [v.strip() for v in rest.split(",")]
+  values = split_values(rest)
   if any(not v for v in values):
     raise SpecError(f"--grid {text!r}: empty value in the list")
   return key, [parse_value(v) for v in values]
@@ -190,7 +203,7 @@ def parse_dist(spec, where: str) -> Dist:
                     "uniform:LOW:HIGH, loguniform:LOW:HIGH, int:LOW:HIGH, logint:LOW:HIGH, "
                     "choice:A,B,C")
   if kind == "choice":
-    values = [v.strip() for v in rest.split(",")]
+    values = split_values(rest)
     if any(not v for v in values):
       raise SpecError(f"{where}: {spec!r} has an empty choice")
     return Dist("choice", choices=tuple(parse_value(v) for v in values))

@@ -42,6 +42,9 @@ def test_config_trains_a_few_steps(name, tmp_path, request):
   doc = importlib.util.spec_from_file_location(name, os.path.join(
       ROOT, "experiments", "configs", f"{name}.py"))
   assert "python -m experiments.train" in open(doc.origin).read()
+  # Every option of the dataset is a config key, so the command line can set each one.
+  from gru_jax import data
+  assert set(c.dataset) == {"name"} | set(data.options(c.dataset.name))
   c.num_train_steps = 3
   c.eval_every_steps = 3
   c.batch_size = 8

@@ -292,6 +292,31 @@ def test_grid_is_the_product_with_typed_values():
   assert d["halving"] is None and d["mode"] == "min" and d["metric"] == "validation/loss"
 
 
+def test_tuple_values_keep_their_inner_commas():
+  got = overrides(parse(["--grid", "model.hidden_sizes=(8,),(16, 16),[4]",
+                         "--grid", "learning_rate=1e-3,3e-3"]))
+  assert [o["model.hidden_sizes"] for o in got[::2]] == [[8], [16, 16], [4]]
+  assert sweep.format_value(got[2]["model.hidden_sizes"]) == "(16, 16)"
+  d = parse(["--random", "model.hidden_sizes=choice:(8,),(16,)", "--num_trials", "20"])
+  assert {tuple(o["model.hidden_sizes"]) for o in overrides(d)} == {(8,), (16,)}
+
+
+def test_help_examples_use_real_config_keys():
+  """Every KEY in the help text's --grid/--random examples and spec is a digits config key."""
+  import re as re_
+  from tests.test_configs import load_config
+  c = load_config("digits")
+  keys = set(re_.findall(r"--(?:grid|random) '?([a-z_.]+)=", sweep.EXAMPLES))
+  keys |= set(re_.findall(r'"([a-z_]+\.[a-z_]+|[a-z_]+)": (?:\[|"log)', sweep.EXAMPLES))
+  keys -= set(sweep.SPEC_KEYS)  # the spec file's own fields
+  assert {"learning_rate", "model.hidden_sizes", "model.dropout", "model.variant"} <= keys
+  for key in keys:
+    node = c
+    for part in key.split("."):
+      assert part in node, key
+      node = node[part]
+
+
 def test_random_is_deterministic_and_within_ranges():
   argv = ["--random", "learning_rate=loguniform:1e-4:1e-2", "--random", "dropout=uniform:0:0.5",
           "--random", "layers=int:1:3", "--random", "width=logint:16:256",

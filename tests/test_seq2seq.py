@@ -169,6 +169,9 @@ def test_training_learns_and_sequence_accuracy_is_greedy_exact_match(tmp_path):
       synthetic.number_to_words(int(digits))
   with pytest.raises(ValueError, match="unknown"):
     sample.translate(model, variables, info, "12a")
+  # Leading zeros are dropped, as the data spells numbers without them.
+  assert sample.translate(model, variables, info, "00" + digits[:4]) == \
+      sample.translate(model, variables, info, str(int(digits[:4])))
 
 
 def test_seq2seq_config_errors(tmp_path):

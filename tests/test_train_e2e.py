@@ -97,7 +97,10 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--config.no_such_key=1"], "no_such_key"),
+    (["--config.no_such_key=1"], "error: unknown config key 'no_such_key' in "
+                                 "--config.no_such_key=1"),
+    (["--config.model.hidden_size=8"], 'Did you mean "hidden_sizes"'),
+    (["--config.log_every_steps=0"], "config.log_every_steps must be an int >= 1, got 0"),
     (["--config.dataset.name=no_such_data"], "no_such_data"),
     (["--config.parallel=spmd"], "config.parallel must be one of"),
     (["--config.batch_size=30"], None),  # fine on 1 device; see the device test below
@@ -109,7 +112,7 @@ def test_bad_flags_give_clear_errors(tmp_path, args, match):
     return
   assert r.returncode != 0
   assert match in r.stderr
-  assert "Traceback" not in r.stderr.split(match)[0][-2000:] or "Error" in r.stderr
+  assert "Traceback" not in r.stderr
 
 
 def test_workdir_with_a_different_model_is_refused(reference_run, tmp_path):

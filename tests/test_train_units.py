@@ -1,4 +1,7 @@
-"""Trainer pieces that need no dataset: metrics, class weights, optimisers, steps."""
+"""Trainer pieces: metrics, class weights, optimisers, steps, config checks, recalibration."""
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,6 +13,8 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from experiments.configs import base
 from gru_jax import models, train
+from gru_jax.cell import GRUParams
+from tests import reference
 
 
 def test_class_weights_match_sklearn():
@@ -159,3 +164,70 @@ def test_sharded_training_data_counts_and_errors(tmp_path, monkeypatch):
     cfg.data_shards, cfg.batch_size, cfg.bucket_by_length = shards, batch_size, bucket
     with pytest.raises(ValueError, match=msg):
       train._TrainData(cfg, opts)
+
+
+def _tiny_digits(steps=2):
+  from tests.test_configs import load_config
+  c = load_config("digits")
+  c.num_train_steps, c.eval_every_steps, c.batch_size = steps, steps, 16
+  c.model.hidden_sizes = (8, 8)
+  c.bn_recalibrate_batches = 1
+  return c
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("log_every_steps", 0, "config.log_every_steps must be an int >= 1, got 0"),
+    ("num_train_steps", -5, "config.num_train_steps must be an int >= 0, got -5"),
+    ("checkpoint_every_steps", -1, "config.checkpoint_every_steps must be an int >= 0"),
+    ("eval_every_steps", -2, "config.eval_every_steps must be an int >= 0"),
+])
+def test_bad_counts_are_refused_before_anything_runs(tmp_path, key, value, message):
+  c = _tiny_digits()
+  c[key] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+  c = _tiny_digits()
+  c.model.hidden_sizes = ()
+  with pytest.raises(ValueError, match=r"hidden_sizes must be a non-empty tuple"):
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
+
+
+def test_refused_resume_leaves_the_workdir_as_it_was(tmp_path):
+  wd = str(tmp_path / "wd")
+  c = _tiny_digits()
+  train.train_and_evaluate(c, wd)
+  before = open(os.path.join(wd, "config.json")).read()
+  lines = open(os.path.join(wd, "metrics.jsonl")).read()
+  c.optimizer.name = "adamw"  # a different optimizer state: the checkpoint cannot load
+  with pytest.raises(train.TrainingError, match="does not fit this config's model or optimizer"):
+    train.train_and_evaluate(c, wd)
+  assert open(os.path.join(wd, "config.json")).read() == before
+  # Rerunning the finished run reports its results without logging them a second time.
+  again = train.train_and_evaluate(_tiny_digits(), wd)
+  assert open(os.path.join(wd, "metrics.jsonl")).read() == lines
+  last = [json.loads(l) for l in lines.splitlines() if '"test"' in l][-1]
+  assert again["test"]["loss"] == pytest.approx(last["loss"], rel=1e-6)
+
+
+def test_batch_norm_recalibration_runs_the_network_without_dropout():
+  """The re-estimated statistics are the exact per-batch moments of the evaluated network
+  (dropout off), computed here with the float64 reference GRU and NumPy batch norm."""
+  from gru_jax import data as data_lib
+  c = _tiny_digits()
+  arrays, info = data_lib.load("sequential_digits", "train")
+  model = train.recalibration_model(c, info)
+  assert (model.dropout, model.input_dropout, model.recurrent_dropout) == (0.0, 0.0, 0.0)
+  x = arrays["inputs"][:32]
+  batch = {"inputs": jnp.asarray(x), "mask": jnp.ones(x.shape[:2], bool)}
+  state = train.init_state(model, optax.adam(1e-3), jax.random.key(0), batch)
+  stats = train.batch_stats_step(state, batch, model=model)
+  p = state.params
+  hs = reference.run(GRUParams(**p["gru_0"]), x)[1]                       # [B,T,H]
+  m0, v0 = hs.reshape(-1, 8).mean(0), hs.reshape(-1, 8).var(0)
+  y = (hs - m0) / np.sqrt(v0 + 1e-3) * np.asarray(p["bn_0"]["scale"]) + np.asarray(p["bn_0"]["bias"])
+  h_last = reference.run(GRUParams(**p["gru_1"]), y)[0]                    # [B,H]
+  np.testing.assert_allclose(stats["bn_0"]["mean"], m0, atol=1e-5)
+  np.testing.assert_allclose(stats["bn_0"]["var"], v0, atol=1e-5)
+  np.testing.assert_allclose(stats["bn_1"]["mean"], h_last.mean(0), atol=1e-5)
+  np.testing.assert_allclose(stats["bn_1"]["var"], h_last.var(0), atol=1e-5)

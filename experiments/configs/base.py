@@ -50,6 +50,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.unroll = 1
   c.model.backend = "auto"         # "auto" | "xla" | "pallas" | "scan" (see gru_jax.gru)
 
-  c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "sequential_digits"
+  c.dataset = dataset_config("sequential_digits")
   return c
+
+
+def dataset_config(name: str, **values) -> ml_collections.ConfigDict:
+  """``name`` and every option `gru_jax.data.load(name, ...)` takes (its defaults, updated
+  with ``values``), so each can be set with --config.dataset.OPTION=VALUE."""
+  from gru_jax import data  # pylint: disable=import-outside-toplevel
+  defaults = data.options(name)
+  unknown = sorted(set(values) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown option(s) {unknown} for dataset {name!r}; valid: {sorted(defaults)}")
+  d = ml_collections.ConfigDict()
+  d.name = name
+  for key, default in defaults.items():
+    value = values.get(key, default)
+    # A typed None (e.g. data_dir), so that the command line can still set it.
+    d[key] = ml_collections.config_dict.placeholder(str) if value is None else value
+  return d

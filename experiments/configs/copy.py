@@ -15,8 +15,7 @@ from experiments.configs import base
 
 def get_config():
   c = base.get_base_config()
-  c.dataset.name = "copy"
-  c.dataset.delay = 100
+  c.dataset = base.dataset_config("copy", delay=100)
   c.model.hidden_sizes = (128,)
   c.model.batch_norm = False
   c.model.dropout = 0.0

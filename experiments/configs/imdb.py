@@ -10,9 +10,7 @@ from experiments.configs import base
 
 def get_config():
   c = base.get_base_config()
-  c.dataset.name = "imdb_reviews"
-  c.dataset.vocab_size = 20000
-  c.dataset.max_len = 400
+  c.dataset = base.dataset_config("imdb_reviews", vocab_size=20000, max_len=400)
   c.model.hidden_sizes = (128,)
   c.model.bidirectional = True
   c.model.embed_dim = 128

@@ -11,8 +11,7 @@ from experiments.configs import base
 
 def get_config():
   c = base.get_base_config()
-  c.dataset.name = "mnist"
-  c.dataset.permuted = False
+  c.dataset = base.dataset_config("mnist", permuted=False)
   c.model.hidden_sizes = (128,)
   c.model.dropout = 0.1
   c.batch_size = 128

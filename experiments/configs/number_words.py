@@ -19,7 +19,7 @@ from experiments.configs import base
 
 def get_config():
   c = base.get_base_config()
-  c.dataset.name = "number_words"
+  c.dataset = base.dataset_config("number_words")
   c.model.hidden_sizes = (128,)
   c.model.batch_norm = False
   c.model.dropout = 0.0

@@ -9,8 +9,7 @@ from experiments.configs import base
 
 def get_config():
   c = base.get_base_config()
-  c.dataset.name = "tiny_shakespeare"
-  c.dataset.seq_len = 100
+  c.dataset = base.dataset_config("tiny_shakespeare", seq_len=100)
   c.model.hidden_sizes = (256, 256)
   c.model.batch_norm = False
   c.model.dropout = 0.2

@@ -18,8 +18,7 @@ from experiments.configs import base
 
 def get_config():
   c = base.get_base_config()
-  c.dataset.name = "sunspots"
-  c.dataset.window = 20
+  c.dataset = base.dataset_config("sunspots", window=20)
   c.model.hidden_sizes = (32,)
   c.model.batch_norm = False
   c.model.dropout = 0.0

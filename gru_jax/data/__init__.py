@@ -77,10 +77,13 @@ def load(name: str, split: str, *, shard: tuple[int, int] | None = None,
          **opts) -> tuple[dict[str, np.ndarray], DatasetInfo]:
   """Loads one split, or one shard of it, as NumPy arrays.
 
-  ``shard=(i, S)`` returns rows `shard_bounds(N, i, S)` of the split, so the S
-  shards partition it.  Loaders backed by TFDS files (see `reads_shards`)
-  read only those rows; the others (generated data, or a vocabulary built from
-  the whole split) build the split and slice it.
+  ``shard=(i, S)`` returns the i-th of S near-equal contiguous shards, so the S
+  shards partition the split.  Loaders backed by TFDS files (see `reads_shards`)
+  read only rows `shard_bounds(N, i, S)` of TFDS's storage order, which need
+  not be the order the whole split is returned in (sequential_digits sorts
+  its rows back into scikit-learn's order, within the shard); the others
+  (generated data, or a vocabulary built from the whole split) build the
+  split and return its rows `shard_bounds(N, i, S)`.
 
   Returns:
     arrays: "inputs" [N,T,D] float32 or [N,T] int32; "labels" [N] int32
