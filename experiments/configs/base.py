@@ -50,7 +50,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.unroll = 1
   c.model.backend = "auto"         # "auto" | "xla" | "pallas" | "scan" (see gru_jax.gru)
 
-  c.dataset = dataset_config("sequential_digits")
+  # Each config sets its own with dataset_config(); building digits' here would import
+  # TensorFlow (its TFDS builder) into every config, the GPU check's included.
+  c.dataset = ml_collections.ConfigDict({"name": "sequential_digits"})
   return c
 
 
