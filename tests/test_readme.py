@@ -36,3 +36,31 @@ def test_readme_nnx_example_trains_and_evaluates():
   h1 = reference.run(model.rnn.layer_0.params, xs)[1]
   np.testing.assert_allclose(model.rnn(xs), reference.run(model.rnn.layer_1.params, h1)[1],
                              atol=1e-5)
+
+
+def _block(title):
+  text = open(os.path.join(ROOT, "README.md")).read()
+  ns = {}
+  exec(text.split(title)[1].split("```python")[1].split("```")[0], ns)  # pylint: disable=exec-used
+  return ns
+
+
+def test_readme_linen_example_runs_and_matches_reference():
+  from gru_jax.cell import GRUParams
+  ns = _block("### Layers and models (Flax Linen)")
+  assert ns["hs"].shape == (4, 20, 128) and ns["logits"].shape == (4, 10)
+  # Without dropout the layer is the reference GRU with its own parameters.
+  p = GRUParams(**ns["variables"]["params"])
+  out = ns["gru"].apply(ns["variables"], ns["xs"], ns["mask"])
+  ref = reference.run(p, np.asarray(ns["xs"]), mask=np.asarray(ns["mask"]))[1]
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  assert float(np.abs(np.asarray(ns["hs"]) - ref).max()) > 1e-3  # dropout was on
+
+
+def test_readme_torch_example_matches_torch():
+  import torch
+  ns = _block("### Weights from other libraries")
+  with torch.no_grad():
+    want, h_n = ns["tm"](torch.from_numpy(np.asarray(ns["xs"])))
+  np.testing.assert_allclose(ns["hs"], want.numpy(), atol=1e-5)
+  np.testing.assert_allclose(ns["h_last"], h_n[1].numpy(), atol=1e-5)
