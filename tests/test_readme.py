@@ -61,6 +61,6 @@ def test_readme_torch_example_matches_torch():
   import torch
   ns = _block("### Weights from other libraries")
   with torch.no_grad():
-    want, h_n = ns["tm"](torch.from_numpy(np.asarray(ns["xs"])))
+    want, h_n = ns["tm"](torch.from_numpy(np.array(ns["xs"])))  # a writable copy
   np.testing.assert_allclose(ns["hs"], want.numpy(), atol=1e-5)
   np.testing.assert_allclose(ns["h_last"], h_n[1].numpy(), atol=1e-5)
