@@ -18,7 +18,7 @@ def _unknown_key(e: Exception, argv) -> None:
   key = detail.splitlines()[0].strip("'\"")
   hint = " ".join(detail.splitlines()[1:])
   bad = [a for a in argv[1:] if a.startswith("--") and "." in a.split("=")[0]
-         and key in a.split("=")[0]]
+         and a.split("=")[0].split(".")[-1] == key]
   _fail(f"unknown config key {key!r} in {' '.join(bad) or 'the --config overrides'}"
         f"{'; ' + hint if hint else ''} (the keys are in the config file and "
         "experiments/configs/base.py)", 2)
@@ -44,16 +44,19 @@ def parse_flags(argv):
     _fail(f"{e}\nPass --helpshort or --helpfull to see help on flags.", 1)
   except (AttributeError, KeyError) as e:
     _unknown_key(e, argv)
+  except OSError as e:  # a --config file that cannot be read, met while applying overrides
+    _fail(str(e), 1)
 
 
 def run(main):
-  """app.run(main) with parse_flags, and a ValueError from main (gru_jax's errors for bad
-  input, TrainingError included) as one line; GRU_JAX_TRACEBACK=1 shows the traceback."""
+  """app.run(main) with parse_flags, and a ValueError, OSError or TrainingError from main
+  (bad input, an unreadable config file) as one line; GRU_JAX_TRACEBACK=1 shows the
+  traceback."""
   def wrapped(argv):
     from gru_jax.train import TrainingError  # after flag parsing: keeps --help fast
     try:
       main(argv)
-    except (ValueError, TrainingError) as e:
+    except (ValueError, OSError, TrainingError) as e:  # OSError: an unreadable --config
       if os.environ.get("GRU_JAX_TRACEBACK"):  # for debugging the library itself
         raise
       logging.error("%s", e)

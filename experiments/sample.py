@@ -46,7 +46,7 @@ def translate(model, variables, info, source: str) -> str:
   from gru_jax import models
 
   vocab, ex = info.extras["vocab"], info.extras
-  if info.name == "number_words" and source.isdigit():
+  if info.name == "number_words" and source.isascii() and source.isdigit():
     source = str(int(source))  # the data spells numbers without leading zeros
   index = {c: i for i, c in enumerate(vocab)}
   unknown = sorted({c for c in source if c not in index})

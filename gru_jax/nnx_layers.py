@@ -224,7 +224,9 @@ class StackedGRU(nnx.Module):
         layer = GRU(d, size, rngs=rngs, **gru_kwargs)
         d = size
       setattr(self, f"layer_{i}", layer)
-    self.between = SequenceDropout(dropout_between, rngs=rngs)
+    self.between = SequenceDropout(dropout_between,
+                                   deterministic=gru_kwargs.get("deterministic", False),
+                                   rngs=rngs)
 
   def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, rngs=None):
     linen_layers.check_sequence_input("StackedGRU", xs, mask)

@@ -69,7 +69,12 @@ def create_model(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, 
       raise ValueError(f"dataset {info.name!r} is sequence to sequence (models.Seq2Seq): set "
                        "config.model.batch_norm=False and config.model.input_dropout=0.0 "
                        f"(got {m.batch_norm}, {m.input_dropout})")
-    return models.Seq2Seq(vocab_size=info.input_dim, num_outputs=info.num_classes, **common)
+    # Batch-norm and input-dropout overrides (e.g. from recalibration_model) have nothing to
+    # act on in a Seq2Seq; every other override applies.
+    kw = dict(common, vocab_size=info.input_dim, num_outputs=info.num_classes)
+    kw.update({k: v for k, v in overrides.items()
+               if k not in ("bn_momentum", "bn_epsilon", "input_dropout")})
+    return models.Seq2Seq(**kw)
   kw = dict(
       common, task=info.task, num_outputs=info.num_classes, batch_norm=m.batch_norm,
       input_dropout=m.input_dropout,

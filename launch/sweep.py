@@ -128,9 +128,16 @@ def _split_assignment(text: str, where: str, form: str) -> tuple[str, str]:
 
 
 def split_values(text: str) -> list[str]:
-  """'1e-3,3e-3' -> ['1e-3', '3e-3']; commas inside brackets stay: '(8,),(16,)' -> two tuples."""
-  values, depth, start = [], 0, 0
+  """'1e-3,3e-3' -> ['1e-3', '3e-3']; commas inside brackets or quotes stay:
+  '(8,),(16,)' -> two tuples, '"a,b","c"' -> two strings."""
+  values, depth, start, quote = [], 0, 0, None
   for i, ch in enumerate(text):
+    if quote:
+      quote = None if ch == quote else quote
+      continue
+    if ch in "'\"":
+      quote = ch
+      continue
     depth += ch in "([{"
     depth -= ch in ")]}"
     if ch == "," and depth == 0:

@@ -297,6 +297,9 @@ def test_tuple_values_keep_their_inner_commas():
                          "--grid", "learning_rate=1e-3,3e-3"]))
   assert [o["model.hidden_sizes"] for o in got[::2]] == [[8], [16, 16], [4]]
   assert sweep.format_value(got[2]["model.hidden_sizes"]) == "(16, 16)"
+  assert sweep.split_values('"/data/a,b",\'/c\',(1, 2)') == ['"/data/a,b"', "'/c'", "(1, 2)"]
+  assert [sweep.parse_value(v) for v in sweep.split_values('"/data/a,b","/c"')] == \
+      ["/data/a,b", "/c"]
   d = parse(["--random", "model.hidden_sizes=choice:(8,),(16,)", "--num_trials", "20"])
   assert {tuple(o["model.hidden_sizes"]) for o in overrides(d)} == {(8,), (16,)}
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import gru_jax
 from gru_jax import layers
 from gru_jax import nnx_layers as G
 from gru_jax.cell import GRUParams
@@ -74,12 +75,19 @@ def test_input_dropout_is_one_mask_per_example_and_switches_with_eval():
   assert not layer.deterministic
 
 
-def test_recurrent_dropout_changes_outputs_and_keeps_statistics():
+def test_recurrent_dropout_is_an_inverted_dropout_mask_fixed_over_time():
   xs = _xs(3, b=64, t=4, d=3)
   layer = G.GRU(3, 6, recurrent_dropout=0.3, rngs=nnx.Rngs(0))
   train, det = layer(xs), layer(xs, deterministic=True)
   assert float(jnp.abs(train - det).max()) > 1e-3
   np.testing.assert_allclose(det, reference.run(layer.params, xs)[1], atol=1e-5)
+  # The mask is dropout_multiplier's (0 or 1/(1-rate), mean 1: tested in test_layers) for the
+  # first key of the call's stream, passed to the scan as one [B,H] mask for every step.
+  key = nnx.Rngs(dropout=4)["dropout"]()
+  mask = layers.dropout_multiplier(key, 0.3, 64, (6,))
+  got = layer(xs, rngs=nnx.Rngs(dropout=4))
+  np.testing.assert_allclose(got, gru_jax.gru(layer.params, xs, recurrent_dropout_mask=mask)[1],
+                             atol=1e-6)
 
 
 def test_gradients_match_finite_differences_of_the_float64_reference():
@@ -132,7 +140,14 @@ def test_stacked_gru_chains_layers_and_drops_between_them():
   h1 = reference.run(st.layer_0.params, xs)[1]
   np.testing.assert_allclose(st(xs), reference.run(st.layer_1.params, h1)[1], atol=1e-5)
   st.train()
-  assert float(jnp.abs(st(xs) - st(xs, deterministic=True)).max()) > 1e-3
+  # Dropout only between the layers: layer_1 reads h1 times the call's first mask [B,T,H].
+  key = nnx.Rngs(dropout=6)["dropout"]()
+  m = np.asarray(layers.dropout_multiplier(key, 0.5, 3, (6, 5)))
+  np.testing.assert_allclose(st(xs, rngs=nnx.Rngs(dropout=6)),
+                             reference.run(st.layer_1.params, h1 * m)[1], atol=1e-5)
+  # Built deterministic, no dropout anywhere, the between-layer one included.
+  quiet = G.StackedGRU(4, (5, 3), dropout_between=0.5, deterministic=True, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(quiet(xs), quiet(xs))
   bi = G.StackedGRU(4, (5, 3), bidirectional=True, rngs=nnx.Rngs(0))
   assert bi(xs).shape == (3, 6, 6) and bi.layer_1.forward.w_x[...].shape == (10, 9)
 

@@ -55,6 +55,9 @@ def test_number_words_arrays_spell_their_numbers_and_splits_are_disjoint():
     assert [k for k in range(1, 7) if counts[k - 1]] == held
     assert counts[np.array(held) - 1].min() > 0.6 * len(nums) / len(held)
   assert len(held) == 5 and len({len(str(n)) for n in numbers["train"]}) == 6
+  # The longest reading fills the target: 9 words and <eos>, no column that is always padding.
+  assert len(synthetic.number_to_words(777_777)) == synthetic.WORDS_MAX_WORDS == 9
+  assert splits["train"][0]["label_mask"][:, -1].any()
   assert not numbers["train"] & numbers["test"]
   assert not numbers["train"] & numbers["validation"]
   assert not numbers["validation"] & numbers["test"]
@@ -169,9 +172,22 @@ def test_training_learns_and_sequence_accuracy_is_greedy_exact_match(tmp_path):
       synthetic.number_to_words(int(digits))
   with pytest.raises(ValueError, match="unknown"):
     sample.translate(model, variables, info, "12a")
+  with pytest.raises(ValueError, match="unknown"):
+    sample.translate(model, variables, info, "1\u00b2")  # '1²': isdigit(), yet not a digit token
   # Leading zeros are dropped, as the data spells numbers without them.
   assert sample.translate(model, variables, info, "00" + digits[:4]) == \
       sample.translate(model, variables, info, str(int(digits[:4])))
+
+
+def test_create_model_applies_overrides_to_seq2seq():
+  c = _words_config(1)
+  c.model.dropout, c.model.recurrent_dropout = 0.3, 0.2
+  _, info = data.load("number_words", "test", num_train=20_000, num_validation=500,
+                      num_test=500)
+  m = train.create_model(c, info, hidden_sizes=(4,))
+  assert isinstance(m, models.Seq2Seq) and m.hidden_sizes == (4,) and m.dropout == 0.3
+  r = train.recalibration_model(c, info)
+  assert (r.dropout, r.recurrent_dropout) == (0.0, 0.0)
 
 
 def test_seq2seq_config_errors(tmp_path):

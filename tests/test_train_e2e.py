@@ -99,7 +99,9 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
 @pytest.mark.parametrize("args,match", [
     (["--config.no_such_key=1"], "error: unknown config key 'no_such_key' in "
                                  "--config.no_such_key=1"),
-    (["--config.model.hidden_size=8"], 'Did you mean "hidden_sizes"'),
+    (["--config.model.hidden_size=8"], "unknown config key 'hidden_size' in "
+                                       '--config.model.hidden_size=8; Did you mean "hidden_sizes"'),
+    (["--config=/no/such/config.py"], "error: "),
     (["--config.log_every_steps=0"], "config.log_every_steps must be an int >= 1, got 0"),
     (["--config.dataset.name=no_such_data"], "no_such_data"),
     (["--config.parallel=spmd"], "config.parallel must be one of"),
@@ -139,6 +141,10 @@ def test_four_devices_match_one_device(reference_run, tmp_path, parallel):
   ref = [l["loss"] for l in metrics(ref_wd) if l["split"] == "train"]
   got = [l["loss"] for l in metrics(wd) if l["split"] == "train"]
   np.testing.assert_allclose(got, ref, rtol=2e-4)
+  # Evaluation too, batch-norm re-estimation (dropout off) included.
+  ref_loss = [l["loss"] for l in metrics(ref_wd) if l["split"] == "validation"]
+  got_loss = [l["loss"] for l in metrics(wd) if l["split"] == "validation"]
+  np.testing.assert_allclose(got_loss, ref_loss, rtol=2e-4)
   ref_val = [l["accuracy"] for l in metrics(ref_wd) if l["split"] == "validation"]
   got_val = [l["accuracy"] for l in metrics(wd) if l["split"] == "validation"]
   np.testing.assert_allclose(got_val, ref_val, atol=0.02)

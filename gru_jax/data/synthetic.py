@@ -49,8 +49,9 @@ WORDS_VOCAB = (("<pad>", "<bos>", "<eos>") + tuple("0123456789") + tuple(_ONES)
                + tuple(_TENS) + ("hundred", "thousand"))
 WORDS_PAD, WORDS_BOS, WORDS_EOS = 0, 1, 2
 WORDS_MAX_DIGITS = 6
-# Longest reading below 10^6: "seven hundred seventy seven thousand seven hundred seventy seven".
-WORDS_MAX_WORDS = 10
+# Longest reading below 10^6, 9 words: "seven hundred seventy seven thousand seven hundred
+# seventy seven".
+WORDS_MAX_WORDS = 9
 
 
 def _sizes(num_train, num_validation, num_test) -> dict:
@@ -156,8 +157,8 @@ def load_number_words(split: str, *, num_train: int = 100_000, num_validation: i
   """Digits to English words, a sequence-to-sequence task (shared vocabulary `WORDS_VOCAB`).
 
   Returns arrays: "inputs" [N,6] int32 digit tokens and "mask" [N,6] (no leading
-  zeros; padding after the last digit), "decoder_inputs" [N,11] (<bos> then the
-  words), "labels" [N,11] (the words then <eos>) and "label_mask" [N,11].
+  zeros; padding after the last digit), "decoder_inputs" [N,10] (<bos> then the
+  words), "labels" [N,10] (the words then <eos>) and "label_mask" [N,10].
   """
   del data_dir
   sizes = _sizes(num_train, num_validation, num_test)
