@@ -741,6 +741,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           break
   mngr.wait_until_finished()
   if not results and config.eval_splits:
-    # Resumed at the end: report the restored state; metrics.jsonl already holds these.
-    dstate, results = run_eval(step, dstate, write=False)
+    # No step to run: a run resumed at its end reports the restored state (metrics.jsonl
+    # already holds it); a fresh run with no steps is an evaluation and logs it.
+    dstate, results = run_eval(step, dstate, write=start == 0)
   return results

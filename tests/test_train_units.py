@@ -210,6 +210,16 @@ def test_refused_resume_leaves_the_workdir_as_it_was(tmp_path):
   assert again["test"]["loss"] == pytest.approx(last["loss"], rel=1e-6)
 
 
+def test_a_run_with_no_steps_evaluates_and_logs_once(tmp_path):
+  c = _tiny_digits(steps=0)
+  c.num_epochs = 0
+  wd = str(tmp_path / "wd")
+  results = train.train_and_evaluate(c, wd)
+  lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert [(l["step"], l["split"]) for l in lines] == [(0, "validation"), (0, "test")]
+  assert lines[1]["loss"] == pytest.approx(results["test"]["loss"])
+
+
 def test_batch_norm_recalibration_runs_the_network_without_dropout():
   """The re-estimated statistics are the exact per-batch moments of the evaluated network
   (dropout off), computed here with the float64 reference GRU and NumPy batch norm."""
