@@ -55,9 +55,12 @@ flags.DEFINE_enum("mode", "train", ["train", "forward", "both"], "What one step 
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Matmul / parameter dtype.")
 flags.DEFINE_list("impls", ["all"], "Implementations to time (see the module docstring); "
                   "'all' = every one installed that applies on this device.")
-flags.DEFINE_integer("repeats", 30, "Timed rounds (one call of each implementation per round).")
-flags.DEFINE_integer("warmup", 3, "Untimed calls of each implementation after compiling.")
-flags.DEFINE_float("gap_ms", 10.0, "Idle pause before each timed call (not timed).")
+flags.DEFINE_integer("repeats", 30, "Timed rounds (one call of each implementation per round).",
+                     lower_bound=1)
+flags.DEFINE_integer("warmup", 3, "Untimed calls of each implementation after compiling.",
+                     lower_bound=0)
+flags.DEFINE_float("gap_ms", 10.0, "Idle pause before each timed call (not timed).",
+                   lower_bound=0.0)
 flags.DEFINE_string("out_dir", "runs/benchmark", "Where benchmark.json and benchmark.png go.")
 FLAGS = flags.FLAGS
 
@@ -121,7 +124,11 @@ def build(impl: str, shape, mode: str, dtype_name: str):
     # gru_jax/<backend>/<variant>[/<option>...]: "loop" or "scan" forces how an
     # undifferentiated "xla" call runs, "chunks=N" how many time chunks a
     # differentiated CPU call runs in (both read while tracing, inside apply).
-    backend, variant, *opts = ("auto", "reset_after") if impl == REFERENCE else impl.split("/")[1:]
+    parts = ["auto", "reset_after"] if impl == REFERENCE else impl.split("/")[1:]
+    if len(parts) < 2:
+      raise ValueError(f"{impl!r}: gru_jax implementations are gru_jax/<backend>/<variant>"
+                       "[/<option>...], e.g. gru_jax/xla/seed")
+    backend, variant, *opts = parts
     settings = {(fused_rnn, "PRIMAL"): None, (gru_jax.scan, "CPU_CHUNKS"): None}
     for opt in opts:
       if opt in ("loop", "scan"):
@@ -294,7 +301,8 @@ def run(shapes, mode: str = "train", dtype: str = "float32", impls=("all",), rep
           log(f"  {name} on {shape} ({m}): {errors[name]}")
           if os.environ.get("BENCHMARK_DEBUG"):
             traceback.print_exc()
-      times = time_interleaved(steps, repeats, warmup, gap_ms / 1e3)
+      # Nothing built for this row (every implementation failed): keep the others' results.
+      times = time_interleaved(steps, repeats, warmup, gap_ms / 1e3) if steps else {}
       row = {name: summarise(s, shape) for name, s in times.items()}
       ref = row.get(REFERENCE)
       for name, r in row.items():
@@ -388,4 +396,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from experiments import cli
+  cli.run(main)

@@ -53,11 +53,13 @@ def run(main):
   (bad input, an unreadable config file) as one line; GRU_JAX_TRACEBACK=1 shows the
   traceback."""
   def wrapped(argv):
-    from gru_jax.train import TrainingError  # after flag parsing: keeps --help fast
     try:
       main(argv)
-    except (ValueError, OSError, TrainingError) as e:  # OSError: an unreadable --config
-      if os.environ.get("GRU_JAX_TRACEBACK"):  # for debugging the library itself
+    except Exception as e:  # noqa: BLE001 - re-raised below unless it is the user's input
+      # TrainingError only exists once gru_jax.train is imported; no need to import it here.
+      train = sys.modules.get("gru_jax.train")
+      mine = (ValueError, OSError) + ((train.TrainingError,) if train else ())
+      if not isinstance(e, mine) or os.environ.get("GRU_JAX_TRACEBACK"):
         raise
       logging.error("%s", e)
       _fail(str(e), 1)

@@ -11,11 +11,11 @@ import json
 from absl import app, flags
 
 flags.DEFINE_list("seq_lens", ["1000", "3000", "10000"], "Sequence lengths T.")
-flags.DEFINE_integer("batch", 32, "B.")
-flags.DEFINE_integer("input_size", 64, "D.")
-flags.DEFINE_integer("hidden", 256, "H.")
-flags.DEFINE_integer("remat_chunk", 100, "Chunk length for remat.")
-flags.DEFINE_string("variant", "seed", "GRU variant.")
+flags.DEFINE_integer("batch", 32, "B.", lower_bound=1)
+flags.DEFINE_integer("input_size", 64, "D.", lower_bound=1)
+flags.DEFINE_integer("hidden", 256, "H.", lower_bound=1)
+flags.DEFINE_integer("remat_chunk", 100, "Chunk length for remat.", lower_bound=1)
+flags.DEFINE_enum("variant", "seed", ["seed", "reset_after"], "GRU variant.")
 flags.DEFINE_bool("run", False, "Also execute each compiled step once.")
 flags.DEFINE_string("out", "", "Optional JSON output path.")
 FLAGS = flags.FLAGS
@@ -43,9 +43,16 @@ def measure(t: int, chunk: int | None, run: bool) -> dict:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    seq_lens = [int(t) for t in FLAGS.seq_lens]
+  except ValueError:
+    raise ValueError(f"--seq_lens must be integers, got {FLAGS.seq_lens}") from None
+  if min(seq_lens) < 1:
+    raise ValueError(f"--seq_lens must be >= 1, got {seq_lens}")
   rows = []
-  for t in map(int, FLAGS.seq_lens):
+  for t in seq_lens:
     for chunk in (None, FLAGS.remat_chunk):
       rows.append(measure(t, chunk, FLAGS.run))
   print(f"B={FLAGS.batch} D={FLAGS.input_size} H={FLAGS.hidden} variant={FLAGS.variant}")
@@ -59,4 +66,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from experiments import cli
+  cli.run(main)

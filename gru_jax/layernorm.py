@@ -62,7 +62,7 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
     if v.shape != (3 * hsz,):
       raise ValueError(f"ln.{name} must have shape [3H]=({3 * hsz},), got {v.shape}")
   ax = _ln(jnp.einsum("btd,dk->tbk", xs, params.w_x), ln.gamma_x, ln.beta_x, 3, eps) + params.b_x
-  h0 = jnp.zeros((b, hsz), xs.dtype) if h0 is None else h0
+  h0 = jnp.zeros((b, hsz), xs.dtype) if h0 is None else h0.astype(xs.dtype)  # as `gru` does
   mask_tm = None if mask is None else mask.astype(bool).T
   w_h, b_h = params.w_h, params.b_h
   # Gate-block slices of the weights and LN parameters, taken once outside the loop.

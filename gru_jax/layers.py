@@ -136,6 +136,10 @@ def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, 
     if in_mask is not None or rec_mask is not None or cfg.remat_chunk:
       raise ValueError("GRU(layer_norm=True) supports neither dropout, recurrent_dropout "
                        "nor remat_chunk; put a SequenceDropout before the layer instead")
+    if cfg.compute_dtype is not None or cfg.backend != "auto":
+      raise ValueError("GRU(layer_norm=True) runs its own lax.scan in the inputs' dtype: "
+                       f"compute_dtype={cfg.compute_dtype} and backend={cfg.backend!r} do not "
+                       "apply (leave them at None and 'auto')")
     h_last, hs = ln_lib.ln_gru(params, ln, xs, h0, mask=mask, reverse=cfg.reverse,
                                variant=cfg.variant, unroll=cfg.unroll)
   else:

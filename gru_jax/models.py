@@ -57,6 +57,9 @@ class SequenceModel(nn.Module):
                example_ids: Array | None = None) -> Array:
     if self.task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+    if self.task == "lm" and self.bidirectional:
+      raise ValueError("task='lm' predicts each next token from the ones before it; a "
+                       "bidirectional model would read the tokens it predicts")
     if self.vocab_size is not None:
       if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
         raise ValueError(f"a model with vocab_size expects int tokens [B,T], got "
@@ -101,6 +104,17 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
     raise ValueError(f"sample_lm needs a model with task='lm', got {model.task!r}")
   if prompt.ndim != 1 or prompt.shape[0] < 1:
     raise ValueError(f"prompt must be a non-empty [P] token array, got shape {prompt.shape}")
+  if not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(f"prompt must hold int tokens, got dtype {prompt.dtype}")
+  if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+    raise ValueError(f"length must be an int >= 0, got {length!r}")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0 (small values approach greedy decoding), "
+                     f"got {temperature}")
+  if not isinstance(prompt, jax.core.Tracer):
+    bad = [int(t) for t in jnp.asarray(prompt) if not 0 <= int(t) < model.vocab_size]
+    if bad:
+      raise ValueError(f"prompt tokens must be in [0, vocab_size={model.vocab_size}), got {bad}")
   p = prompt.shape[0]
   total = p + length
   buf = jnp.zeros((1, total), jnp.int32).at[0, :p].set(prompt.astype(jnp.int32))

@@ -42,6 +42,35 @@ def test_unknown_impl_is_reported_not_fatal(tmp_path):
   assert "unknown implementation" in res["results"][0]["errors"]["nonesuch"]
 
 
+def test_a_row_where_nothing_builds_keeps_the_other_rows(tmp_path):
+  res = benchmark.run(["2x3x4x8", "2x3x4x0"], impls=["gru_jax", "gru_jax/xla"], repeats=1,
+                      warmup=0, gap_ms=0, out_dir=str(tmp_path), plot=False,
+                      log=lambda *_: None)
+  good, bad = res["results"]
+  assert set(good["timings"]) == {"gru_jax"} and bad["timings"] == {}
+  assert "gru_jax/<backend>/<variant>" in good["errors"]["gru_jax/xla"]
+  assert "hidden_size must be >= 1" in bad["errors"]["gru_jax"]
+  assert os.path.exists(tmp_path / "benchmark.json")
+
+
+def test_entrypoints_give_one_line_errors(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for args, message in [
+      (["experiments.benchmark", "--repeats=0"], "error: flag --repeats=0: 0 is not a positive"),
+      (["experiments.benchmark", "--shapes=abc"], "error: --shapes entries must be BxTxDxH"),
+      (["experiments.memory", "--seq_lens=abc"], "error: --seq_lens must be integers"),
+      (["experiments.memory", "--seq_lens=4", "stray"], "unexpected arguments"),
+  ]:
+    r = subprocess.run([sys.executable, "-m", *args, f"--out_dir={tmp_path}"
+                        if args[0].endswith("benchmark") else "--batch=1"],
+                       cwd=root, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode != 0 and message in r.stderr, (args, r.stderr[-500:])
+    assert "Traceback" not in r.stderr, args
+
+
 def test_gpu_check_rehearsal_on_cpu(tmp_path):
   """The prepared device script runs end to end on CPU (Pallas in interpret mode):
   correctness against the XLA path and autodiff, a sweep, a timed run, at most the

@@ -160,6 +160,26 @@ def test_layer_bad_inputs():
     models.SequenceModel("ranking", 2).init(jax.random.key(0), jnp.ones((1, 2, 3)))
   with pytest.raises(ValueError, match="expects int tokens"):
     models.SequenceModel("lm", 2, vocab_size=2).init(jax.random.key(0), jnp.ones((1, 2, 3)))
+  with pytest.raises(ValueError, match="bidirectional model would read the tokens it predicts"):
+    models.SequenceModel("lm", 2, vocab_size=2, bidirectional=True).init(
+        jax.random.key(0), jnp.ones((1, 2), jnp.int32))
+  with pytest.raises(ValueError, match="compute_dtype=.* and backend='auto' do not apply"):
+    layers.GRU(3, layer_norm=True, compute_dtype=jnp.bfloat16).init(
+        jax.random.key(0), jnp.ones((2, 4, 3)))
+
+
+def test_sample_lm_refuses_bad_arguments():
+  lm = models.SequenceModel("lm", 6, vocab_size=6, batch_norm=False, hidden_sizes=(4,))
+  v = lm.init(jax.random.key(0), jnp.ones((1, 3), jnp.int32))
+  prompt, key = jnp.array([1, 2]), jax.random.key(1)
+  for kwargs, match in [(dict(temperature=0.0), "temperature must be > 0"),
+                        (dict(temperature=-1.0), "temperature must be > 0"),
+                        (dict(length=-2), "length must be an int >= 0, got -2"),
+                        (dict(prompt=jnp.array([50, 2])), r"in \[0, vocab_size=6\), got \[50\]"),
+                        (dict(prompt=jnp.array([1.7, 2.2])), "int tokens, got dtype float32")]:
+    args = {**dict(prompt=prompt, length=3, rng=key), **kwargs}
+    with pytest.raises(ValueError, match=match):
+      models.sample_lm(lm, v, args.pop("prompt"), args.pop("length"), args.pop("rng"), **args)
 
 
 def _ln_ref(a, gamma, beta, eps=1e-5):
@@ -200,3 +220,14 @@ def test_layer_norm_gru_matches_numpy(variant):
         cand = np.tanh(ax[2] + r * ah[2])
       h = (1 - z) * h + z * cand
       np.testing.assert_allclose(hs[b, t], h, atol=1e-5)
+
+
+def test_layer_norm_gru_takes_h0_in_another_dtype_like_gru():
+  xs = _xs(11, b=2, t=4, d=3)
+  layer = layers.GRU(5, layer_norm=True, return_state=True)
+  v = layer.init(jax.random.key(0), xs)
+  h0 = jnp.full((2, 5), 0.5)
+  hs32, last32 = layer.apply(v, xs, None, h0)
+  hs16, last16 = layer.apply(v, xs, None, h0.astype(jnp.bfloat16))  # 0.5 is exact in bf16
+  assert hs16.dtype == jnp.float32
+  np.testing.assert_array_equal(hs16, hs32)
