@@ -211,7 +211,7 @@ class Seq2Seq(nn.Module):
     c = jnp.broadcast_to(context[:, None], e.shape[:2] + context.shape[-1:])
     x = jnp.concatenate([e, c], -1)
     new = []
-    for i, (gru, h0) in enumerate(zip(self.decoder, states)):
+    for gru, h0 in zip(self.decoder, states):
       x, h = gru(x, None, h0, deterministic=det, example_ids=example_ids)
       new.append(h)
       x = self.drop(x, deterministic=det, example_ids=example_ids)

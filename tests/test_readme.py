@@ -8,11 +8,15 @@ from tests import reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_readme_pure_function_example_runs_and_matches_reference():
+def _block(title):
   text = open(os.path.join(ROOT, "README.md")).read()
-  block = text.split("### The pure functions")[1].split("```python")[1].split("```")[0]
   ns = {}
-  exec(block, ns)  # pylint: disable=exec-used
+  exec(text.split(title)[1].split("```python")[1].split("```")[0], ns)  # pylint: disable=exec-used
+  return ns
+
+
+def test_readme_pure_function_example_runs_and_matches_reference():
+  ns = _block("### The pure functions")
   assert ns["hs"].shape == (4, 20, 32) and ns["h_last"].shape == (4, 32)
   ref_last, ref_hs = reference.run(ns["params"], ns["xs"], mask=np.asarray(ns["mask"]))
   np.testing.assert_allclose(ns["hs"], ref_hs, atol=1e-5)
@@ -21,10 +25,7 @@ def test_readme_pure_function_example_runs_and_matches_reference():
 
 
 def test_readme_nnx_example_trains_and_evaluates():
-  text = open(os.path.join(ROOT, "README.md")).read()
-  block = text.split("### Layers for Flax NNX")[1].split("```python")[1].split("```")[0]
-  ns = {}
-  exec(block, ns)  # pylint: disable=exec-used
+  ns = _block("### Layers for Flax NNX")
   assert ns["logits"].shape == (16, 10)
   model, xs = ns["model"], np.asarray(ns["xs"])
   assert model.rnn.layer_0.deterministic  # eval() reached the nested GRUs
@@ -36,13 +37,6 @@ def test_readme_nnx_example_trains_and_evaluates():
   h1 = reference.run(model.rnn.layer_0.params, xs)[1]
   np.testing.assert_allclose(model.rnn(xs), reference.run(model.rnn.layer_1.params, h1)[1],
                              atol=1e-5)
-
-
-def _block(title):
-  text = open(os.path.join(ROOT, "README.md")).read()
-  ns = {}
-  exec(text.split(title)[1].split("```python")[1].split("```")[0], ns)  # pylint: disable=exec-used
-  return ns
 
 
 def test_readme_linen_example_runs_and_matches_reference():

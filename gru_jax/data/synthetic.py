@@ -170,9 +170,9 @@ def load_number_words(split: str, *, num_train: int = 100_000, num_validation: i
   pools = [mine[digits == k] for k in range(1, WORDS_MAX_DIGITS + 1)]
   pools = [p for p in pools if len(p)]
   which = rng.integers(0, len(pools), size=n)
-  numbers = np.array([pools[k][i] for k, i in
-                      zip(which, (rng.random(n) * np.array([len(pools[k]) for k in which]))
-                          .astype(int))], np.int64)
+  pool_sizes = np.array([len(p) for p in pools])
+  starts = np.concatenate([[0], np.cumsum(pool_sizes)[:-1]])
+  numbers = np.concatenate(pools)[starts[which] + (rng.random(n) * pool_sizes[which]).astype(int)]
   index = {w: i for i, w in enumerate(WORDS_VOCAB)}
   length = WORDS_MAX_WORDS + 1
   inputs = np.full((n, WORDS_MAX_DIGITS), WORDS_PAD, np.int32)
