@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 VARIANTS = ("seed", "reset_after")
@@ -54,6 +55,13 @@ class Gates(NamedTuple):
 def check_variant(variant: str) -> None:
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def check_unroll(unroll) -> int:
+  # lax.scan reads a bool as "all or nothing"; the fused paths read an int, so take only ints.
+  if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
+    raise ValueError(f"unroll must be an int >= 1, got {unroll!r}")
+  return int(unroll)
 
 
 def _blockwise(init_fn: Callable, key: Array, rows: int, hidden: int, dtype) -> Array:

@@ -17,6 +17,7 @@ them installed.
 """
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Mapping
 
@@ -29,8 +30,22 @@ from gru_jax.cell import GRUParams
 def _np(a) -> np.ndarray:
   """A torch tensor, Keras variable or JAX/NumPy array as a NumPy array."""
   if hasattr(a, "detach"):  # torch.Tensor: leave the autograd graph and the device
-    a = a.detach().cpu().numpy()
+    a = a.detach().cpu()
+    if not a.dtype.is_floating_point or a.dtype.itemsize >= 4:
+      return a.numpy()
+    # NumPy has no bfloat16 (torch refuses .numpy()); float32 holds bf16/f16 exactly.
+    return a.float().numpy()
   return np.asarray(a)
+
+
+def _index(name: str, value) -> int:
+  """An int or NumPy integer (not a bool) as an int, else ValueError naming ``name``."""
+  if not isinstance(value, bool):
+    try:
+      return operator.index(value)
+    except TypeError:
+      pass
+  raise ValueError(f"{name} must be an int, got {value!r}")
 
 
 def _check_shapes(arg: str, got: dict, want: dict) -> None:
@@ -103,7 +118,8 @@ def _torch_suffix(obj, layer: int, direction: int, arg: str) -> str:
   else:
     raise TypeError(f"{arg} must be a torch.nn.GRU, torch.nn.GRUCell or its state_dict, "
                     f"got {type(obj).__name__}")
-  if not isinstance(layer, int) or layer not in layers:
+  layer, direction = _index("layer", layer), _index("direction", direction)
+  if layer not in layers:
     raise ValueError(f"layer={layer!r} is out of range: {arg} has layers {layers}")
   if direction not in range(directions):
     raise ValueError(f"direction={direction!r} is out of range: {arg} has {directions} "
@@ -175,7 +191,8 @@ def to_torch(params: GRUParams, module=None, layer: int = 0, direction: int = 0)
   arrays = (params.w_x.T, params.w_h.T, params.b_x, params.b_h)
   arrays = [_zrh_to_rzn(_torch_ready(a)) for a in arrays]
   if module is None:
-    if not isinstance(layer, int) or layer < 0 or direction not in (0, 1):
+    layer, direction = _index("layer", layer), _index("direction", direction)
+    if layer < 0 or direction not in (0, 1):
       raise ValueError(f"layer must be an int >= 0 and direction 0 or 1, got layer={layer!r}, "
                        f"direction={direction!r}")
     suffix = f"_l{layer}" + ("_reverse" if direction else "")

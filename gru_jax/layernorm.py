@@ -91,5 +91,6 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
       out = jnp.where(m_t[:, None], out, 0)
     return h_new, out
 
-  h_last, hs = jax.lax.scan(body, h0, (ax, mask_tm), reverse=reverse, unroll=unroll)
+  h_last, hs = jax.lax.scan(body, h0, (ax, mask_tm), reverse=reverse,
+                            unroll=cell_lib.check_unroll(unroll))
   return h_last, jnp.swapaxes(hs, 0, 1)

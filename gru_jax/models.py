@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gru_jax import layers
 
@@ -64,6 +65,7 @@ class SequenceModel(nn.Module):
       if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
         raise ValueError(f"a model with vocab_size expects int tokens [B,T], got "
                          f"{inputs.dtype} {inputs.shape}")
+      check_token_range("inputs", inputs, self.vocab_size)
       x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(inputs)
     else:
       if inputs.ndim != 3:
@@ -93,6 +95,23 @@ class SequenceModel(nn.Module):
     return nn.Dense(self.num_outputs, name="head")(x)
 
 
+def check_token_range(name: str, tokens, size: int) -> None:
+  """Raises if concrete int ``tokens`` fall outside [0, size), padding included.
+
+  nn.Embed gives NaN rows for such ids, which would surface as silent garbage
+  (NaN logits, argmax 0).  Traced values cannot be read, so under jit the caller
+  is trusted, as in the training step.
+  """
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  # NumPy, not jnp: inside a jit trace jnp would stage even a concrete array.
+  t = np.asarray(tokens)
+  bad = t[(t < 0) | (t >= size)]
+  if bad.size:
+    raise ValueError(f"{name} must be token ids in [0, {size}), got "
+                     f"{sorted(set(bad.tolist()))[:10]}")
+
+
 def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: Array, *,
               temperature: float = 1.0) -> Array:
   """Samples ``length`` tokens after ``prompt`` [P] from an "lm" model. Returns [P+length].
@@ -111,10 +130,7 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0 (small values approach greedy decoding), "
                      f"got {temperature}")
-  if not isinstance(prompt, jax.core.Tracer):
-    bad = [int(t) for t in jnp.asarray(prompt) if not 0 <= int(t) < model.vocab_size]
-    if bad:
-      raise ValueError(f"prompt tokens must be in [0, vocab_size={model.vocab_size}), got {bad}")
+  check_token_range("prompt", prompt, model.vocab_size)
   p = prompt.shape[0]
   total = p + length
   buf = jnp.zeros((1, total), jnp.int32).at[0, :p].set(prompt.astype(jnp.int32))
@@ -147,7 +163,8 @@ class Seq2Seq(nn.Module):
   Attributes:
     vocab_size: source vocabulary.  num_outputs: target vocabulary.
     hidden_sizes: GRU sizes, encoder and decoder alike.
-    dropout: on embeddings and between layers when training.
+    dropout: when training, on both embeddings, between encoder layers and after
+      every decoder layer (the top one's output feeds the output layer).
     other fields: as `SequenceModel`, passed to every GRU.
   """
   vocab_size: int
@@ -194,6 +211,7 @@ class Seq2Seq(nn.Module):
     self._check("inputs", inputs)
     if mask is not None and mask.shape != inputs.shape:
       raise ValueError(f"Seq2Seq: mask must have shape [B,S]={inputs.shape}, got {mask.shape}")
+    check_token_range("Seq2Seq: inputs", inputs, self.vocab_size)
     det = not train
     x = self.drop(self.src_embed(inputs), deterministic=det, example_ids=example_ids)
     for i, grus in enumerate(self.encoder):
@@ -226,6 +244,7 @@ class Seq2Seq(nn.Module):
                train: bool = False, example_ids: Array | None = None) -> Array:
     """Teacher-forced logits [B,L,num_outputs] for decoder_inputs [B,L] given inputs [B,S]."""
     self._check("decoder_inputs", decoder_inputs)
+    check_token_range("Seq2Seq: decoder_inputs", decoder_inputs, self.num_outputs)
     if decoder_inputs.shape[0] != inputs.shape[0]:
       raise ValueError(f"Seq2Seq: decoder_inputs {decoder_inputs.shape} and inputs "
                        f"{inputs.shape} must share the batch size")
@@ -237,10 +256,19 @@ def greedy_decode(model: Seq2Seq, variables, inputs: Array, mask: Array | None =
                   max_len: int, bos_id: int, eos_id: int, pad_id: int = 0) -> Array:
   """Greedy decoding: inputs [B,S] -> tokens [B,max_len], <eos> included, then pad_id.
 
-  One compiled loop of `Seq2Seq.step` calls, O(max_len) steps.
+  One compiled loop of `Seq2Seq.step` calls, O(max_len) steps.  ``bos_id`` and
+  ``pad_id`` are target tokens in [0, num_outputs); ``eos_id`` too, or -1 to
+  never stop early.
   """
-  if max_len < 1:
-    raise ValueError(f"max_len must be >= 1, got {max_len}")
+  if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+    raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
+  for name, value, low in (("bos_id", bos_id, 0), ("eos_id", eos_id, -1), ("pad_id", pad_id, 0)):
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+        or not low <= value < model.num_outputs):
+      raise ValueError(f"{name} must be an int in [{low}, num_outputs={model.num_outputs}), "
+                       f"got {value!r}")
+  inputs = jnp.asarray(inputs)
+  mask = None if mask is None else jnp.asarray(mask)
   context, states = model.apply(variables, inputs, mask, method=Seq2Seq.start)
 
   def body(carry, _):

@@ -80,6 +80,7 @@ def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dro
   return b, t
 
 
+
 def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype,
                     state_dtype, return_gates: bool = False, remat_chunk=None,
                     platform: str | None = None) -> str:
@@ -371,6 +372,7 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
       for a in (xs, h0, mask, input_dropout_mask, recurrent_dropout_mask))
   b, t = _validate(params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
                    time_major, variant, backend, remat_chunk)
+  unroll = cell_lib.check_unroll(unroll)
   state_dtype = xs.dtype
   compute_dtype = jnp.dtype(compute_dtype or state_dtype)
   if not jnp.issubdtype(compute_dtype, jnp.floating):
@@ -379,8 +381,8 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
   impl = resolve_backend(backend, hidden_size=params.hidden_size, batch=b,
                          compute_dtype=compute_dtype, state_dtype=state_dtype,
                          return_gates=return_gates, remat_chunk=remat_chunk)
-  if t == 0:
-    impl = "scan"  # nothing to fuse, and the fused loops trace a step that needs T >= 1
+  if t == 0 or b == 0:
+    impl = "scan"  # nothing to fuse; the fused loops need a step (T >= 1) and a batch tile
   if h0 is None:
     h0 = jnp.zeros((b, params.hidden_size), state_dtype)
   h0 = h0.astype(state_dtype)

@@ -247,6 +247,10 @@ def _p():
     (dict(input_dropout_mask=jnp.ones((2, 4))), r"input_dropout_mask must have shape \[B,D\]"),
     (dict(recurrent_dropout_mask=jnp.ones((1, 4))), r"recurrent_dropout_mask must have shape"),
     (dict(remat_chunk=0), r"remat_chunk must be a positive int"),
+    (dict(unroll=2.5), r"unroll must be an int >= 1, got 2.5"),
+    (dict(unroll=-1, backend="xla"), r"unroll must be an int >= 1, got -1"),
+    (dict(unroll=0, backend="pallas"), r"unroll must be an int >= 1, got 0"),
+    (dict(unroll=True, backend="scan"), r"unroll must be an int >= 1, got True"),
     (dict(backend="cudnn"), r"backend must be one of"),
     (dict(compute_dtype=jnp.int32), r"compute_dtype must be a floating-point dtype \(e.g. jnp.bfloat16\), got int32"),
 ])
@@ -299,6 +303,17 @@ def test_zero_length_sequences_return_h0_on_every_backend(backend):
   assert hs.shape == (2, 0, 4)
   g = jax.grad(lambda h: jnp.sum(gru_jax.gru(p, xs, h, backend=backend)[0] * 3.0))(h0)
   np.testing.assert_array_equal(g, jnp.full((2, 4), 3.0))
+
+
+@pytest.mark.parametrize("backend", ["auto", "xla", "scan", "pallas"])
+def test_empty_batch_gives_empty_outputs_on_every_backend(backend):
+  p = _p()
+  xs = jnp.ones((0, 5, 3))
+  h_last, hs = gru_jax.gru(p, xs, backend=backend)
+  assert h_last.shape == (0, 4) and hs.shape == (0, 5, 4)
+  g = jax.grad(lambda q: jnp.sum(gru_jax.gru(q, xs, backend=backend)[1]))(p)
+  for a in g:  # no example, no gradient
+    np.testing.assert_array_equal(a, jnp.zeros_like(a))
 
 
 def test_lists_and_numpy_arrays_are_accepted_like_jax_arrays():

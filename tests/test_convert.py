@@ -164,6 +164,30 @@ def test_torch_export_of_bfloat16_params():
     np.testing.assert_array_equal(v.float().numpy(), want[k].numpy())
 
 
+def test_torch_import_of_bfloat16_modules():
+  """NumPy has no bfloat16, so torch refuses .numpy(); float32 holds every bf16 value."""
+  import torch
+  m = _torch_gru().to(torch.bfloat16)
+  want = convert.from_torch(_torch_gru().to(torch.bfloat16).float())
+  for got in (convert.from_torch(m), convert.from_torch(m.state_dict())):
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a, b)
+      assert a.dtype == jnp.float32
+
+
+def test_torch_layer_and_direction_take_numpy_ints():
+  m = _torch_gru(num_layers=2)
+  for a, b in zip(convert.from_torch(m, layer=np.int64(1)), convert.from_torch(m, layer=1)):
+    np.testing.assert_array_equal(a, b)
+  p = convert.from_torch(m, layer=1)
+  sd = convert.to_torch(p, layer=np.int32(1), direction=np.int64(0))
+  assert sorted(sd) == ["bias_hh_l1", "bias_ih_l1", "weight_hh_l1", "weight_ih_l1"]
+  with pytest.raises(ValueError, match="layer must be an int, got True"):
+    convert.from_torch(m, layer=True)
+  with pytest.raises(ValueError, match="direction must be an int, got 0.0"):
+    convert.to_torch(p, direction=0.0)
+
+
 def test_torch_errors():
   torch = pytest.importorskip("torch")
   m = _torch_gru()
@@ -171,7 +195,7 @@ def test_torch_errors():
     convert.from_torch(m, layer=1)
   with pytest.raises(ValueError, match="direction=1"):
     convert.from_torch(m, direction=1)
-  with pytest.raises(ValueError, match="layer=0.5"):
+  with pytest.raises(ValueError, match="layer must be an int, got 0.5"):
     convert.from_torch(m, layer=0.5)
   with pytest.raises(TypeError, match="module_or_state_dict.*LSTM"):
     convert.from_torch(torch.nn.LSTM(D, H))

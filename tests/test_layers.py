@@ -175,11 +175,24 @@ def test_sample_lm_refuses_bad_arguments():
   for kwargs, match in [(dict(temperature=0.0), "temperature must be > 0"),
                         (dict(temperature=-1.0), "temperature must be > 0"),
                         (dict(length=-2), "length must be an int >= 0, got -2"),
-                        (dict(prompt=jnp.array([50, 2])), r"in \[0, vocab_size=6\), got \[50\]"),
+                        (dict(prompt=jnp.array([50, 2])), r"prompt must be token ids in \[0, 6\), got \[50\]"),
                         (dict(prompt=jnp.array([1.7, 2.2])), "int tokens, got dtype float32")]:
     args = {**dict(prompt=prompt, length=3, rng=key), **kwargs}
     with pytest.raises(ValueError, match=match):
       models.sample_lm(lm, v, args.pop("prompt"), args.pop("length"), args.pop("rng"), **args)
+
+
+def test_token_models_refuse_out_of_vocabulary_inputs():
+  """nn.Embed gives NaN for an id outside the table; the model says so instead."""
+  model = models.SequenceModel("classification", 3, vocab_size=6, hidden_sizes=(4,))
+  ok = jnp.array([[1, 5, 0]])
+  v = model.init(jax.random.key(0), ok)
+  assert np.isfinite(model.apply(v, ok)).all()
+  for bad, got in (([[1, 6, 0]], r"\[6\]"), ([[-1, 2, 0]], r"\[-1\]")):
+    with pytest.raises(ValueError, match=r"inputs must be token ids in \[0, 6\), got " + got):
+      model.apply(v, jnp.array(bad))
+  # Under jit the ids are traced and unreadable: the caller is trusted, as in training.
+  assert jax.jit(lambda x: model.apply(v, x))(ok).shape == (1, 3)
 
 
 def _ln_ref(a, gamma, beta, eps=1e-5):

@@ -133,8 +133,33 @@ def test_seq2seq_bad_inputs():
     model.init(jax.random.key(0), src, jnp.ones((3, 2), bool), decoder_inputs=src)
   with pytest.raises(ValueError, match=r"share the batch size"):
     model.init(jax.random.key(0), src, decoder_inputs=jnp.ones((3, 2), jnp.int32))
-  with pytest.raises(ValueError, match="max_len must be >= 1"):
-    models.greedy_decode(model, {}, src, max_len=0, bos_id=1, eos_id=2)
+  v = model.init(jax.random.key(0), src, decoder_inputs=src)
+  for kwargs, match in [(dict(max_len=0), "max_len must be an int >= 1, got 0"),
+                        (dict(max_len=2.5), "max_len must be an int >= 1, got 2.5"),
+                        (dict(bos_id=5), r"bos_id must be an int in \[0, num_outputs=5\), got 5"),
+                        (dict(bos_id=-1), r"bos_id must be an int in \[0, num_outputs=5\)"),
+                        (dict(eos_id=7), r"eos_id must be an int in \[-1, num_outputs=5\), got 7"),
+                        (dict(pad_id=1.0), r"pad_id must be an int .* got 1.0")]:
+    args = {**dict(max_len=3, bos_id=1, eos_id=2), **kwargs}
+    with pytest.raises(ValueError, match=match):
+      models.greedy_decode(model, v, src, **args)
+  # Out-of-vocabulary ids would embed as NaN and decode as a silent run of pad_id.
+  with pytest.raises(ValueError, match=r"Seq2Seq: inputs must be token ids in \[0, 5\), got \[9\]"):
+    models.greedy_decode(model, v, src.at[0, 1].set(9), max_len=3, bos_id=1, eos_id=2)
+  with pytest.raises(ValueError, match=r"decoder_inputs must be token ids in \[0, 5\), got \[5\]"):
+    model.apply(v, src, decoder_inputs=src.at[1, 0].set(5))
+
+
+def test_greedy_decode_takes_lists_and_numpy_arrays():
+  model = models.Seq2Seq(6, 6, hidden_sizes=(4,))
+  src = np.array([[1, 2, 3], [4, 5, 0]], np.int32)
+  mask = src != 0
+  v = model.init(jax.random.key(0), src, decoder_inputs=src)
+  want = models.greedy_decode(model, v, jnp.asarray(src), jnp.asarray(mask), max_len=4,
+                              bos_id=1, eos_id=-1)
+  got = models.greedy_decode(model, v, src.tolist(), mask, max_len=4, bos_id=np.int64(1),
+                             eos_id=-1)
+  np.testing.assert_array_equal(got, want)
 
 
 def _words_config(steps):
