@@ -21,7 +21,7 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "jax.distributed.initialize(): auto = when launched by SLURM or on a TPU pod.")
+                  "jax.distributed.initialize(): auto = in an srun step with several tasks or on a TPU pod.")
 FLAGS = flags.FLAGS
 
 

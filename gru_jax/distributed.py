@@ -8,8 +8,14 @@ from absl import logging
 
 
 def _launched_on_cluster() -> bool:
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    return True
+  # Only a task of an srun step with several tasks: the shell of an allocation (salloc -n 4,
+  # an sbatch script) has SLURM_NTASKS > 1 too, yet each program it runs is a single process.
+  env = os.environ
+  if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+    try:
+      return int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+    except ValueError:
+      return False
   # Multi-host TPU VMs list every worker in this variable.
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
@@ -18,7 +24,7 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None) -> None:
   """Calls `jax.distributed.initialize` when this is a multi-process run.
 
-  Explicit arguments win; ``mode="auto"`` initialises under SLURM with several
+  Explicit arguments win; ``mode="auto"`` initialises in an srun step with several
   tasks or on a multi-host TPU VM, where JAX detects everything itself.
   """
   explicit = [coordinator_address, num_processes, process_id]

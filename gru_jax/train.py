@@ -401,7 +401,22 @@ class MetricsWriter:
     # the resumed run's log is exactly an uninterrupted run's.
     if os.path.exists(self.path):
       with open(self.path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
+        lines = f.readlines()
+      keep = []
+      for i, line in enumerate(lines):
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError:
+          # A run killed mid-write leaves its last line torn (no newline): drop it. Anything
+          # else is damage that nobody should lose silently.
+          if i == len(lines) - 1 and not line.endswith("\n"):
+            continue
+          raise ValueError(f"{self.path} line {i + 1} is not JSON: {line.strip()[:80]!r}; "
+                           "fix or delete that line to resume") from None
+        if rec["step"] <= resume_step:
+          keep.append(line)
       with open(self.path, "w") as f:
         f.writelines(keep)
     try:

@@ -19,7 +19,8 @@ Options:
                              (JAX_PLATFORMS=cpu and
                              XLA_FLAGS=--xla_force_host_platform_device_count=K)
   -g, --gpus_per_process G   give process i the GPUs i*G .. i*G+G-1
-                             (CUDA_VISIBLE_DEVICES)
+                             (CUDA_VISIBLE_DEVICES); if CUDA_VISIBLE_DEVICES
+                             is set, entries i*G .. i*G+G-1 of its list
   -c, --config FILE          config file (default experiments/configs/digits.py)
   -w, --workdir DIR          work directory shared by all processes (required)
   -p, --port PORT            coordinator port (default: a free port)
@@ -99,6 +100,21 @@ is_uint "$num_processes" || die "--num_processes must be a positive integer, got
   || die "--cpu_devices and --gpus_per_process exclude each other (CPU or GPU run?)"
 [[ -n $workdir ]] || die "--workdir is required (e.g. --workdir=runs/local_2proc)"
 [[ $grace =~ ^[0-9]+$ ]] || die "--grace must be a whole number of seconds, got '$grace'"
+# Base 10 from here on: bash arithmetic reads 08 as a bad octal number.
+num_processes=$(( 10#$num_processes )) grace=$(( 10#$grace ))
+[[ -z $cpu_devices ]] || cpu_devices=$(( 10#$cpu_devices ))
+visible=()
+if [[ -n $gpus_per_process ]]; then
+  gpus_per_process=$(( 10#$gpus_per_process ))
+  # GPUs the caller restricted us to (a shared machine, SLURM without cgroups): hand out those.
+  if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+    IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
+    (( num_processes * gpus_per_process <= ${#visible[@]} )) \
+      || die "$num_processes processes x $gpus_per_process GPUs need" \
+        "$(( num_processes * gpus_per_process )) GPUs, but" \
+        "CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES' lists ${#visible[@]}"
+  fi
+fi
 if [[ -z $port ]]; then
   # Bind port 0 and let the kernel choose; the tiny race with other programs is acceptable here.
   for py in "$python" python3 python; do
@@ -126,7 +142,9 @@ build() {
   fi
   if [[ -n $gpus_per_process ]]; then
     local first=$(( i * gpus_per_process )) ids="" g
-    for (( g = first; g < first + gpus_per_process; g++ )); do ids+="${ids:+,}$g"; done
+    for (( g = first; g < first + gpus_per_process; g++ )); do
+      if (( ${#visible[@]} )); then ids+="${ids:+,}${visible[g]}"; else ids+="${ids:+,}$g"; fi
+    done
     envs+=("CUDA_VISIBLE_DEVICES=$ids")
   fi
   cmd=("${base[@]}" "--config=$config" "--workdir=$workdir"

@@ -24,6 +24,7 @@ import ast
 import csv
 import dataclasses
 import datetime
+import fcntl
 import itertools
 import json
 import math
@@ -79,6 +80,8 @@ or {"trials": [{...overrides...}, ...]} for a hand-made list. Flags add to the f
 DEFAULT_CONFIG = "experiments/configs/digits.py"
 DEFAULT_METRIC = "validation/loss"
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)  # the repository: the default --config is found from here
+MARKER = ".sweep_trial.json"  # in each local trial workdir: which sweep and trial started it
 SPEC_KEYS = ("config", "grid", "random", "fixed", "trials", "num_trials", "seed", "metric",
              "mode", "halving")
 HALVING_KEYS = ("eta", "min_steps", "max_steps", "asynchronous")
@@ -318,11 +321,26 @@ def infer_mode(metric: str) -> str:
                   "pass --mode max or --mode min")
 
 
-def check_metric(metric: str) -> str:
+def check_metric(metric) -> str:
+  if not isinstance(metric, str):
+    raise SpecError(f"--metric must be a string SPLIT/NAME such as validation/accuracy, "
+                    f"got {metric!r}")
   split, sep, name = metric.partition("/")
   if not sep or not split or not name:
     raise SpecError(f"--metric {metric!r}: expected SPLIT/NAME such as validation/accuracy")
   return metric
+
+
+def _plain(value):
+  """NumPy scalars and arrays from a Python spec as plain Python values (np.int64(16) -> 16):
+  sweep.json and the trainer's flags need those."""
+  if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+    return value.tolist()
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return type(value)(_plain(v) for v in value)
+  return value
 
 
 def load_spec_file(path: str) -> dict:
@@ -333,7 +351,7 @@ def load_spec_file(path: str) -> dict:
       namespace = runpy.run_path(path)
       if "get_sweep" not in namespace:
         raise SpecError(f"--spec {path!r}: a Python spec must define get_sweep() returning a dict")
-      spec = namespace["get_sweep"]()
+      spec = _plain(namespace["get_sweep"]())
     else:
       with open(path) as f:
         spec = json.load(f)
@@ -358,6 +376,13 @@ def _positive_int(value, where: str, minimum: int = 1) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     raise SpecError(f"{where} must be an integer >= {minimum}, got {value!r}")
   return value
+
+
+def _flag_key(arg: str) -> str | None:
+  """'--config.model.dropout=0.1' -> 'model.dropout'; None for any other trainer flag."""
+  if not arg.startswith("--config."):
+    return None
+  return arg[len("--config."):].partition("=")[0]
 
 
 def build_sweep(args, extra_args: list[str]) -> dict:
@@ -419,6 +444,16 @@ def build_sweep(args, extra_args: list[str]) -> dict:
     if not grid and not randoms:
       raise SpecError("nothing to sweep: give --grid, --random or --spec")
     overrides = make_trials(grid, randoms, num_trials, seed)
+  # absl keeps the last of repeated flags, so a trainer flag would beat the value of every trial.
+  given = dict(swept)
+  for o in overrides:
+    for key in o:
+      given.setdefault(key, f"--spec {path!r} trials")
+  for arg in extra_args:
+    key = _flag_key(arg)
+    if key in given:
+      raise SpecError(f"trainer flag {arg!r} would override {key!r} (given by {given[key]}) in "
+                      "every trial; drop one of them")
 
   halving = None
   hspec = spec.get("halving")
@@ -445,7 +480,7 @@ def build_sweep(args, extra_args: list[str]) -> dict:
       raise SpecError(f"--max_steps ({hi}) must be at least --min_steps * --eta ({lo * eta}) "
                       "for a second rung")
     clash = ("num_train_steps" in swept or any("num_train_steps" in o for o in overrides)
-             or any(a.startswith("--config.num_train_steps") for a in extra_args))
+             or any(_flag_key(a) == "num_train_steps" for a in extra_args))
     if clash:
       raise SpecError("successive halving sets num_train_steps itself; do not sweep or fix it")
     halving = {"eta": eta, "min_steps": lo, "max_steps": hi,
@@ -459,8 +494,8 @@ def build_sweep(args, extra_args: list[str]) -> dict:
   if mode not in ("min", "max"):
     raise SpecError(f"--mode must be 'min' or 'max', got {mode!r}")
   width = max(3, len(str(len(overrides) - 1)))
-  return {
-      "config": args.config or spec.get("config") or DEFAULT_CONFIG,
+  definition = {
+      "config": args.config or spec.get("config") or default_config(args.emit),
       "workdir_root": args.workdir_root or args.sweep_dir,
       "trials": [{"name": f"trial_{i:0{width}d}", "overrides": o} for i, o in enumerate(overrides)],
       "fixed": fixed,
@@ -471,6 +506,30 @@ def build_sweep(args, extra_args: list[str]) -> dict:
       "spec": {"grid": grid, "random": {k: str(d) for k, d in randoms.items()},
                "num_trials": num_trials, "seed": seed},
   }
+  try:  # sweep.json must take it: fail here, before anything is written
+    json.dumps(definition)
+  except (TypeError, ValueError) as e:
+    raise SpecError(f"--spec {path!r}: {e}; use plain values (numbers, strings, lists)") from None
+  return definition
+
+
+def default_config(emit: str | None) -> str:
+  """DEFAULT_CONFIG as written from the repository root (where the trainer runs, and the
+  workers of --emit tpu resolve it from their REMOTE_DIR), else as an absolute path."""
+  here = os.path.realpath(os.path.abspath(DEFAULT_CONFIG))
+  if emit == "tpu" or here == os.path.realpath(os.path.join(ROOT, DEFAULT_CONFIG)):
+    return DEFAULT_CONFIG
+  return os.path.join(ROOT, DEFAULT_CONFIG)
+
+
+def check_config(config: str, emit: str | None):
+  """Refuses a missing config file now rather than in every trial."""
+  # --emit tpu's path is relative to REMOTE_DIR on the workers: nothing to check here.
+  if emit == "tpu" or "://" in config:
+    return
+  # ml_collections also takes FILE:ARGS (an argument for get_config).
+  if not (os.path.isfile(config) or os.path.isfile(config.partition(":")[0])):
+    raise SpecError(f"--config {config!r}: no such file (relative to {os.getcwd()})")
 
 
 IDENTITY_KEYS = ("config", "workdir_root", "trials", "fixed", "extra_args", "halving")
@@ -608,6 +667,43 @@ class Sweep:
       os.remove(self.rc_path(t))
     self.jobs[self.names[t]] = {"rung": rung, "budget": self.budgets[rung]}
     _write_json(self.jobs_path, self.jobs)
+    workdir = self.workdir(t)
+    if "://" not in workdir:  # remote workdirs (gs://) are neither created nor marked here
+      os.makedirs(workdir, exist_ok=True)
+      if not os.path.exists(os.path.join(workdir, MARKER)):
+        _write_json(os.path.join(workdir, MARKER), self.marker(t))
+
+  def marker(self, t: int) -> dict:
+    """What MARKER holds: the sweep (its directory) and the trial that own the workdir."""
+    return {"sweep_dir": os.path.realpath(self.dir), "trial": self.names[t],
+            "overrides": self.d["trials"][t]["overrides"]}
+
+  def check_workdirs(self):
+    """Refuses a trial workdir started by another sweep (two sweeps given the same
+    --workdir_root): the trainer would resume that run as this trial. Remote workdirs
+    (gs://...) are not checked."""
+    for t in range(len(self.names)):
+      workdir = self.workdir(t)
+      if "://" in workdir:
+        continue
+      path = os.path.join(workdir, MARKER)
+      try:
+        with open(path) as f:
+          mark = json.load(f)
+      except (FileNotFoundError, NotADirectoryError):
+        continue  # not started yet (or by a sweep.py that wrote no markers)
+      except (OSError, ValueError) as e:
+        raise SpecError(f"trial workdir {workdir!r}: cannot read {path} ({e})") from None
+      mine = json.loads(json.dumps(self.marker(t)))
+      if not isinstance(mark, dict) or mark.get("sweep_dir") != mine["sweep_dir"]:
+        other = f"the sweep in {mark.get('sweep_dir') if isinstance(mark, dict) else '?'}"
+      elif mark.get("overrides") != mine["overrides"]:
+        other = f"an earlier sweep in {mine['sweep_dir']} with other overrides " \
+                f"({json.dumps(mark.get('overrides'))})"
+      else:
+        continue
+      raise SpecError(f"trial workdir {workdir!r} already holds a run of {other}; use another "
+                      f"--workdir_root (or delete {path} to let {self.names[t]} resume that run)")
 
   # ------------------------------------------------------------------ commands
 
@@ -693,9 +789,11 @@ def collect_results(sweep: Sweep, running: set = frozenset()) -> tuple[list[dict
   def key(row):
     score = sweep.score(row[metric])
     if score is None or row["status"] == "failed":
-      return (1, 0, 0.0, row["trial"])
+      return (2, 0, 0.0, row["trial"])
+    # Pending and running trials have partial metrics: they follow the finished ones, unranked.
+    done = row["status"] in ("ok", "stopped")
     # Under halving a trial stopped early was judged on fewer steps: rank by budget first.
-    return (0, -(row["steps"] or 0) if halving else 0, score, row["trial"])
+    return (0 if done else 1, -(row["steps"] or 0) if halving else 0, score, row["trial"])
 
   rows.sort(key=key)
   rank = 0
@@ -769,10 +867,13 @@ def report(sweep: Sweep, out=None) -> list:
     print(f"{r['trial']} failed{_last_line(r['log'])}; log: {r['log']}", file=out)
   if len(failed) > 5:
     print(f"... and {len(failed) - 5} more failed trials", file=out)
-  best = next((r for r in rows if r["rank"] == 1), None)
+  best = next((r for r in rows if r["rank"] == 1), None)  # only finished trials are ranked
   if best is not None:
-    flags = " ".join(f"--config.{k}={format_value(v)}" for k, v in best["overrides"].items())
+    flags = shlex.join(f"--config.{k}={format_value(v)}" for k, v in best["overrides"].items())
     print(f"best: {best['trial']} {metric}={_cell(best[metric])}  {flags}", file=out)
+  elif not any(r["status"] in ("ok", "stopped") for r in rows) and \
+      any(r["status"] in ("pending", "running") for r in rows):
+    print("no best trial yet: no trial has finished", file=out)
   write_results(sweep, rows)
   print(f"wrote {os.path.join(sweep.dir, 'results.json')} and results.csv", file=out)
   return rows
@@ -797,22 +898,61 @@ def _env_prefix(env: dict) -> str:
   return "".join(f"{k}={shlex.quote(v)} " for k, v in env.items())
 
 
-def _slot_env(slot: int, gpus_per_trial: int | None) -> dict:
+def visible_gpus() -> list[str] | None:
+  """The GPUs this sweep may hand out: CUDA_VISIBLE_DEVICES as set by the caller (ids or
+  UUIDs), or None when it is unset (every GPU, numbered from 0)."""
+  text = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if text is None:
+    return None
+  return [g.strip() for g in text.split(",") if g.strip()]
+
+
+def check_gpus(parallel: int, gpus_per_trial: int | None, visible: list[str] | None):
+  if gpus_per_trial and visible is not None and parallel * gpus_per_trial > len(visible):
+    raise SpecError(f"--parallel {parallel} x --gpus_per_trial {gpus_per_trial} needs "
+                    f"{parallel * gpus_per_trial} GPUs, but CUDA_VISIBLE_DEVICES="
+                    f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r} lists {len(visible)}")
+
+
+def _slot_env(slot: int, gpus_per_trial: int | None, visible: list[str] | None = None) -> dict:
   if not gpus_per_trial:
     return {}
   first = slot * gpus_per_trial
-  return {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(first, first + gpus_per_trial))}
+  ids = [str(g) for g in range(first, first + gpus_per_trial)] if visible is None \
+      else visible[first:first + gpus_per_trial]
+  return {"CUDA_VISIBLE_DEVICES": ",".join(ids)}
+
+
+def _say(text: str):
+  try:
+    print(text, flush=True)
+  except OSError:  # stdout was the terminal that just hung up
+    pass
+
+
+def _on_hangup():
+  """After SIGHUP the terminal is gone and writing to it fails: send output to /dev/null."""
+  for name in ("stdout", "stderr"):
+    stream = getattr(sys, name)
+    try:
+      tty = stream.isatty()
+    except (OSError, ValueError):
+      tty = True
+    if tty:
+      setattr(sys, name, open(os.devnull, "w"))
 
 
 def run_local(sweep: Sweep, parallel: int, gpus_per_trial: int | None, grace: float = 60.0) -> int:
   """Runs every job here, `parallel` at a time, until the sweep is done. Returns 130 if
-  interrupted (trials get SIGTERM, so they checkpoint), else 0."""
+  interrupted (trials get SIGTERM, so they checkpoint; a second interrupt kills them),
+  else 0."""
   running = {}  # trial -> (Popen, rung, slot, start time, log file)
   free_slots = list(range(parallel))
+  visible = visible_gpus()
 
   def start(t, rung):
     slot = free_slots.pop(0)
-    env = _slot_env(slot, gpus_per_trial)
+    env = _slot_env(slot, gpus_per_trial, visible)
     sweep.start_job(t, rung)
     cmd = sweep.command(t, rung)
     log = open(sweep.log_path(t), "a")
@@ -847,10 +987,17 @@ def run_local(sweep: Sweep, parallel: int, gpus_per_trial: int | None, grace: fl
       print(f"[{_now()}] done  {sweep.names[t]}{sweep.rung_text(rung)}: "
             f"{sweep.d['metric']}={_cell(metrics.get(sweep.d['metric']))} ({took})", flush=True)
 
-  def on_term(signum, frame):  # a SLURM or shell kill of the sweep behaves like Ctrl-C
+  def on_term(signum, frame):  # a SLURM or shell kill, or a closed terminal, acts like Ctrl-C
+    if signum == signal.SIGHUP:
+      _on_hangup()
     raise KeyboardInterrupt
 
-  old = signal.signal(signal.SIGTERM, on_term)
+  # The trials run in their own sessions, so nothing but this process stops them. A signal
+  # ignored by whoever started us (nohup) stays ignored.
+  old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+  for s in (signal.SIGTERM, signal.SIGHUP):
+    if old[s] != signal.SIG_IGN:
+      signal.signal(s, on_term)
   try:
     replan = True  # the state on disk only changes when a job ends
     while True:
@@ -867,22 +1014,38 @@ def run_local(sweep: Sweep, parallel: int, gpus_per_trial: int | None, grace: fl
         finish(t, running[t][0].returncode)
         replan = True
   except KeyboardInterrupt:
-    print(f"\n[{_now()}] interrupted: stopping {len(running)} trial(s); rerun the same "
-          "command to resume the sweep", flush=True)
-    for proc, *_ in running.values():
-      proc.terminate()  # the trainer writes a checkpoint on SIGTERM
-    deadline = time.time() + grace
-    for proc, *_, log in running.values():
-      try:
-        proc.wait(timeout=max(0.0, deadline - time.time()))
-      except subprocess.TimeoutExpired:
+    procs = [proc for proc, *_ in running.values() if proc is not None]
+    try:
+      for proc in procs:
+        proc.terminate()  # the trainer writes a checkpoint on SIGTERM
+      _say(f"\n[{_now()}] interrupted: stopping {len(procs)} trial(s) (interrupt again to kill "
+           "them now); rerun the same command to resume the sweep")
+      deadline = time.time() + grace
+      for proc in procs:
+        try:
+          proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+          proc.kill()
+          proc.wait()
+    except KeyboardInterrupt:  # a second Ctrl-C or kill: stop waiting for the checkpoints
+      for s in old:
+        if old[s] != signal.SIG_IGN:
+          signal.signal(s, signal.SIG_IGN)
+      alive = [proc for proc in procs if proc.poll() is None]
+      for proc in alive:
         proc.kill()
+      for proc in alive:
         proc.wait()
+      _say(f"[{_now()}] interrupted again: killed {len(alive)} trial(s); they resume from their "
+           "last checkpoint")
+    for *_, log in running.values():
       log.close()
     running.clear()  # no return codes written: these trials resume on the next run
     return 130
   finally:
-    signal.signal(signal.SIGTERM, old)
+    for s, handler in old.items():
+      if handler is not None:  # None: not set from Python, so never changed here
+        signal.signal(s, handler)
 
 
 def print_plan(sweep: Sweep, out):
@@ -928,10 +1091,13 @@ def make_parser() -> argparse.ArgumentParser:
   r = p.add_argument_group("running")
   r.add_argument("--sweep_dir", required=True, metavar="DIR",
                  help="the sweep's state, logs and results; trial workdirs go here too")
-  r.add_argument("--workdir_root", metavar="DIR", help="put trial workdirs here instead (e.g. gs://bucket/x)")
+  r.add_argument("--workdir_root", metavar="DIR",
+                 help="put trial workdirs here instead (e.g. gs://bucket/x); a local trial "
+                      "workdir started by another sweep is refused (remote ones are not checked)")
   r.add_argument("--parallel", type=int, default=1, metavar="N", help="trials run at once here (default 1)")
   r.add_argument("--gpus_per_trial", type=int, metavar="G",
-                 help="give each running trial its own GPUs (CUDA_VISIBLE_DEVICES)")
+                 help="give each running trial its own GPUs (CUDA_VISIBLE_DEVICES): slices of "
+                      "the caller's CUDA_VISIBLE_DEVICES if set, else GPUs from 0")
   r.add_argument("--emit", choices=("shell", "slurm", "tpu"),
                  help="print one command per trial to run elsewhere instead of running them")
   r.add_argument("--sbatch_flags", default="", metavar="FLAGS", help="extra sbatch flags for --emit slurm")
@@ -1022,24 +1188,63 @@ def _main(args, extra) -> int:
   if args.report:
     report(sweep)
     return 0
+  check_config(definition["config"], args.emit)
+  visible = visible_gpus()
+  if not args.emit:
+    check_gpus(args.parallel, args.gpus_per_trial, visible)
+  sweep.check_workdirs()
 
   out = sys.stderr if args.emit or args.dry_run else sys.stdout
   print_plan(sweep, out)
   if args.dry_run:
     scores, failed, _ = sweep.scan()
     busy = set() if not args.emit or args.resubmit else sweep.waiting(scores, failed)
-    for i, (t, rung) in enumerate(sweep.plan(scores, failed, busy)):
+    jobs = sweep.plan(scores, failed, busy)
+    if jobs:  # the commands write their logs there
+      print(f"mkdir -p {shlex.quote(os.path.join(args.sweep_dir, 'logs'))}")
+    for i, (t, rung) in enumerate(jobs):
       if args.emit:
         print(sweep.emit_line(t, rung, args.emit, shlex.split(args.sbatch_flags)))
       else:
-        env = _slot_env(i % args.parallel, args.gpus_per_trial)
+        env = _slot_env(i % args.parallel, args.gpus_per_trial, visible)
         print(f"{_env_prefix(env)}{shlex.join(sweep.command(t, rung))} "
               f">> {shlex.quote(sweep.log_path(t))} 2>&1")
     if sweep.budgets[0] is not None:
       print("# later rungs depend on these results", file=out)
     return 0
 
-  os.makedirs(os.path.join(args.sweep_dir, "logs"), exist_ok=True)
+  try:
+    os.makedirs(os.path.join(args.sweep_dir, "logs"), exist_ok=True)
+  except OSError as e:
+    raise SpecError(f"--sweep_dir {args.sweep_dir!r}: cannot create it ({e.strerror})") from None
+  lock = _lock(args.sweep_dir)
+  try:
+    return _drive(args, sweep, definition, stored_path, out)
+  finally:
+    lock.close()
+
+
+def _lock(sweep_dir: str):
+  """Holds <sweep_dir>/.lock while this process drives the sweep: a second driver would
+  start a second trainer in the workdir of every running trial."""
+  path = os.path.join(sweep_dir, ".lock")
+  f = open(path, "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    pid = f.read().strip()
+    f.close()
+    raise SpecError(f"--sweep_dir {sweep_dir!r} is in use by another sweep.py"
+                    f"{f' (pid {pid})' if pid else ''}; wait for it to end or stop it") from None
+  f.truncate(0)
+  f.write(f"{os.getpid()}\n")
+  f.flush()
+  return f
+
+
+def _drive(args, sweep: Sweep, definition: dict, stored_path: str, out) -> int:
+  """Runs or emits the sweep's next jobs; called with the sweep's lock held."""
   _write_json(stored_path, definition)
   if args.retry_failed:
     _, failed, _ = sweep.scan()
@@ -1055,8 +1260,6 @@ def _main(args, extra) -> int:
     jobs = sweep.plan(scores, failed, waiting)
     for t, rung in jobs:
       sweep.start_job(t, rung)
-      if "://" not in sweep.workdir(t):
-        os.makedirs(sweep.workdir(t), exist_ok=True)
       print(sweep.emit_line(t, rung, args.emit, shlex.split(args.sbatch_flags)), flush=True)
     if waiting:
       print(f"# {len(waiting)} job(s) emitted earlier have not finished: "

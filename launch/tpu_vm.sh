@@ -25,7 +25,8 @@ Options:
                          of them can write: checkpoints are written by all.
       --remote_dir DIR   the repository on each worker, relative to the home
                          directory or absolute (default gru_jax)
-      --python PY        Python on the workers (default python3)
+      --python PY        Python on the workers (default python3); a leading
+                         ~/ is expanded on the worker, as for --remote_dir
       --setup CMD        shell command run on each worker first, e.g.
                          "source ~/venv/bin/activate" or "git pull"
       --gcloud_flag FLAG extra flag for gcloud (repeatable), e.g. --internal-ip
@@ -92,14 +93,20 @@ if [[ $workdir != *://* && $worker != 0 ]]; then
     "each would write its own copy, so use gs://... there" >&2
 fi
 
+# A path quoted for the remote shell, with a leading ~/ left unquoted so that it expands ~.
+remote_path() {
+  if [[ $1 == "~/"* ]]; then
+    printf '~/%s\n' "$(show_cmd "${1#\~/}")"
+  else
+    show_cmd "$1"
+  fi
+}
+
 # One string for the remote shell: the trainer's words quoted, --setup verbatim.
-if [[ $remote_dir == "~/"* ]]; then  # keep ~ unquoted so the remote shell expands it
-  remote="cd ~/$(show_cmd "${remote_dir#\~/}") && "
-else
-  remote="cd $(show_cmd "$remote_dir") && "
-fi
+remote="cd $(remote_path "$remote_dir") && "
 [[ -z $setup ]] || remote+="$setup && "
-remote+=$(show_cmd "$python" -m experiments.train "--config=$config" "--workdir=$workdir" \
+remote+="$(remote_path "$python") "
+remote+=$(show_cmd -m experiments.train "--config=$config" "--workdir=$workdir" \
   ${extra[@]+"${extra[@]}"})
 
 cmd=(gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone")

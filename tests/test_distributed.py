@@ -68,3 +68,29 @@ def test_two_processes_reading_own_shards_equal_one_process_reading_both(tmp_pat
   whole = str(tmp_path / "whole")
   assert run_train(whole, *FAST, devices=2).returncode == 0
   assert [l["loss"] for l in metrics(whole)][:3] != [l["loss"] for l in ref][:3]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    # The shell of `salloc -n 4` or of an sbatch script: one process, whatever SLURM_NTASKS says.
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_NPROCS": "4"}, False),
+    # A task of `srun -n 4`, as launch/slurm.sbatch starts them.
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "SLURM_PROCID": "2",
+      "SLURM_STEP_NUM_TASKS": "4"}, True),
+    # `srun -n 1` inside a 4-task allocation.
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "1", "SLURM_PROCID": "0",
+      "SLURM_STEP_NUM_TASKS": "1"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "w0"}, False),
+])
+def test_auto_initialises_only_in_a_multi_task_srun_step_or_tpu_pod(monkeypatch, env, expected):
+  from gru_jax import distributed
+  for k in list(os.environ):
+    if k.startswith("SLURM_") or k == "TPU_WORKER_HOSTNAMES":
+      monkeypatch.delenv(k)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  calls = []
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  distributed.initialize("auto")
+  assert calls == ([{}] if expected else [])

@@ -415,6 +415,13 @@ def test_spec_files_equal_flags(tmp_path):
      "successive halving sets num_train_steps itself"),
     (["--grid", "lr=1,2", "--halving", "--min_steps", "1", "--max_steps", "9",
       "--config.num_train_steps=5"], "successive halving sets num_train_steps itself"),
+    # absl keeps the last --config.KEY, so a trainer flag would beat every trial's value.
+    (["--grid", "lr=1,2", "--config.lr=3"],
+     "trainer flag '--config.lr=3' would override 'lr' (given by --grid 'lr=1,2') in every trial"),
+    (["--random", "m.p=uniform:0:1", "--num_trials", "2", "--config.m.p=0.5"],
+     "trainer flag '--config.m.p=0.5' would override 'm.p' (given by --random"),
+    (["--grid", "lr=1,2", "--set", "seed=1", "--config.seed", "2"],
+     "trainer flag '--config.seed' would override 'seed' (given by --set 'seed=1')"),
     (["--grid", "lr=1,2", "--metric", "accuracy"], "--metric 'accuracy': expected SPLIT/NAME"),
     (["--grid", "lr=1,2", "--metric", "validation/bleu"], "pass --mode max or --mode min"),
 ])
@@ -663,7 +670,9 @@ def _calls(workdir):
   return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_local_grid_runs_in_parallel_and_survives_failures(tmp_path, trainer, capsys):
+def test_local_grid_runs_in_parallel_and_survives_failures(tmp_path, trainer, capsys,
+                                                           monkeypatch):
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
   d = tmp_path / "s"
   argv = ["--sweep_dir", str(d), "--grid", "learning_rate=1e-4,3e-3,1e-1", "--grid",
           "fail=False,True", "--parallel", "3", "--gpus_per_trial", "1", "--metric",
@@ -741,12 +750,14 @@ def test_local_halving_resumes_survivors_in_their_workdirs(tmp_path, trainer, ca
 
 
 def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys, monkeypatch):
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
   d = tmp_path / "s"
   assert sweep.main(["--sweep_dir", str(d), "--grid", "learning_rate=1e-3,3e-3",
                      "--parallel", "2", "--gpus_per_trial", "2", "--dry-run", "--",
                      "--config.num_epochs=1"]) == 0
   out = capsys.readouterr()
   assert out.out.splitlines() == [
+      f"mkdir -p {d}/logs",
       f"CUDA_VISIBLE_DEVICES=0,1 {sys.executable} -m experiments.train "
       f"--config=experiments/configs/digits.py --workdir={d}/trial_000 "
       f"--config.learning_rate=0.001 --config.num_epochs=1 >> {d}/logs/trial_000.log 2>&1",
@@ -763,13 +774,13 @@ def test_emit_slurm_and_tpu_lines(tmp_path, capsys, monkeypatch):
   common = ["--sweep_dir", str(d), "--grid", "learning_rate=1e-3,3e-3", "--halving",
             "--min_steps", "10", "--max_steps", "30", "--dry-run"]
   assert sweep.main(common + ["--emit", "slurm", "--sbatch_flags=--gpus-per-node=1 --time=60"]) == 0
-  assert capsys.readouterr().out.splitlines()[0] == (
+  assert capsys.readouterr().out.splitlines()[:2] == [f"mkdir -p {d}/logs", (
       f"CONFIG=experiments/configs/digits.py WORKDIR={d}/trial_000 "
       f"RETURNCODE_FILE={d}/logs/trial_000.returncode sbatch --job-name=sw-trial_000 "
       f"--output={d}/logs/trial_000.log --open-mode=append --gpus-per-node=1 --time=60 "
-      "launch/slurm.sbatch --config.learning_rate=0.001 --config.num_train_steps=10")
+      "launch/slurm.sbatch --config.learning_rate=0.001 --config.num_train_steps=10")]
   assert sweep.main(common + ["--emit", "tpu"]) == 0
-  assert capsys.readouterr().out.splitlines()[1] == (
+  assert capsys.readouterr().out.splitlines()[2] == (
       f"launch/tpu_vm.sh --config=experiments/configs/digits.py --workdir={d}/trial_001 -- "
       f"--config.learning_rate=0.003 --config.num_train_steps=10 >> {d}/logs/trial_001.log "
       f"2>&1; echo $? > {d}/logs/trial_001.returncode")
@@ -827,3 +838,280 @@ def test_interrupted_sweep_stops_trials_without_failing_them(tmp_path, trainer):
   assert all((d / f"trial_00{i}" / "terminated").exists() for i in range(2))
   assert not list((d / "logs").glob("*.returncode"))  # not failed: to be resumed
   assert "pending" in out
+
+
+# ----------------------------------------------------------------------------- sweep: safety
+
+def test_trainer_flag_overriding_a_trial_key_is_refused(tmp_path, capsys):
+  (tmp_path / "t.json").write_text(json.dumps({"trials": [{"a": 1}, {"a": 2}]}))
+  with pytest.raises(sweep.SpecError, match=r"trainer flag '--config.a=3' would override 'a' "
+                     r"\(given by --spec '.*t.json' trials\)"):
+    parse(["--spec", str(tmp_path / "t.json"), "--config.a=3"])
+  # Through main, flags after -- too; nothing is created.
+  d = tmp_path / "s"
+  assert sweep.main(["--sweep_dir", str(d), "--grid", "learning_rate=1e-3,3e-3", "--",
+                     "--config.learning_rate=1e-2"]) == 2
+  assert "would override 'learning_rate'" in capsys.readouterr().err and not d.exists()
+  assert overrides(parse(["--grid", "lr=1,2", "--config.lr_decay=3"])) == [{"lr": 1}, {"lr": 2}]
+
+
+def test_two_sweeps_cannot_share_a_trial_workdir(tmp_path, trainer, capsys, monkeypatch):
+  root = tmp_path / "shared"
+  common = ["--workdir_root", str(root), "--metric", "validation/accuracy", "--trainer", trainer]
+  a = ["--sweep_dir", str(tmp_path / "a"), "--grid", "learning_rate=3e-3"] + common
+  assert sweep.main(a) == 0
+  mark = json.loads((root / "trial_000" / sweep.MARKER).read_text())
+  assert mark == {"sweep_dir": str((tmp_path / "a").resolve()), "trial": "trial_000",
+                  "overrides": {"learning_rate": 0.003}}
+  capsys.readouterr()
+  # Another sweep would resume sweep a's run as its own trial_000: refused before it starts.
+  b = ["--sweep_dir", str(tmp_path / "b"), "--grid", "learning_rate=1e-5"] + common
+  for extra in ([], ["--dry-run"]):
+    assert sweep.main(b + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (
+        f"trial workdir '{root / 'trial_000'}' already holds a run of the sweep in "
+        f"{(tmp_path / 'a').resolve()}; use another --workdir_root") in err
+  assert not (tmp_path / "b").exists() and len(_calls(root / "trial_000")) == 1
+  # The same sweep resumes as before, also through another path to its directory.
+  assert sweep.main(a) == 0
+  os.symlink(tmp_path / "a", tmp_path / "link")
+  assert sweep.main(["--sweep_dir", str(tmp_path / "link")]) == 0
+  assert "start" not in capsys.readouterr().out and len(_calls(root / "trial_000")) == 1
+  # A new sweep in the same --sweep_dir (sweep.json removed) with other overrides is refused.
+  (tmp_path / "a" / "sweep.json").unlink()
+  assert sweep.main(["--sweep_dir", str(tmp_path / "a"), "--grid", "learning_rate=1e-1"]
+                    + common) == 2
+  assert "with other overrides ({\"learning_rate\": 0.003})" in capsys.readouterr().err
+  # Remote workdirs cannot be looked into from here: neither checked nor marked.
+  monkeypatch.chdir(tmp_path)
+  remote = sweep.Sweep(parse(["--grid", "learning_rate=1e-5", "--workdir_root", "gs://b/x"]), "c")
+  remote.check_workdirs()
+  remote.start_job(0, 0)
+  assert (tmp_path / "c" / "jobs.json").exists() and not (tmp_path / "gs:").exists()
+
+
+def _trial_pids(tmp_path, n, timeout=20):
+  deadline = time.time() + timeout
+  paths = [tmp_path / "s" / f"trial_00{i}" / "pid" for i in range(n)]
+  while time.time() < deadline and not all(p.exists() and p.read_text() for p in paths):
+    time.sleep(0.05)
+  time.sleep(0.3)  # let the stand-ins install their SIGTERM handlers
+  return [int(p.read_text()) for p in paths]
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+STUBBORN_TRAINER = textwrap.dedent("""\
+    # Like a trainer stuck in a long compile: it notes SIGTERM (or not, with --ignore_term) and
+    # goes on sleeping.
+    import os, signal, sys, time
+    wd = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+    os.makedirs(wd, exist_ok=True)
+    def on_term(*_):
+      open(os.path.join(wd, "terminated"), "w").close()
+      if "--ignore_term" not in sys.argv:
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    with open(os.path.join(wd, "pid"), "w") as f:
+      f.write(str(os.getpid()))
+    time.sleep(60)
+""")
+
+
+def test_hangup_stops_trials_and_a_second_driver_is_refused(tmp_path):
+  (tmp_path / "stub.py").write_text(STUBBORN_TRAINER)
+  d = tmp_path / "s"
+  argv = [sys.executable, str(LAUNCH / "sweep.py"), "--sweep_dir", str(d), "--grid",
+          "learning_rate=1e-3,3e-3", "--parallel", "2", "--trainer",
+          f"{sys.executable} {tmp_path / 'stub.py'}"]
+  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  pids = _trial_pids(tmp_path, 2)
+  # A second driver on the same sweep_dir would start a second trainer in each workdir.
+  second = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+  assert second.returncode == 2
+  assert second.stderr == (f"sweep.py: error: --sweep_dir '{d}' is in use by another sweep.py "
+                           f"(pid {proc.pid}); wait for it to end or stop it\n")
+  proc.send_signal(signal.SIGHUP)  # the terminal was closed
+  out, err = proc.communicate(timeout=30)
+  assert proc.returncode == 130 and "interrupted" in out and "Traceback" not in err
+  assert all((d / f"trial_00{i}" / "terminated").exists() for i in range(2))
+  assert not any(_alive(pid) for pid in pids)
+  assert "no best trial yet: no trial has finished" in out
+  # The lock went with the driver: the next run may take it.
+  import fcntl
+  with open(d / ".lock") as f:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_second_interrupt_kills_the_trials_and_exits_cleanly(tmp_path):
+  (tmp_path / "stub.py").write_text(STUBBORN_TRAINER)
+  d = tmp_path / "s"
+  argv = [sys.executable, str(LAUNCH / "sweep.py"), "--sweep_dir", str(d), "--grid",
+          "learning_rate=1e-3,3e-3", "--parallel", "2", "--trainer",
+          f"{sys.executable} {tmp_path / 'stub.py'}", "--", "--ignore_term"]
+  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  pids = _trial_pids(tmp_path, 2)
+  start = time.time()
+  proc.send_signal(signal.SIGTERM)
+  deadline = time.time() + 10
+  while time.time() < deadline and not all((d / f"trial_00{i}" / "terminated").exists()
+                                           for i in range(2)):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)  # impatient: do not wait the 60 s grace period
+  out, err = proc.communicate(timeout=30)
+  assert time.time() - start < 15
+  assert proc.returncode == 130 and "Traceback" not in err, err
+  assert "interrupted again: killed 2 trial(s)" in out
+  assert not any(_alive(pid) for pid in pids)
+  table = out[out.index("\nrank") + 1:].splitlines()
+  assert [l.split()[1:3] for l in table[1:3]] == [["trial_000", "pending"],
+                                                   ["trial_001", "pending"]]
+  assert not list((d / "logs").glob("*.returncode"))  # to be resumed, not failed
+
+
+def test_unfinished_trials_rank_after_finished_ones(tmp_path, capsys):
+  root = tmp_path / "s"
+  _fake_sweep(root)
+  _write_trial(root, "trial_000", _records(100, 0.80, 0.5), rc=0)
+  _write_trial(root, "trial_001", _records(40, 0.99, 0.1))  # interrupted, better so far
+  _write_trial(root, "trial_002", _records(100, 0.85, 0.5), rc=0)
+  assert sweep.main(["--sweep_dir", str(root), "--report"]) == 0
+  out = capsys.readouterr().out
+  table = out[out.index("\nrank") + 1:].splitlines()
+  assert [l.split()[:3] for l in table[1:4]] == [
+      ["1", "trial_002", "ok"], ["2", "trial_000", "ok"], ["-", "trial_001", "pending"]]
+  assert "best: trial_002 validation/accuracy=0.85  --config.learning_rate=0.001" in out
+  res = json.loads((root / "results.json").read_text())
+  assert [(r["trial"], r["rank"]) for r in res["trials"][:3]] == \
+      [("trial_002", 1), ("trial_000", 2), ("trial_001", None)]
+  # Nothing finished: no best, and it says so.
+  root = tmp_path / "t"
+  _fake_sweep(root)
+  _write_trial(root, "trial_000", _records(40, 0.99, 0.1))
+  assert sweep.main(["--sweep_dir", str(root), "--report"]) == 0
+  out = capsys.readouterr().out
+  assert "best:" not in out and "no best trial yet: no trial has finished" in out
+  assert all(r["rank"] is None for r in json.loads((root / "results.json").read_text())["trials"])
+
+
+def test_best_line_is_shell_quoted(tmp_path, trainer, capsys):
+  d = tmp_path / "s"
+  assert sweep.main(["--sweep_dir", str(d), "--grid", "model.hidden_sizes=(64, 64)",
+                     "--trainer", trainer, "--metric", "validation/accuracy"]) == 0
+  best = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("best:"))
+  assert shlex.split(best)[-1] == "--config.model.hidden_sizes=(64, 64)"
+
+
+def test_gpus_are_handed_out_from_cuda_visible_devices(tmp_path, trainer, capsys, monkeypatch):
+  d = tmp_path / "s"
+  argv = ["--sweep_dir", str(d), "--grid", "learning_rate=1e-3,3e-3", "--parallel", "2",
+          "--trainer", trainer]
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+  assert sweep.main(argv + ["--gpus_per_trial", "2", "--dry-run"]) == 0
+  assert [l.split()[0] for l in capsys.readouterr().out.splitlines()[1:]] == \
+      ["CUDA_VISIBLE_DEVICES=4,5", "CUDA_VISIBLE_DEVICES=6,7"]
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7,GPU-5")
+  assert sweep.main(argv + ["--gpus_per_trial", "2"]) == 2
+  assert ("--parallel 2 x --gpus_per_trial 2 needs 4 GPUs, but CUDA_VISIBLE_DEVICES='7,GPU-5' "
+          "lists 2") in capsys.readouterr().err and not d.exists()
+  assert sweep.main(argv + ["--gpus_per_trial", "1"]) == 0
+  assert "start trial_000 on GPU 7:" in capsys.readouterr().out
+  for i, gpu in enumerate(["7", "GPU-5"]):
+    header = (d / "logs" / f"trial_00{i}.log").read_text().splitlines()[0]
+    assert f": CUDA_VISIBLE_DEVICES={gpu} " in header
+
+
+def test_local_gpus_come_from_cuda_visible_devices(tmp_path):
+  out = lines(sh("local.sh", "-n", "2", "-g", "2", "-w", "w", "-p", "9", "--dry-run",
+                 env=_env(CUDA_VISIBLE_DEVICES="4,5,6,7")))
+  assert [l.split()[0] for l in out] == ["CUDA_VISIBLE_DEVICES=4,5", "CUDA_VISIBLE_DEVICES=6,7"]
+  proc = sh("local.sh", "-n", "2", "-g", "2", "-w", "w", "-p", "9", "--dry-run",
+            env=_env(CUDA_VISIBLE_DEVICES="4,5"))
+  assert proc.returncode == 2 and ("2 processes x 2 GPUs need 4 GPUs, but "
+                                   "CUDA_VISIBLE_DEVICES='4,5' lists 2") in proc.stderr
+
+
+def test_local_numbers_with_leading_zeros(tmp_path):
+  # Bash arithmetic reads 08 as octal: --grace 08 broke stopping the others after a failure.
+  (tmp_path / "proc.py").write_text(FAKE_PROCESS)
+  proc = sh("local.sh", "-n", "03", "-w", str(tmp_path), "--grace", "08", "--entrypoint",
+            f"{sys.executable} {tmp_path / 'proc.py'}", env=_env(FAIL_ID="1", SLEEP="60"))
+  assert proc.returncode == 7 and "process 1 exited with status 7" in proc.stderr
+  assert "value too great" not in proc.stderr and "error" not in proc.stderr
+
+
+def test_tpu_python_under_home_is_expanded_on_the_worker(tmp_path):
+  home = tmp_path / "home"
+  (home / "venv" / "bin").mkdir(parents=True)
+  (home / "gru_jax").mkdir()
+  py = home / "venv" / "bin" / "python3"
+  py.write_text('#!/bin/sh\necho "trainer: $*"\n')
+  py.chmod(0o755)
+  out = lines(sh("tpu_vm.sh", "-t", "t", "-z", "z", "-w", "gs://b/r", "--remote_dir", "~/gru_jax",
+                 "--python", "~/venv/bin/python3", "--dry-run"))
+  remote = shlex.split(out[0])[-1].split("=", 1)[1]
+  assert remote.startswith("cd ~/gru_jax && ~/venv/bin/python3 -m experiments.train")
+  # What the worker's shell does with it.
+  ran = subprocess.run(["bash", "-c", remote], env=dict(os.environ, HOME=str(home)),
+                       capture_output=True, text=True)
+  assert ran.returncode == 0 and ran.stdout.startswith("trainer: -m experiments.train"), ran.stderr
+
+
+def test_default_config_from_another_directory(tmp_path, capsys, monkeypatch):
+  assert parse(["--grid", "a=1"])["config"] == "experiments/configs/digits.py"  # from the root
+  monkeypatch.chdir(tmp_path)
+  assert parse(["--grid", "a=1"])["config"] == str(REPO / "experiments" / "configs" / "digits.py")
+  # The workers of --emit tpu read it from their REMOTE_DIR.
+  assert parse(["--grid", "a=1", "--emit", "tpu"])["config"] == "experiments/configs/digits.py"
+  assert sweep.main(["--sweep_dir", "s", "--grid", "a=1", "--dry-run"]) == 0
+  assert f"--config={REPO}/experiments/configs/digits.py" in capsys.readouterr().out
+  # A missing config fails once, up front, not in every trial.
+  assert sweep.main(["--sweep_dir", "s", "--grid", "a=1", "--config", "nope.py"]) == 2
+  assert f"--config 'nope.py': no such file (relative to {tmp_path})" in capsys.readouterr().err
+  assert not (tmp_path / "s").exists()
+  assert sweep.main(["--sweep_dir", "s", "--grid", "a=1", "--config", "nope.py", "--emit", "tpu",
+                     "--dry-run"]) == 0
+
+
+def test_small_spec_and_directory_errors(tmp_path, capsys):
+  (tmp_path / "m.json").write_text('{"grid": {"a": [1]}, "metric": 5}')
+  with pytest.raises(sweep.SpecError, match="--metric must be a string SPLIT/NAME .* got 5"):
+    parse(["--spec", str(tmp_path / "m.json")])
+  # NumPy values from a Python spec become plain Python values ...
+  (tmp_path / "np.py").write_text(
+      "import numpy as np\n"
+      "def get_sweep():\n"
+      "  return {'grid': {'model.embed_dim': list(np.arange(16, 49, 16)),\n"
+      "                   'model.dropout': [np.float32(0.5)]}, 'seed': np.int64(3)}\n")
+  d = parse(["--spec", str(tmp_path / "np.py")])
+  assert overrides(d) == [{"model.embed_dim": e, "model.dropout": 0.5} for e in (16, 32, 48)]
+  assert all(type(o["model.embed_dim"]) is int for o in overrides(d))
+  assert sweep.format_value(overrides(d)[0]["model.embed_dim"]) == "16"
+  # ... and other values are refused before anything is written.
+  (tmp_path / "obj.py").write_text("def get_sweep():\n  return {'grid': {'a': [object()]}}\n")
+  s = tmp_path / "s"
+  assert sweep.main(["--sweep_dir", str(s), "--spec", str(tmp_path / "obj.py")]) == 2
+  assert "is not JSON serializable; use plain values" in capsys.readouterr().err
+  assert not s.exists()
+  (tmp_path / "afile").write_text("")
+  assert sweep.main(["--sweep_dir", str(tmp_path / "afile" / "s"), "--grid", "a=1"]) == 2
+  assert capsys.readouterr().err == (f"sweep.py: error: --sweep_dir '{tmp_path}/afile/s': cannot "
+                                     "create it (Not a directory)\n")
+
+
+def test_dry_run_output_runs_as_a_script(tmp_path, trainer, capsys):
+  d = tmp_path / "s"
+  assert sweep.main(["--sweep_dir", str(d), "--grid", "learning_rate=1e-3,3e-3",
+                     "--trainer", trainer, "--dry-run"]) == 0
+  script = capsys.readouterr().out
+  assert script.startswith(f"mkdir -p {d}/logs\n")
+  subprocess.run(["bash", "-e", "-c", script], check=True, timeout=60)
+  assert [len(_calls(d / f"trial_00{i}")) for i in range(2)] == [1, 1]
+  assert (d / "logs" / "trial_001.log").exists()

@@ -1,6 +1,7 @@
 """Trainer pieces: metrics, class weights, optimisers, steps, config checks, recalibration."""
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -241,3 +242,19 @@ def test_batch_norm_recalibration_runs_the_network_without_dropout():
   np.testing.assert_allclose(stats["bn_0"]["var"], v0, atol=1e-5)
   np.testing.assert_allclose(stats["bn_1"]["mean"], h_last.mean(0), atol=1e-5)
   np.testing.assert_allclose(stats["bn_1"]["var"], h_last.var(0), atol=1e-5)
+
+
+def test_metrics_writer_resumes_past_a_torn_last_line(tmp_path, monkeypatch):
+  """A run killed mid-write leaves a torn last line: resuming drops it (and the lines past
+  the checkpoint) instead of failing on every resume; a bad line elsewhere is refused."""
+  monkeypatch.setitem(sys.modules, "tensorflow", None)  # no TensorBoard: fast
+  path = tmp_path / "metrics.jsonl"
+  good = [{"step": 10, "split": "train", "loss": 0.5}, {"step": 20, "split": "train", "loss": 0.4}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"step": 30, "split": "valid')
+  writer = train.MetricsWriter(str(tmp_path), resume_step=20)
+  writer.write(30, "train", {"loss": 0.3})
+  assert [json.loads(l) for l in path.read_text().splitlines()] == \
+      good + [{"step": 30, "split": "train", "loss": 0.3}]
+  path.write_text(json.dumps(good[0]) + "\n{torn\n" + json.dumps(good[1]) + "\n")
+  with pytest.raises(ValueError, match="metrics.jsonl line 2 is not JSON"):
+    train.MetricsWriter(str(tmp_path), resume_step=20)
