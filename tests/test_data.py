@@ -122,6 +122,58 @@ def test_sunspots_baselines(data_dir):
   assert info.extras["baselines"] == got
 
 
+# ---------------------------------------------------------------- python_docs
+
+def test_python_docs_is_pythons_own_documentation(data_dir):
+  """The splits are CPython's pydoc topics, joined in name order and cut 90/5/5, as
+  next-character windows over the train split's vocabulary."""
+  import hashlib
+  import pydoc_data.topics
+  topics = pydoc_data.topics.topics
+  text = "\n\n".join(topics[k] for k in sorted(topics))
+  a, b = round(0.9 * len(text)), round(0.95 * len(text))
+  parts = {"train": text[:a], "validation": text[a:b], "test": text[b:]}
+  vocab = ["\ufffd"] + sorted(set(parts["train"]))
+  for split, part in parts.items():
+    arrays, info = data.load("python_docs", split, seq_len=50, data_dir=data_dir)
+    n = (len(part) - 1) // 50
+    check_arrays(arrays, info, split, n)
+    assert info.task == "lm" and info.extras["vocab"] == vocab
+    assert info.num_classes == info.input_dim == len(vocab)
+    assert arrays["mask"].all()
+    known = np.array([c in vocab for c in part[:n * 50 + 1]])
+    # Every window starts where the previous one's labels end.
+    np.testing.assert_array_equal(arrays["inputs"][1:, 0], arrays["labels"][:-1, -1])
+    np.testing.assert_array_equal(arrays["inputs"][:, 1:], arrays["labels"][:, :-1])
+    got = "".join(np.array(vocab)[np.concatenate([arrays["inputs"][0, :1],
+                                                  arrays["labels"].reshape(-1)])])
+    want = "".join(c if k else "\ufffd" for c, k in zip(part[:n * 50 + 1], known))
+    assert got == want
+  assert info.extras["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+  assert info.extras["python_version"] == f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def test_python_docs_baselines_score_the_lm_targets(data_dir):
+  """The n-gram baselines score exactly the test characters a model predicts."""
+  from gru_jax.data.ngram import WittenBell
+  arrays, info = data.load("python_docs", "test", seq_len=50, data_dir=data_dir)
+  train_arrays, _ = data.load("python_docs", "train", seq_len=50, data_dir=data_dir)
+  got = data.python_docs_baselines(seq_len=50, order=3, data_dir=data_dir)
+  assert got["characters"] == arrays["labels"].size and got["split"] == "test"
+  # The train split's text, less its few trailing characters that fill no window.
+  text_ids = lambda a: np.concatenate([a["inputs"][0, :1], a["labels"].reshape(-1)])
+  train_ids, test_ids = text_ids(train_arrays), text_ids(arrays)
+  model = WittenBell(train_ids, 3, info.num_classes)
+  want = model.bits_per_char(test_ids)
+  for k in range(3):
+    assert got[f"order_{k + 1}_bpc"] == pytest.approx(want[k], rel=1e-4)
+  # Unigram near the train text's character entropy; context helps.
+  p = np.bincount(train_ids, minlength=info.num_classes) / train_ids.size
+  entropy = -(p[p > 0] * np.log2(p[p > 0])).sum()
+  assert abs(got["order_1_bpc"] - entropy) < 0.3
+  assert got["order_1_bpc"] > got["order_2_bpc"] > got["order_3_bpc"] > 1.0
+
+
 # ---------------------------------------------------------------- synthetic
 
 def test_adding_targets_are_the_marked_sums():

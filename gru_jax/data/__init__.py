@@ -12,6 +12,7 @@ alone, which makes exact resume and multi-host slicing trivial.
 |-------------------|----------------|---------------------|-------------|----------------------|
 | sequential_digits | classification | [N,8,8] / [N,64,1]  | [N] 10      | 1258 / 269 / 270     |
 | sunspots          | regression     | [N,window,1]        | [N,1] float | 216-window / 47 / 46 |
+| python_docs       | lm             | [N,T] tokens        | [N,T] vocab | chars // seq_len     |
 | adding            | regression     | [N,T,2]             | [N,1] float | 100k / 10k / 10k     |
 | copy              | tagging        | [N,T+20] tokens, 10 | [N,T+20] 10 | 100k / 10k / 10k     |
 | number_words      | seq2seq        | [N,6] digit tokens  | [N,10] 43   | 100k / 5k / 5k       |
@@ -40,6 +41,7 @@ from gru_jax.data.pipeline import (batches, epoch_order, num_batches, shard_boun
 _LOADERS = {
     "sequential_digits": ("gru_jax.data.local", "load_sequential_digits"),
     "sunspots": ("gru_jax.data.local", "load_sunspots"),
+    "python_docs": ("gru_jax.data.local", "load_python_docs"),
     "adding": ("gru_jax.data.synthetic", "load_adding"),
     "copy": ("gru_jax.data.synthetic", "load_copy"),
     "number_words": ("gru_jax.data.synthetic", "load_number_words"),
@@ -51,7 +53,7 @@ NAMES = tuple(_LOADERS)
 
 __all__ = ["DatasetInfo", "load", "batches", "sharded_batches", "shard_bounds", "reads_shards",
            "num_batches", "epoch_order", "options",
-           "sunspots_baselines", "clear_caches", "NAMES", "SPLITS"]
+           "sunspots_baselines", "python_docs_baselines", "clear_caches", "NAMES", "SPLITS"]
 
 
 def _loader(name: str):
@@ -140,8 +142,8 @@ def _load_cached(name: str, split: str, key: tuple, shard: tuple[int, int] | Non
 
 
 def __getattr__(attr: str):
-  # sunspots_baselines lives with the TFDS builders; import them only when asked.
-  if attr == "sunspots_baselines":
-    from gru_jax.data.local import sunspots_baselines
-    return sunspots_baselines
+  # The baselines live with the TFDS builders; import them only when asked.
+  if attr in ("sunspots_baselines", "python_docs_baselines"):
+    from gru_jax.data import local
+    return getattr(local, attr)
   raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

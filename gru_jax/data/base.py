@@ -16,6 +16,7 @@ SPLITS = ("train", "validation", "test")
 TASKS = ("classification", "tagging", "regression", "lm", "seq2seq")
 INPUT_KINDS = ("float", "tokens")
 DATA_DIR_ENV = "GRU_JAX_DATA_DIR"
+UNK_CHAR = "\ufffd"  # id 0 of a character vocabulary: characters not seen in training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,3 +107,28 @@ def clear_caches() -> None:
   """Forgets every cached builder, split and loaded dataset in this process."""
   for c in _CACHES:
     c.cache_clear()
+
+
+def char_lm_arrays(name: str, texts: dict[str, str], split: str, seq_len: int
+                   ) -> tuple[dict[str, np.ndarray], DatasetInfo]:
+  """A character LM from the three splits' texts: inputs [N,T] int32 and labels
+  [N,T] = inputs shifted by one character, N = (len(text) - 1) // T.
+
+  The vocabulary is `UNK_CHAR` (id 0) and the training text's characters in
+  code-point order; other splits' unseen characters map to id 0.
+  """
+  t = check_int("seq_len", seq_len, 1)
+  vocab = [UNK_CHAR] + sorted(set(texts["train"]))
+  index = {c: i for i, c in enumerate(vocab)}
+  sizes = {s: (len(x) - 1) // t for s, x in texts.items()}
+  n = sizes[split]
+  if n < 1:
+    raise ValueError(f"{name} {split!r} has {len(texts[split])} characters, too few "
+                     f"for one sequence of seq_len+1={t + 1}")
+  ids = np.array([index.get(c, 0) for c in texts[split][:n * t + 1]], np.int32)
+  arrays = {"inputs": ids[:-1].reshape(n, t), "labels": ids[1:].reshape(n, t),
+            "mask": np.ones((n, t), bool)}
+  info = DatasetInfo(name=name, task="lm", input_kind="tokens", input_dim=len(vocab),
+                     num_classes=len(vocab), seq_len=t, num_examples=sizes,
+                     extras={"vocab": vocab, "unk_id": 0})
+  return arrays, info

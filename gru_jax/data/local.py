@@ -19,17 +19,29 @@ the same TFDS path as the public sets.
   take their context from the preceding years (which may be in an earlier
   split); targets never leak.  `sunspots_baselines` gives the persistence and
   ARIMA test RMSE a model must beat, in sunspot units.
+* ``python_docs``: a character language model on the English documentation
+  that CPython ships for `help()` (``pydoc_data.topics``: the language
+  reference's statements, operators and data model; 465k characters in Python
+  3.11).  Topics are joined in name order and the text is cut contiguously
+  90/5/5 (the test split is the last topics: "while", "with", "yield", ...),
+  then into windows as for tiny_shakespeare.  The text is the running Python's,
+  so results are comparable only within one Python minor version (TFDS config
+  ``py3XX``; extras "python_version" and "sha256").  `python_docs_baselines`
+  gives interpolated Witten-Bell n-gram bits per character on the same targets.
 """
+
 from __future__ import annotations
 
+import hashlib
+import sys
 import warnings
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from gru_jax.data import tfds_io
-from gru_jax.data.base import (SPLITS, DatasetInfo, cache, check_choice, check_int,
-                               cut_points, resolve_data_dir)
+from gru_jax.data.base import (SPLITS, DatasetInfo, cache, char_lm_arrays, check_choice,
+                               check_int, cut_points, resolve_data_dir)
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_SCALE = 16.0  # sklearn digits pixels are counts 0..16
@@ -117,9 +129,88 @@ class Sunspots(_LocalBuilder):
       yield int(y), {"year": int(y), "value_tenths": int(v)}
 
 
+PYTHON_DOCS_FRACTIONS = (0.9, 0.05)
+PYTHON_DOCS_SEPARATOR = "\n\n"
+
+
+def python_docs_text() -> str:
+  """The running Python's pydoc topics, joined in topic-name order."""
+  from pydoc_data.topics import topics
+  return PYTHON_DOCS_SEPARATOR.join(topics[k] for k in sorted(topics))
+
+
+class PythonDocs(_LocalBuilder):
+  """CPython's pydoc topics as one text per split (90/5/5, contiguous); see the module docstring."""
+  # The text depends on the Python version, so each minor version is its own config.
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(
+      name=f"py{sys.version_info.major}{sys.version_info.minor}",
+      description=f"pydoc_data.topics of Python {sys.version_info.major}.{sys.version_info.minor}")]
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="The English documentation topics CPython ships for help() (pydoc_data).",
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+        homepage="https://docs.python.org/3/reference/")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: the text ships with Python
+    text = python_docs_text()
+    a, b = cut_points(len(text), PYTHON_DOCS_FRACTIONS)
+    parts = {"train": text[:a], "validation": text[a:b], "test": text[b:]}
+    return {s: self._generate_examples(parts[s]) for s in SPLITS}
+
+  def _generate_examples(self, text):
+    yield 0, {"text": text}
+
+
 @cache(maxsize=None)
 def _builder(cls, data_dir: str):
   return tfds_io.prepare(cls(data_dir=data_dir), local=True)
+
+
+@cache(maxsize=None)
+def _python_docs_texts(data_dir: str) -> dict[str, str]:
+  builder = _builder(PythonDocs, data_dir)
+  return {s: tfds_io.read_split(builder, s)["text"][0].decode("utf-8") for s in SPLITS}
+
+
+def load_python_docs(split: str, *, seq_len: int = 100, data_dir: str | None = None):
+  """Character LM on Python's docs: inputs [N,seq_len] int32, labels [N,seq_len] int32 =
+  inputs shifted by one character (extras: "vocab", "python_version", "sha256")."""
+  check_int("seq_len", seq_len, 1)
+  texts = _python_docs_texts(resolve_data_dir(data_dir))
+  arrays, info = char_lm_arrays("python_docs", texts, split, seq_len)
+  whole = "".join(texts[s] for s in SPLITS).encode("utf-8")
+  info.extras.update(python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+                     sha256=hashlib.sha256(whole).hexdigest())
+  return arrays, info
+
+
+def python_docs_baselines(seq_len: int = 100, order: int = 5, *, split: str = "test",
+                          data_dir: str | None = None) -> dict:
+  """Bits per character on a split's LM targets (the characters a model with
+  this `seq_len` predicts) of interpolated Witten-Bell n-grams of orders
+  1..`order`, trained on the train split (`gru_jax.data.ngram`).  Each target
+  is scored with its preceding characters as context, across window boundaries,
+  which a model that starts every window from a zero state does not see.
+  """
+  return dict(_docs_baselines(check_int("seq_len", seq_len, 1), check_int("order", order, 1),
+                              check_choice("split", split, SPLITS), resolve_data_dir(data_dir)))
+
+
+@cache(maxsize=None)
+def _docs_baselines(seq_len: int, order: int, split: str, data_dir: str) -> dict:
+  from gru_jax.data.ngram import WittenBell
+  texts = _python_docs_texts(data_dir)
+  _, info = load_python_docs(split, seq_len=seq_len, data_dir=data_dir)
+  index = {c: i for i, c in enumerate(info.extras["vocab"])}
+  encode = lambda text: [index.get(c, 0) for c in text]
+  n = info.num_examples[split]
+  model = WittenBell(encode(texts["train"]), order, info.num_classes)
+  bits = model.bits_per_char(encode(texts[split][:n * seq_len + 1]))
+  return {**{f"order_{k + 1}_bpc": b for k, b in enumerate(bits)},
+          "order": order, "seq_len": seq_len, "split": split, "characters": n * seq_len}
 
 
 def load_sequential_digits(split: str, *, pixels: str = "rows", data_dir: str | None = None,

@@ -33,14 +33,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from gru_jax.data import tfds_io
-from gru_jax.data.base import SPLITS, DatasetInfo, cache, check_int, holdout, resolve_data_dir
+from gru_jax.data.base import (SPLITS, DatasetInfo, cache, char_lm_arrays, check_int, holdout,
+                               resolve_data_dir)
 
 MNIST_PERMUTATION_SEED = 0
 MNIST_VALIDATION = 5_000 / 60_000  # fraction of TFDS train held out
 IMDB_VALIDATION = 2_500 / 25_000
 HOLDOUT_SEED = 0
 PAD_ID, UNK_ID = 0, 1
-UNK_CHAR = "\ufffd"  # decodes id 0 of tiny_shakespeare
 
 _WORD = re.compile(r"[a-z0-9']+|[!?]")
 
@@ -172,20 +172,7 @@ def _shakespeare_text(data_dir: str, split: str) -> str:
 
 def load_tiny_shakespeare(split: str, *, seq_len: int = 100, data_dir: str | None = None):
   """Character LM: inputs [N,seq_len] int32, labels [N,seq_len] int32 = inputs shifted by one."""
-  t = check_int("seq_len", seq_len, 1)
+  check_int("seq_len", seq_len, 1)
   data_dir = resolve_data_dir(data_dir)
   texts = {s: _shakespeare_text(data_dir, s) for s in SPLITS}
-  vocab = [UNK_CHAR] + sorted(set(texts["train"]))
-  index = {c: i for i, c in enumerate(vocab)}
-  sizes = {s: (len(x) - 1) // t for s, x in texts.items()}
-  n = sizes[split]
-  if n < 1:
-    raise ValueError(f"tiny_shakespeare {split!r} has {len(texts[split])} characters, too few "
-                     f"for one sequence of seq_len+1={t + 1}")
-  ids = np.array([index.get(c, 0) for c in texts[split][:n * t + 1]], np.int32)
-  arrays = {"inputs": ids[:-1].reshape(n, t), "labels": ids[1:].reshape(n, t),
-            "mask": np.ones((n, t), bool)}
-  info = DatasetInfo(name="tiny_shakespeare", task="lm", input_kind="tokens",
-                     input_dim=len(vocab), num_classes=len(vocab), seq_len=t,
-                     num_examples=sizes, extras={"vocab": vocab, "unk_id": 0})
-  return arrays, info
+  return char_lm_arrays("tiny_shakespeare", texts, split, seq_len)

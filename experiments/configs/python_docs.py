@@ -1,0 +1,28 @@
+r"""Character-level language model on Python's own documentation (embedded data), with sampling.
+
+  python -m experiments.train --config=experiments/configs/python_docs.py --workdir=runs/docs
+  python -m experiments.sample --workdir=runs/docs --prompt="The " --length=300
+
+The text is CPython's pydoc topics (`gru_jax.data.local`; no download).  Reports
+bits per character; `gru_jax.data.python_docs_baselines()` gives the n-gram
+baselines on the same test characters.
+"""
+from experiments.configs import base
+
+
+def get_config():
+  c = base.get_base_config()
+  c.dataset = base.dataset_config("python_docs", seq_len=100)
+  c.model.hidden_sizes = (256, 256)
+  c.model.batch_norm = False
+  c.model.dropout = 0.2
+  c.model.embed_dim = 64
+  c.model.variant = "reset_after"
+  c.batch_size = 64
+  c.num_train_steps = 1000         # ~15 epochs; longer runs overfit this small text
+  c.eval_every_steps = 250
+  c.learning_rate = 2e-3
+  c.optimizer.schedule = "warmup_cosine"
+  c.optimizer.warmup_steps = 100
+  c.optimizer.clip_norm = 1.0
+  return c
