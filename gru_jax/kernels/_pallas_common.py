@@ -39,9 +39,7 @@ def call(kernel, *, interpret: bool, grid, out_shape, in_specs, out_specs, num_w
   kw = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
-    # TritonCompilerParams is the name in older JAX (pyproject allows jax>=0.6).
-    params = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-    kw["compiler_params"] = params(num_warps=num_warps, num_stages=num_stages)
+    kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
                         out_specs=out_specs, input_output_aliases=aliases or {},
                         interpret=interpret, **kw)
