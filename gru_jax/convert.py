@@ -31,10 +31,8 @@ def _np(a) -> np.ndarray:
   """A torch tensor, Keras variable or JAX/NumPy array as a NumPy array."""
   if hasattr(a, "detach"):  # torch.Tensor: leave the autograd graph and the device
     a = a.detach().cpu()
-    if not a.dtype.is_floating_point or a.dtype.itemsize >= 4:
-      return a.numpy()
-    # NumPy has no bfloat16 (torch refuses .numpy()); float32 holds bf16/f16 exactly.
-    return a.float().numpy()
+    # NumPy has no bfloat16 (torch refuses .numpy()); float32 holds every bf16 value exactly.
+    return a.float().numpy() if str(a.dtype) == "torch.bfloat16" else a.numpy()
   return np.asarray(a)
 
 

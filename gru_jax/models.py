@@ -13,6 +13,7 @@ logits (or regression outputs); the softmax lives in the loss.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -95,6 +96,18 @@ class SequenceModel(nn.Module):
     return nn.Dense(self.num_outputs, name="head")(x)
 
 
+def _int(name: str, value, low: int, high: int | None = None, high_name: str = "") -> int:
+  """``value`` (a Python, NumPy or scalar JAX int; not a bool) as an int in [low, high)."""
+  try:
+    v = None if isinstance(value, bool) else operator.index(value)
+  except TypeError:
+    v = None
+  if v is None or v < low or (high is not None and v >= high):
+    want = f">= {low}" if high is None else f"in [{low}, {high_name}={high})"
+    raise ValueError(f"{name} must be an int {want}, got {value!r}")
+  return v
+
+
 def check_token_range(name: str, tokens, size: int) -> None:
   """Raises if concrete int ``tokens`` fall outside [0, size), padding included.
 
@@ -102,7 +115,8 @@ def check_token_range(name: str, tokens, size: int) -> None:
   (NaN logits, argmax 0).  Traced values cannot be read, so under jit the caller
   is trusted, as in the training step.
   """
-  if isinstance(tokens, jax.core.Tracer):
+  # Traced, or spread over other hosts (not readable here): trust the caller.
+  if isinstance(tokens, jax.core.Tracer) or not getattr(tokens, "is_fully_addressable", True):
     return
   # NumPy, not jnp: inside a jit trace jnp would stage even a concrete array.
   t = np.asarray(tokens)
@@ -125,8 +139,7 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
     raise ValueError(f"prompt must be a non-empty [P] token array, got shape {prompt.shape}")
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt must hold int tokens, got dtype {prompt.dtype}")
-  if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-    raise ValueError(f"length must be an int >= 0, got {length!r}")
+  length = _int("length", length, 0)
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0 (small values approach greedy decoding), "
                      f"got {temperature}")
@@ -260,13 +273,10 @@ def greedy_decode(model: Seq2Seq, variables, inputs: Array, mask: Array | None =
   ``pad_id`` are target tokens in [0, num_outputs); ``eos_id`` too, or -1 to
   never stop early.
   """
-  if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-    raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
-  for name, value, low in (("bos_id", bos_id, 0), ("eos_id", eos_id, -1), ("pad_id", pad_id, 0)):
-    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-        or not low <= value < model.num_outputs):
-      raise ValueError(f"{name} must be an int in [{low}, num_outputs={model.num_outputs}), "
-                       f"got {value!r}")
+  max_len = _int("max_len", max_len, 1)
+  bos_id = _int("bos_id", bos_id, 0, model.num_outputs, "num_outputs")
+  eos_id = _int("eos_id", eos_id, -1, model.num_outputs, "num_outputs")
+  pad_id = _int("pad_id", pad_id, 0, model.num_outputs, "num_outputs")
   inputs = jnp.asarray(inputs)
   mask = None if mask is None else jnp.asarray(mask)
   context, states = model.apply(variables, inputs, mask, method=Seq2Seq.start)

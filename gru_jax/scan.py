@@ -80,7 +80,6 @@ def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dro
   return b, t
 
 
-
 def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype,
                     state_dtype, return_gates: bool = False, remat_chunk=None,
                     platform: str | None = None) -> str:
@@ -394,7 +393,7 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
             cell_lib.folded_bias(params, variant).astype(state_dtype),
             params.b_h[2 * params.hidden_size:].astype(state_dtype), xs, h0,
             None if mask is None else mask.astype(bool), rec_mask)
-    static = dict(variant=variant, reverse=bool(reverse), unroll=int(unroll), impl=impl)
+    static = dict(variant=variant, reverse=bool(reverse), unroll=unroll, impl=impl)
     if impl == "xla" and jax.default_backend() == "cpu":
       xp_bytes = b * t * 3 * params.hidden_size * jnp.dtype(state_dtype).itemsize
       return _cpu(bool(time_major), cpu_chunks(t), cpu_forward_chunks(t, xp_bytes),

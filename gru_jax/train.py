@@ -416,7 +416,7 @@ class MetricsWriter:
           raise ValueError(f"{self.path} line {i + 1} is not JSON: {line.strip()[:80]!r}; "
                            "fix or delete that line to resume") from None
         if rec["step"] <= resume_step:
-          keep.append(line)
+          keep.append(line if line.endswith("\n") else line + "\n")  # the next record starts a line
       with open(self.path, "w") as f:
         f.writelines(keep)
     try:

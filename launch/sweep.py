@@ -1175,6 +1175,9 @@ def _main(args, extra) -> int:
     definition = build_sweep(args, extra)
     if stored is not None:
       fresh = json.loads(json.dumps(definition))
+      defaults = {DEFAULT_CONFIG, os.path.join(ROOT, DEFAULT_CONFIG)}
+      if {fresh["config"], stored.get("config")} <= defaults:
+        fresh["config"] = stored["config"]  # the default, as written from another directory
       diff = [k for k in IDENTITY_KEYS if stored.get(k) != fresh.get(k)]
       if diff:
         raise SpecError(f"--sweep_dir {args.sweep_dir!r} already holds a different sweep (its "

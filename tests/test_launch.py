@@ -1078,6 +1078,13 @@ def test_default_config_from_another_directory(tmp_path, capsys, monkeypatch):
   assert not (tmp_path / "s").exists()
   assert sweep.main(["--sweep_dir", "s", "--grid", "a=1", "--config", "nope.py", "--emit", "tpu",
                      "--dry-run"]) == 0
+  # The same command again from the repository root: still the same sweep (the default config).
+  monkeypatch.chdir(REPO)
+  assert sweep.main(["--sweep_dir", str(tmp_path / "s2"), "--grid", "a=1", "--emit", "shell"]) == 0
+  monkeypatch.chdir(tmp_path)
+  assert sweep.main(["--sweep_dir", str(tmp_path / "s2"), "--grid", "a=1", "--emit", "shell",
+                     "--resubmit"]) == 0
+  assert "already holds a different sweep" not in capsys.readouterr().err
 
 
 def test_small_spec_and_directory_errors(tmp_path, capsys):

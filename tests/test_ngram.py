@@ -24,6 +24,31 @@ def test_witten_bell_matches_hand_computation():
                                                           / 2, want])
 
 
+def _brute_force(train, context, c, order, vocab_size):
+  """Interpolated Witten-Bell straight from the definition, counting in the text itself."""
+  p = 1.0 / vocab_size
+  for k in range(order):
+    if len(context) < k:
+      break
+    h = list(context[len(context) - k:]) if k else []
+    followers = [train[t] for t in range(k, len(train)) if train[t - k:t] == h]
+    if followers:
+      p = (followers.count(c) + len(set(followers)) * p) / (len(followers) + len(set(followers)))
+  return p
+
+
+def test_witten_bell_matches_the_definition_at_higher_orders():
+  """Orders 3 and 4, where the back-off drops the oldest character of the context."""
+  rng = np.random.default_rng(1)
+  train = (rng.integers(0, 4, 300) * rng.integers(0, 2, 300)).tolist()  # repetitive: seen contexts
+  model = WittenBell(train, order=4, vocab_size=5)
+  for _ in range(30):
+    context = rng.integers(0, 4, rng.integers(0, 6)).tolist()
+    c = int(rng.integers(0, 5))
+    want = [_brute_force(train, context, c, k, 5) for k in range(1, 5)]
+    np.testing.assert_allclose(model.probs(context, c), want, rtol=1e-12)
+
+
 def test_witten_bell_is_a_distribution_for_every_context():
   rng = np.random.default_rng(0)
   train = rng.integers(0, 6, 500) % rng.integers(1, 7, 500)  # skewed, some ids rare

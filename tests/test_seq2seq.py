@@ -157,8 +157,8 @@ def test_greedy_decode_takes_lists_and_numpy_arrays():
   v = model.init(jax.random.key(0), src, decoder_inputs=src)
   want = models.greedy_decode(model, v, jnp.asarray(src), jnp.asarray(mask), max_len=4,
                               bos_id=1, eos_id=-1)
-  got = models.greedy_decode(model, v, src.tolist(), mask, max_len=4, bos_id=np.int64(1),
-                             eos_id=-1)
+  got = models.greedy_decode(model, v, src.tolist(), mask, max_len=np.int64(4),
+                             bos_id=jnp.int32(1), eos_id=np.int8(-1))
   np.testing.assert_array_equal(got, want)
 
 

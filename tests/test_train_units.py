@@ -258,3 +258,8 @@ def test_metrics_writer_resumes_past_a_torn_last_line(tmp_path, monkeypatch):
   path.write_text(json.dumps(good[0]) + "\n{torn\n" + json.dumps(good[1]) + "\n")
   with pytest.raises(ValueError, match="metrics.jsonl line 2 is not JSON"):
     train.MetricsWriter(str(tmp_path), resume_step=20)
+  # Killed just before the newline: the whole record is kept and the next one starts a line.
+  path.write_text(json.dumps(good[0]) + "\n" + json.dumps(good[1]))
+  train.MetricsWriter(str(tmp_path), resume_step=20).write(30, "train", {"loss": 0.3})
+  assert [json.loads(l) for l in path.read_text().splitlines()] == \
+      good + [{"step": 30, "split": "train", "loss": 0.3}]

@@ -12,13 +12,13 @@ alone, which makes exact resume and multi-host slicing trivial.
 |-------------------|----------------|---------------------|-------------|----------------------|
 | sequential_digits | classification | [N,8,8] / [N,64,1]  | [N] 10      | 1258 / 269 / 270     |
 | sunspots          | regression     | [N,window,1]        | [N,1] float | 216-window / 47 / 46 |
-| python_docs       | lm             | [N,T] tokens        | [N,T] vocab | chars // seq_len     |
+| python_docs       | lm             | [N,T] tokens        | [N,T] vocab | (chars-1) // seq_len |
 | adding            | regression     | [N,T,2]             | [N,1] float | 100k / 10k / 10k     |
 | copy              | tagging        | [N,T+20] tokens, 10 | [N,T+20] 10 | 100k / 10k / 10k     |
 | number_words      | seq2seq        | [N,6] digit tokens  | [N,10] 43   | 100k / 5k / 5k       |
 | mnist             | classification | [N,784,1]           | [N] 10      | 55000 / 5000 / 10000 |
 | imdb_reviews      | classification | [N,max_len] tokens  | [N] 2       | 22500 / 2500 / 25000 |
-| tiny_shakespeare  | lm             | [N,T] tokens        | [N,T] vocab | chars // seq_len     |
+| tiny_shakespeare  | lm             | [N,T] tokens        | [N,T] vocab | (chars-1) // seq_len |
 
 Expected accuracies from the literature are in each loader module's docstring
 (`local`, `synthetic`, `public`).  The TFDS-backed modules are imported only

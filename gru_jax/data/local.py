@@ -23,16 +23,21 @@ the same TFDS path as the public sets.
   that CPython ships for `help()` (``pydoc_data.topics``: the language
   reference's statements, operators and data model; 465k characters in Python
   3.11).  Topics are joined in name order and the text is cut contiguously
-  90/5/5 (the test split is the last topics: "while", "with", "yield", ...),
-  then into windows as for tiny_shakespeare.  The text is the running Python's,
-  so results are comparable only within one Python minor version (TFDS config
-  ``py3XX``; extras "python_version" and "sha256").  `python_docs_baselines`
-  gives interpolated Witten-Bell n-gram bits per character on the same targets.
+  90/5/5, mid-topic (in 3.11.7 validation is the end of "typesmapping" to the
+  middle of "typesseq"; three quarters of test are the sequence-type tables of
+  "typesseq" and "typesseq-mutable", then "unary", "while", "with", "yield"),
+  then into windows as for tiny_shakespeare.  The text is the running Python's
+  and changes with every release, so results compare only for one text: the
+  TFDS config is named by the Python version and the text's sha256
+  (``py311_71f2ff5d``), extras hold "python_version" and "sha256".
+  `python_docs_baselines` gives interpolated Witten-Bell n-gram bits per
+  character on the same targets.
 """
 
 from __future__ import annotations
 
 import hashlib
+import platform
 import sys
 import warnings
 
@@ -141,10 +146,12 @@ def python_docs_text() -> str:
 
 class PythonDocs(_LocalBuilder):
   """CPython's pydoc topics as one text per split (90/5/5, contiguous); see the module docstring."""
-  # The text depends on the Python version, so each minor version is its own config.
+  # Every Python release regenerates the text: one config per text, so a data_dir
+  # prepared under another release is never read as this one's.
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(
-      name=f"py{sys.version_info.major}{sys.version_info.minor}",
-      description=f"pydoc_data.topics of Python {sys.version_info.major}.{sys.version_info.minor}")]
+      name=f"py{sys.version_info.major}{sys.version_info.minor}_"
+           f"{hashlib.sha256(python_docs_text().encode()).hexdigest()[:8]}",
+      description=f"pydoc_data.topics of Python {platform.python_version()}")]
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -182,7 +189,7 @@ def load_python_docs(split: str, *, seq_len: int = 100, data_dir: str | None = N
   texts = _python_docs_texts(resolve_data_dir(data_dir))
   arrays, info = char_lm_arrays("python_docs", texts, split, seq_len)
   whole = "".join(texts[s] for s in SPLITS).encode("utf-8")
-  info.extras.update(python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+  info.extras.update(python_version=platform.python_version(),
                      sha256=hashlib.sha256(whole).hexdigest())
   return arrays, info
 

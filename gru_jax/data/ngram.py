@@ -58,4 +58,3 @@ class WittenBell:
     for t in range(start, len(ids)):
       total -= np.log2(self.probs(ids[max(0, t - self.order + 1):t], ids[t]))
     return [float(v) for v in total / (len(ids) - start)]
-

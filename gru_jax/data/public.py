@@ -33,8 +33,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from gru_jax.data import tfds_io
-from gru_jax.data.base import (SPLITS, DatasetInfo, cache, char_lm_arrays, check_int, holdout,
-                               resolve_data_dir)
+from gru_jax.data.base import (SPLITS, UNK_CHAR, DatasetInfo, cache, char_lm_arrays,  # noqa: F401
+                               check_int, holdout, resolve_data_dir)
 
 MNIST_PERMUTATION_SEED = 0
 MNIST_VALIDATION = 5_000 / 60_000  # fraction of TFDS train held out
