@@ -64,6 +64,10 @@ class GRU(nn.Module):
     layer_norm: layer-normalised GRU (`gru_jax.layernorm.ln_gru`), with extra
       params ``gamma_x``, ``beta_x``, ``gamma_h``, ``beta_h`` [3H].
     unroll, compute_dtype, remat_chunk, backend: passed to `gru_jax.gru`.
+
+  Gates: ``apply(..., mutable=["intermediates"])`` also returns, under
+  ``intermediates/<layer path>/gates``, a 1-tuple of `Gates(z, r, candidate)`,
+  each [B,T,H] (the plain scan backend computes them; layer-norm layers record none).
   """
   hidden_size: int
   variant: str = "seed"
@@ -104,7 +108,14 @@ class GRU(nn.Module):
     in_mask, rec_mask = gru_dropout_masks(
         lambda: self.make_rng("dropout"), xs, self.hidden_size, self.dropout,
         self.recurrent_dropout, deterministic, example_ids)
-    return apply_gru(self, params, ln, xs, mask, h0, in_mask, rec_mask)
+    # apply(..., mutable=["intermediates"]) also records the gates (the seed's
+    # interpretability need); they need the plain scan backend, so only when asked.
+    gates = not self.layer_norm and self.is_mutable_collection("intermediates")
+    out = apply_gru(self, params, ln, xs, mask, h0, in_mask, rec_mask, return_gates=gates)
+    if gates:
+      out, g = out
+      self.sow("intermediates", "gates", g)
+    return out
 
 
 def gru_dropout_masks(next_key: Callable[[], Array], xs: Array, hidden_size: int,
@@ -126,11 +137,12 @@ def gru_dropout_masks(next_key: Callable[[], Array], xs: Array, hidden_size: int
 
 def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, xs: Array,
               mask: Array | None, h0: Array | None, in_mask: Array | None,
-              rec_mask: Array | None):
+              rec_mask: Array | None, return_gates: bool = False):
   """Runs one configured GRU layer; ``cfg`` carries the layer's attributes.
 
   Shared by the Linen and NNX layers so that both compute the same function.
-  Returns hs [B,T,H] or h_last [B,H], and ``(outputs, h_last)`` with ``return_state``.
+  Returns hs [B,T,H] or h_last [B,H], and ``(outputs, h_last)`` with ``return_state``;
+  with ``return_gates`` (not for layer norm), ``(that, Gates)``, each gate [B,T,H].
   """
   if ln is not None:
     if in_mask is not None or rec_mask is not None or cfg.remat_chunk:
@@ -143,13 +155,14 @@ def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, 
     h_last, hs = ln_lib.ln_gru(params, ln, xs, h0, mask=mask, reverse=cfg.reverse,
                                variant=cfg.variant, unroll=cfg.unroll)
   else:
-    h_last, hs = scan_lib.gru(params, xs, h0, mask=mask, reverse=cfg.reverse,
-                              variant=cfg.variant, unroll=cfg.unroll,
-                              input_dropout_mask=in_mask, recurrent_dropout_mask=rec_mask,
-                              compute_dtype=cfg.compute_dtype, remat_chunk=cfg.remat_chunk,
-                              backend=cfg.backend)
+    h_last, hs, *gates = scan_lib.gru(
+        params, xs, h0, mask=mask, reverse=cfg.reverse, variant=cfg.variant, unroll=cfg.unroll,
+        input_dropout_mask=in_mask, recurrent_dropout_mask=rec_mask,
+        compute_dtype=cfg.compute_dtype, remat_chunk=cfg.remat_chunk, backend=cfg.backend,
+        return_gates=return_gates)
   out = hs if cfg.return_sequences else h_last
-  return (out, h_last) if cfg.return_state else out
+  out = (out, h_last) if cfg.return_state else out
+  return (out, gates[0]) if return_gates else out
 
 
 class Bidirectional(nn.Module):

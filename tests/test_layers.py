@@ -182,6 +182,36 @@ def test_sample_lm_refuses_bad_arguments():
       models.sample_lm(lm, v, args.pop("prompt"), args.pop("length"), args.pop("rng"), **args)
 
 
+@pytest.mark.parametrize("variant", ["seed", "reset_after"])
+def test_gates_are_recorded_when_intermediates_are_mutable(variant):
+  """The gates a layer records equal the float64 reference's z, r and candidate at every
+  valid step, forwards and backwards, and recording them leaves the outputs unchanged."""
+  xs = _xs(3, b=3, t=6, d=4)
+  mask = jnp.arange(6)[None] < jnp.array([6, 4, 1])[:, None]
+  bi = layers.Bidirectional(5, gru_kwargs=dict(variant=variant))
+  v = bi.init(jax.random.key(0), xs, mask)
+  plain = bi.apply(v, xs, mask)
+  out, state = bi.apply(v, xs, mask, mutable=["intermediates"])
+  np.testing.assert_allclose(out, plain, atol=1e-6)
+  for name, rev in (("forward", False), ("backward", True)):
+    (gates,) = state["intermediates"][name]["gates"]
+    p = GRUParams(**v["params"][name])
+    assert all(g.shape == (3, 6, 5) for g in gates)
+    for b, n in enumerate((6, 4, 1)):
+      h = np.zeros(5)
+      for t in (reversed(range(n)) if rev else range(n)):
+        h, z, r, cand = reference.step(p, h, np.asarray(xs[b, t], np.float64), variant)
+        for got, want in zip(gates, (z, r, cand)):
+          np.testing.assert_allclose(got[b, t], want, atol=1e-5)
+  # A whole model records every layer's gates the same way.
+  model = models.SequenceModel("lm", 7, hidden_sizes=(4, 4), vocab_size=7, batch_norm=False)
+  tokens = jnp.array([[1, 2, 3, 4, 5]])
+  mv = model.init(jax.random.key(1), tokens)
+  _, state = model.apply(mv, tokens, mutable=["intermediates"])
+  assert sorted(state["intermediates"]) == ["gru_0", "gru_1"]
+  assert state["intermediates"]["gru_1"]["gates"][0].z.shape == (1, 5, 4)
+
+
 def test_token_models_refuse_out_of_vocabulary_inputs():
   """nn.Embed gives NaN for an id outside the table; the model says so instead."""
   model = models.SequenceModel("classification", 3, vocab_size=6, hidden_sizes=(4,))
