@@ -822,20 +822,23 @@ def test_emit_shell_runs_a_halving_sweep_rung_by_rung(tmp_path, trainer, capsys)
   assert json.loads((d / "results.json").read_text())["trials"][0]["steps"] == 20
 
 
-def default_signals():
-  """In the child before exec: the suite may run with SIGINT/SIGHUP ignored (under nohup, or
-  as a background job), which a child inherits and sweep.py rightly keeps; these tests are
-  about how it reacts to them."""
-  for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-    signal.signal(s, signal.SIG_DFL)
+# Runs argv[1:] with SIGINT/SIGHUP/SIGTERM at their defaults. The suite may run with them
+# ignored (under nohup, or as a background job), which a child inherits and sweep.py rightly
+# keeps; these tests are about how it reacts to them. (A preexec_fn would fork a threaded
+# JAX process; SIG_DFL survives exec.)
+DEFAULT_SIGNALS = [sys.executable, "-c",
+                   "import os, signal, sys\n"
+                   "for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):\n"
+                   "  signal.signal(s, signal.SIG_DFL)\n"
+                   "os.execv(sys.argv[1], sys.argv[1:])"]
 
 
 def test_interrupted_sweep_stops_trials_without_failing_them(tmp_path, trainer):
   d = tmp_path / "s"
   argv = [sys.executable, str(LAUNCH / "sweep.py"), "--sweep_dir", str(d), "--grid",
           "learning_rate=1e-3,3e-3", "--parallel", "2", "--trainer", trainer]
-  proc = subprocess.Popen(argv + ["--", "--config.sleep=30"], stdout=subprocess.PIPE, text=True,
-                          preexec_fn=default_signals)
+  proc = subprocess.Popen(DEFAULT_SIGNALS + argv + ["--", "--config.sleep=30"],
+                          stdout=subprocess.PIPE, text=True)
   deadline = time.time() + 20
   while time.time() < deadline and not all((d / f"trial_00{i}" / "calls.jsonl").exists()
                                            for i in range(2)):
@@ -940,8 +943,8 @@ def test_hangup_stops_trials_and_a_second_driver_is_refused(tmp_path):
   argv = [sys.executable, str(LAUNCH / "sweep.py"), "--sweep_dir", str(d), "--grid",
           "learning_rate=1e-3,3e-3", "--parallel", "2", "--trainer",
           f"{sys.executable} {tmp_path / 'stub.py'}"]
-  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=default_signals)
+  proc = subprocess.Popen(DEFAULT_SIGNALS + argv, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
   pids = _trial_pids(tmp_path, 2)
   # A second driver on the same sweep_dir would start a second trainer in each workdir.
   second = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -966,8 +969,8 @@ def test_second_interrupt_kills_the_trials_and_exits_cleanly(tmp_path):
   argv = [sys.executable, str(LAUNCH / "sweep.py"), "--sweep_dir", str(d), "--grid",
           "learning_rate=1e-3,3e-3", "--parallel", "2", "--trainer",
           f"{sys.executable} {tmp_path / 'stub.py'}", "--", "--ignore_term"]
-  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=default_signals)
+  proc = subprocess.Popen(DEFAULT_SIGNALS + argv, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
   pids = _trial_pids(tmp_path, 2)
   start = time.time()
   proc.send_signal(signal.SIGTERM)
