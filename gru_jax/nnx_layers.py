@@ -63,6 +63,10 @@ class GRU(nnx.Module):
     kernel_init, recurrent_init, bias_init, param_dtype: as `gru_jax.cell.init`.
     unroll, compute_dtype, remat_chunk, backend: passed to `gru_jax.gru`.
     deterministic: dropout off; flipped by ``model.eval()`` / ``model.train()``.
+    record_gates: also record each call's `Gates(z, r, candidate)`, each [B,T,H], as the
+      `nnx.Intermediate` ``gates`` (read them with ``nnx.pop(model, nnx.Intermediate)``;
+      the plain scan backend computes them; not for layer norm).  Set it on a whole
+      model with ``model.set_attributes(record_gates=True)``.
     rngs: ``params`` stream for the weights, ``dropout`` stream for the masks.
 
   Parameters ``w_x`` [D,3H], ``w_h`` [H,3H], ``b_x`` [3H], ``b_h`` [3H]
@@ -78,7 +82,7 @@ class GRU(nnx.Module):
                bias_init: Callable = jax.nn.initializers.zeros,
                param_dtype: Any = jnp.float32, unroll: int = 1, compute_dtype: Any = None,
                remat_chunk: int | None = None, backend: str = "auto",
-               deterministic: bool = False, rngs: nnx.Rngs):
+               deterministic: bool = False, record_gates: bool = False, rngs: nnx.Rngs):
     for name, rate in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
       if not 0.0 <= rate < 1.0:
         raise ValueError(f"GRU: {name} must be in [0, 1), got {rate}")
@@ -96,7 +100,7 @@ class GRU(nnx.Module):
     self.dropout, self.recurrent_dropout = dropout, recurrent_dropout
     self.layer_norm, self.compute_dtype = layer_norm, compute_dtype
     self.remat_chunk, self.backend = remat_chunk, backend
-    self.deterministic = deterministic
+    self.deterministic, self.record_gates = deterministic, record_gates
     self.rngs = _dropout_stream(rngs, dropout > 0 or recurrent_dropout > 0)
 
   @classmethod
@@ -154,7 +158,13 @@ class GRU(nnx.Module):
     in_mask, rec_mask = linen_layers.gru_dropout_masks(
         _dropout_key(self.rngs, rngs, "GRU"), xs, self.hidden_size, self.dropout,
         self.recurrent_dropout, det, example_ids)
-    return linen_layers.apply_gru(self, self.params, ln, xs, mask, h0, in_mask, rec_mask)
+    gates = self.record_gates and not self.layer_norm
+    out = linen_layers.apply_gru(self, self.params, ln, xs, mask, h0, in_mask, rec_mask,
+                                 return_gates=gates)
+    if gates:
+      out, g = out
+      self.sow(nnx.Intermediate, "gates", g)
+    return out
 
 
 class Bidirectional(nnx.Module):
