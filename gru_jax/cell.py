@@ -19,11 +19,11 @@ about Flax or training.
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 VARIANTS = ("seed", "reset_after")
@@ -57,11 +57,24 @@ def check_variant(variant: str) -> None:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
+def check_int(name: str, value, low: int | None = None, high: int | None = None,
+              high_name: str = "") -> int:
+  """``value`` (a Python, NumPy or scalar JAX int; not a bool) as an int in [low, high),
+  else a ValueError naming ``name``."""
+  try:
+    v = None if isinstance(value, bool) else operator.index(value)
+  except TypeError:
+    v = None
+  if v is None or (low is not None and v < low) or (high is not None and v >= high):
+    want = (f" in [{low}, {high_name}={high})" if high is not None
+            else f" >= {low}" if low is not None else "")
+    raise ValueError(f"{name} must be an int{want}, got {value!r}")
+  return v
+
+
 def check_unroll(unroll) -> int:
   # lax.scan reads a bool as "all or nothing"; the fused paths read an int, so take only ints.
-  if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
-    raise ValueError(f"unroll must be an int >= 1, got {unroll!r}")
-  return int(unroll)
+  return check_int("unroll", unroll, 1)
 
 
 def _blockwise(init_fn: Callable, key: Array, rows: int, hidden: int, dtype) -> Array:

@@ -17,14 +17,13 @@ them installed.
 """
 from __future__ import annotations
 
-import operator
 import re
 from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-from gru_jax.cell import GRUParams
+from gru_jax.cell import GRUParams, check_int
 
 
 def _np(a) -> np.ndarray:
@@ -34,16 +33,6 @@ def _np(a) -> np.ndarray:
     # NumPy has no bfloat16 (torch refuses .numpy()); float32 holds every bf16 value exactly.
     return a.float().numpy() if str(a.dtype) == "torch.bfloat16" else a.numpy()
   return np.asarray(a)
-
-
-def _index(name: str, value) -> int:
-  """An int or NumPy integer (not a bool) as an int, else ValueError naming ``name``."""
-  if not isinstance(value, bool):
-    try:
-      return operator.index(value)
-    except TypeError:
-      pass
-  raise ValueError(f"{name} must be an int, got {value!r}")
 
 
 def _check_shapes(arg: str, got: dict, want: dict) -> None:
@@ -116,7 +105,7 @@ def _torch_suffix(obj, layer: int, direction: int, arg: str) -> str:
   else:
     raise TypeError(f"{arg} must be a torch.nn.GRU, torch.nn.GRUCell or its state_dict, "
                     f"got {type(obj).__name__}")
-  layer, direction = _index("layer", layer), _index("direction", direction)
+  layer, direction = check_int("layer", layer), check_int("direction", direction)
   if layer not in layers:
     raise ValueError(f"layer={layer!r} is out of range: {arg} has layers {layers}")
   if direction not in range(directions):
@@ -189,7 +178,7 @@ def to_torch(params: GRUParams, module=None, layer: int = 0, direction: int = 0)
   arrays = (params.w_x.T, params.w_h.T, params.b_x, params.b_h)
   arrays = [_zrh_to_rzn(_torch_ready(a)) for a in arrays]
   if module is None:
-    layer, direction = _index("layer", layer), _index("direction", direction)
+    layer, direction = check_int("layer", layer), check_int("direction", direction)
     if layer < 0 or direction not in (0, 1):
       raise ValueError(f"layer must be an int >= 0 and direction 0 or 1, got layer={layer!r}, "
                        f"direction={direction!r}")

@@ -13,7 +13,6 @@ logits (or regression outputs); the softmax lives in the loss.
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gru_jax import layers
+from gru_jax.cell import check_int
 
 Array = jax.Array
 TASKS = ("classification", "tagging", "regression", "lm")
@@ -96,18 +96,6 @@ class SequenceModel(nn.Module):
     return nn.Dense(self.num_outputs, name="head")(x)
 
 
-def _int(name: str, value, low: int, high: int | None = None, high_name: str = "") -> int:
-  """``value`` (a Python, NumPy or scalar JAX int; not a bool) as an int in [low, high)."""
-  try:
-    v = None if isinstance(value, bool) else operator.index(value)
-  except TypeError:
-    v = None
-  if v is None or v < low or (high is not None and v >= high):
-    want = f">= {low}" if high is None else f"in [{low}, {high_name}={high})"
-    raise ValueError(f"{name} must be an int {want}, got {value!r}")
-  return v
-
-
 def check_token_range(name: str, tokens, size: int) -> None:
   """Raises if concrete int ``tokens`` fall outside [0, size), padding included.
 
@@ -139,7 +127,7 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
     raise ValueError(f"prompt must be a non-empty [P] token array, got shape {prompt.shape}")
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt must hold int tokens, got dtype {prompt.dtype}")
-  length = _int("length", length, 0)
+  length = check_int("length", length, 0)
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0 (small values approach greedy decoding), "
                      f"got {temperature}")
@@ -273,10 +261,10 @@ def greedy_decode(model: Seq2Seq, variables, inputs: Array, mask: Array | None =
   ``pad_id`` are target tokens in [0, num_outputs); ``eos_id`` too, or -1 to
   never stop early.
   """
-  max_len = _int("max_len", max_len, 1)
-  bos_id = _int("bos_id", bos_id, 0, model.num_outputs, "num_outputs")
-  eos_id = _int("eos_id", eos_id, -1, model.num_outputs, "num_outputs")
-  pad_id = _int("pad_id", pad_id, 0, model.num_outputs, "num_outputs")
+  max_len = check_int("max_len", max_len, 1)
+  bos_id = check_int("bos_id", bos_id, 0, model.num_outputs, "num_outputs")
+  eos_id = check_int("eos_id", eos_id, -1, model.num_outputs, "num_outputs")
+  pad_id = check_int("pad_id", pad_id, 0, model.num_outputs, "num_outputs")
   inputs = jnp.asarray(inputs)
   mask = None if mask is None else jnp.asarray(mask)
   context, states = model.apply(variables, inputs, mask, method=Seq2Seq.start)
