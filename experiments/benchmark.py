@@ -25,7 +25,9 @@ Implementations (``--impls``, default all that are installed and apply):
                                mode elsewhere is not a speed), "scan"; options
                                may follow: /loop or /scan (how an undifferentiated
                                "xla" call runs), /chunks=N (time chunks of a
-                               differentiated CPU call; 1 = unchunked)
+                               differentiated CPU call; 1 = unchunked),
+                               /resets=P (segment resets at a fraction P of
+                               the steps, drawn once: the cost of `resets=`)
   flax      nn.RNN(nn.GRUCell)           equinox  eqx.nn.GRUCell + lax.scan
   haiku     hk.GRU + hk.dynamic_unroll   keras    keras.layers.GRU, JAX backend, stateless_call
   torch     torch.nn.GRU (oneDNN on CPU, cuDNN on GPU)
@@ -95,6 +97,15 @@ def _jax_step(loss_or_fn, params, x, mode):
   return lambda: jax.block_until_ready(fn(params, x))
 
 
+def _fraction(text: str) -> float | None:
+  """text as a float in [0, 1], else None."""
+  try:
+    value = float(text)
+  except ValueError:
+    return None
+  return value if 0.0 <= value <= 1.0 else None
+
+
 def _inputs(shape, dtype):
   import jax
   b, t, d, h = shape
@@ -130,13 +141,17 @@ def build(impl: str, shape, mode: str, dtype_name: str):
                        "[/<option>...], e.g. gru_jax/xla/seed")
     backend, variant, *opts = parts
     settings = {(fused_rnn, "PRIMAL"): None, (gru_jax.scan, "CPU_CHUNKS"): None}
+    resets = None
     for opt in opts:
       if opt in ("loop", "scan"):
         settings[fused_rnn, "PRIMAL"] = opt
       elif opt.startswith("chunks=") and opt[7:].isdigit() and int(opt[7:]) >= 1:
         settings[gru_jax.scan, "CPU_CHUNKS"] = int(opt[7:])
+      elif opt.startswith("resets=") and _fraction(opt[7:]) is not None:
+        resets = jax.random.bernoulli(jax.random.key(7), _fraction(opt[7:]), (b, t))
       else:
-        raise ValueError(f"unknown option {opt!r} in {impl!r}: expected loop, scan or chunks=N")
+        raise ValueError(f"unknown option {opt!r} in {impl!r}: expected loop, scan, chunks=N "
+                         "or resets=P (0 <= P <= 1)")
     x, ct = _inputs(shape, jnp.float32)
     params = gru_jax.cell.init(key, d, h)
 
@@ -145,7 +160,8 @@ def build(impl: str, shape, mode: str, dtype_name: str):
       for (mod, name), value in settings.items():
         setattr(mod, name, value)
       try:
-        return gru_jax.gru(p, x, variant=variant, backend=backend, compute_dtype=act)[1]
+        return gru_jax.gru(p, x, variant=variant, backend=backend, compute_dtype=act,
+                           resets=resets)[1]
       finally:
         for (mod, name), value in saved.items():
           setattr(mod, name, value)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gru_jax import cell as cell_lib
+from gru_jax import scan as scan_lib
 from gru_jax.cell import GRUParams
 
 Array = jax.Array
@@ -46,16 +47,20 @@ def _ln(a: Array, gamma: Array, beta: Array, nblocks: int, eps: float) -> Array:
 
 def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, *,
            mask: Array | None = None, reverse: bool = False, variant: str = "seed",
-           eps: float = 1e-5, unroll: int = 1):
-  """Layer-normalised GRU over xs [B,T,D] -> (h_last [B,H], hs [B,T,H]); mask as `gru_jax.gru`."""
+           eps: float = 1e-5, unroll: int = 1, resets: Array | None = None):
+  """Layer-normalised GRU over xs [B,T,D] -> (h_last [B,H], hs [B,T,H]).
+
+  ``mask`` [B,T] and ``resets`` [B,T] (segment starts) as in `gru_jax.gru`.
+  """
   cell_lib.check_variant(variant)
   if xs.ndim != 3 or xs.shape[-1] != params.input_size:
     raise ValueError(f"xs must be [B,T,D] with D={params.input_size} (w_x {params.w_x.shape}), "
                      f"got shape {xs.shape}")
   b, t = xs.shape[:2]
   hsz = params.hidden_size
-  if mask is not None and mask.shape != (b, t):
-    raise ValueError(f"mask must have shape [B,T]=({b}, {t}), got {mask.shape}")
+  for name, m in (("mask", mask), ("resets", resets)):
+    if m is not None and jnp.shape(m) != (b, t):
+      raise ValueError(f"{name} must have shape [B,T]=({b}, {t}), got {jnp.shape(m)}")
   if h0 is not None and h0.shape != (b, hsz):
     raise ValueError(f"h0 must have shape [B,H]=({b}, {hsz}), got {h0.shape}")
   for name, v in zip(LNParams._fields, ln):
@@ -64,6 +69,10 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
   ax = _ln(jnp.einsum("btd,dk->tbk", xs, params.w_x), ln.gamma_x, ln.beta_x, 3, eps) + params.b_x
   h0 = jnp.zeros((b, hsz), xs.dtype) if h0 is None else h0.astype(xs.dtype)  # as `gru` does
   mask_tm = None if mask is None else mask.astype(bool).T
+  rs_tm = None
+  if resets is not None and t > 0:
+    rs_tm = scan_lib.effective_resets(jnp.asarray(resets, bool).T, mask_tm, reverse=reverse,
+                                      axis=0)
   w_h, b_h = params.w_h, params.b_h
   # Gate-block slices of the weights and LN parameters, taken once outside the loop.
   w_zr, w_c = w_h[:, :2 * hsz], w_h[:, 2 * hsz:]
@@ -71,7 +80,9 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
   be_zr, be_c = ln.beta_h[:2 * hsz], ln.beta_h[2 * hsz:]
 
   def body(h, inp):
-    ax_t, m_t = inp
+    ax_t, m_t, r_t = inp
+    if r_t is not None:
+      h = jnp.where(r_t[:, None], jnp.zeros_like(h), h)
     if variant == "seed":
       ah = _ln(h @ w_zr, g_zr, be_zr, 2, eps)
       ah = ah + b_h[:2 * hsz]
@@ -91,6 +102,6 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
       out = jnp.where(m_t[:, None], out, 0)
     return h_new, out
 
-  h_last, hs = jax.lax.scan(body, h0, (ax, mask_tm), reverse=reverse,
+  h_last, hs = jax.lax.scan(body, h0, (ax, mask_tm, rs_tm), reverse=reverse,
                             unroll=cell_lib.check_unroll(unroll))
   return h_last, jnp.swapaxes(hs, 0, 1)

@@ -43,11 +43,13 @@ def dropout_multiplier(rng: Array, rate: float, batch: int, shape: tuple[int, ..
   return bits.astype(dtype) / keep
 
 
-def check_sequence_input(name: str, xs: Array, mask: Array | None) -> None:
+def check_sequence_input(name: str, xs: Array, mask: Array | None,
+                         resets: Array | None = None) -> None:
   if xs.ndim != 3:
     raise ValueError(f"{name} expects inputs [B,T,D], got shape {xs.shape}")
-  if mask is not None and mask.shape != xs.shape[:2]:
-    raise ValueError(f"{name}: mask must have shape [B,T]={xs.shape[:2]}, got {mask.shape}")
+  for arg, m in (("mask", mask), ("resets", resets)):
+    if m is not None and jnp.shape(m) != xs.shape[:2]:
+      raise ValueError(f"{name}: {arg} must have shape [B,T]={xs.shape[:2]}, got {jnp.shape(m)}")
 
 
 class GRU(nn.Module):
@@ -59,6 +61,9 @@ class GRU(nn.Module):
     return_sequences: return hs [B,T,H] (else the final state [B,H]).
     return_state: also return the final state: ``(outputs, h_last)``.
     reverse: run backwards in time (valid steps only, see `gru_jax.gru`).
+    Call arguments: xs [B,T,D], mask [B,T], h0 [B,H], and ``resets`` [B,T]
+    bool, segment starts (episode starts, packed sequences): the state starts
+    from zero after each, in either direction (see `gru_jax.gru`).
     dropout: rate of the input dropout mask [B,D], fixed over time.
     recurrent_dropout: rate of the recurrent dropout mask [B,H], fixed over time.
     layer_norm: layer-normalised GRU (`gru_jax.layernorm.ln_gru`), with extra
@@ -96,9 +101,10 @@ class GRU(nn.Module):
 
   @nn.compact
   def __call__(self, xs: Array, mask: Array | None = None, h0: Array | None = None, *,
-               deterministic: bool = True, example_ids: Array | None = None):
+               deterministic: bool = True, example_ids: Array | None = None,
+               resets: Array | None = None):
     """xs [B,T,D], mask [B,T] bool, h0 [B,H] -> hs [B,T,H] or h_last [B,H] (see attributes)."""
-    check_sequence_input("GRU", xs, mask)
+    check_sequence_input("GRU", xs, mask, resets)
     params = self._params(xs.shape[-1])
     ln = None
     if self.layer_norm:
@@ -111,7 +117,8 @@ class GRU(nn.Module):
     # apply(..., mutable=["intermediates"]) also records the gates (the seed's
     # interpretability need); they need the plain scan backend, so only when asked.
     gates = not self.layer_norm and self.is_mutable_collection("intermediates")
-    out = apply_gru(self, params, ln, xs, mask, h0, in_mask, rec_mask, return_gates=gates)
+    out = apply_gru(self, params, ln, xs, mask, h0, in_mask, rec_mask, return_gates=gates,
+                    resets=resets)
     if gates:
       out, g = out
       self.sow("intermediates", "gates", g)
@@ -137,7 +144,8 @@ def gru_dropout_masks(next_key: Callable[[], Array], xs: Array, hidden_size: int
 
 def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, xs: Array,
               mask: Array | None, h0: Array | None, in_mask: Array | None,
-              rec_mask: Array | None, return_gates: bool = False):
+              rec_mask: Array | None, return_gates: bool = False,
+              resets: Array | None = None):
   """Runs one configured GRU layer; ``cfg`` carries the layer's attributes.
 
   Shared by the Linen and NNX layers so that both compute the same function.
@@ -153,13 +161,13 @@ def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, 
                        f"compute_dtype={cfg.compute_dtype} and backend={cfg.backend!r} do not "
                        "apply (leave them at None and 'auto')")
     h_last, hs = ln_lib.ln_gru(params, ln, xs, h0, mask=mask, reverse=cfg.reverse,
-                               variant=cfg.variant, unroll=cfg.unroll)
+                               variant=cfg.variant, unroll=cfg.unroll, resets=resets)
   else:
     h_last, hs, *gates = scan_lib.gru(
         params, xs, h0, mask=mask, reverse=cfg.reverse, variant=cfg.variant, unroll=cfg.unroll,
         input_dropout_mask=in_mask, recurrent_dropout_mask=rec_mask,
         compute_dtype=cfg.compute_dtype, remat_chunk=cfg.remat_chunk, backend=cfg.backend,
-        return_gates=return_gates)
+        return_gates=return_gates, resets=resets)
   out = hs if cfg.return_sequences else h_last
   out = (out, h_last) if cfg.return_state else out
   return (out, gates[0]) if return_gates else out
@@ -170,7 +178,8 @@ class Bidirectional(nn.Module):
 
   Outputs [B,T,2H] ("concat") or [B,T,H] ("sum"); with ``return_sequences``
   False, the two final states [B,2H] / [B,H].  The backward layer runs each
-  sequence's valid steps in reverse, so with padding the outputs line up.
+  sequence's valid steps in reverse, so with padding the outputs line up;
+  with ``resets`` [B,T] (segment starts) each segment runs on its own both ways.
   """
   hidden_size: int
   merge_mode: str = "concat"
@@ -178,12 +187,13 @@ class Bidirectional(nn.Module):
   gru_kwargs: dict | None = None
 
   @nn.compact
-  def __call__(self, xs, mask=None, *, deterministic=True, example_ids=None):
+  def __call__(self, xs, mask=None, *, deterministic=True, example_ids=None, resets=None):
     if self.merge_mode not in ("concat", "sum"):
       raise ValueError(f"merge_mode must be 'concat' or 'sum', got {self.merge_mode!r}")
     kw = dict(self.gru_kwargs or {})
     outs = [GRU(self.hidden_size, reverse=rev, return_sequences=self.return_sequences,
-                name=name, **kw)(xs, mask, deterministic=deterministic, example_ids=example_ids)
+                name=name, **kw)(xs, mask, deterministic=deterministic, example_ids=example_ids,
+                                 resets=resets)
             for name, rev in (("forward", False), ("backward", True))]
     return jnp.concatenate(outs, -1) if self.merge_mode == "concat" else outs[0] + outs[1]
 
@@ -202,8 +212,8 @@ class StackedGRU(nn.Module):
   gru_kwargs: dict | None = None
 
   @nn.compact
-  def __call__(self, xs, mask=None, *, deterministic=True, example_ids=None):
-    check_sequence_input("StackedGRU", xs, mask)
+  def __call__(self, xs, mask=None, *, deterministic=True, example_ids=None, resets=None):
+    check_sequence_input("StackedGRU", xs, mask, resets)
     kw = dict(self.gru_kwargs or {})
     h = xs
     for i, size in enumerate(self.hidden_sizes):
@@ -212,7 +222,7 @@ class StackedGRU(nn.Module):
                               name=f"layer_{i}")
       else:
         layer = GRU(size, name=f"layer_{i}", **kw)
-      h = layer(h, mask, deterministic=deterministic, example_ids=example_ids)
+      h = layer(h, mask, deterministic=deterministic, example_ids=example_ids, resets=resets)
       if i < len(self.hidden_sizes) - 1:
         h = SequenceDropout(self.dropout_between)(h, deterministic=deterministic,
                                                   example_ids=example_ids)

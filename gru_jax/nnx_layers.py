@@ -148,9 +148,13 @@ class GRU(nnx.Module):
 
   def __call__(self, xs: Array, mask: Array | None = None, h0: Array | None = None, *,
                deterministic: bool | None = None, example_ids: Array | None = None,
-               rngs: nnx.Rngs | None = None):
-    """xs [B,T,D], mask [B,T] bool, h0 [B,H] -> hs [B,T,H] or h_last [B,H] (see Args)."""
-    linen_layers.check_sequence_input("GRU", xs, mask)
+               rngs: nnx.Rngs | None = None, resets: Array | None = None):
+    """xs [B,T,D], mask [B,T] bool, h0 [B,H] -> hs [B,T,H] or h_last [B,H] (see Args).
+
+    ``resets`` [B,T] bool: segment starts; the state starts from zero after
+    each, in either direction (see `gru_jax.gru`).
+    """
+    linen_layers.check_sequence_input("GRU", xs, mask, resets)
     det = self.deterministic if deterministic is None else deterministic
     ln = None
     if self.layer_norm:
@@ -160,7 +164,7 @@ class GRU(nnx.Module):
         self.recurrent_dropout, det, example_ids)
     gates = self.record_gates and not self.layer_norm
     out = linen_layers.apply_gru(self, self.params, ln, xs, mask, h0, in_mask, rec_mask,
-                                 return_gates=gates)
+                                 return_gates=gates, resets=resets)
     if gates:
       out, g = out
       self.sow(nnx.Intermediate, "gates", g)
@@ -172,8 +176,9 @@ class Bidirectional(nnx.Module):
 
   Outputs [B,T,2H] ("concat") or [B,T,H] ("sum"); with ``return_sequences``
   False, the two final states [B,2H] / [B,H].  The backward layer runs each
-  sequence's valid steps in reverse, so with padding the outputs line up.
-  ``gru_kwargs`` go to both layers.
+  sequence's valid steps in reverse, so with padding the outputs line up;
+  with ``resets`` [B,T] (segment starts) each segment runs on its own both
+  ways.  ``gru_kwargs`` go to both layers.
   """
 
   def __init__(self, in_features: int, hidden_size: int, *, merge_mode: str = "concat",
@@ -186,8 +191,10 @@ class Bidirectional(nnx.Module):
     self.backward = GRU(in_features, hidden_size, return_sequences=return_sequences,
                         reverse=True, rngs=rngs, **gru_kwargs)
 
-  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, rngs=None):
-    outs = [layer(xs, mask, deterministic=deterministic, example_ids=example_ids, rngs=rngs)
+  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, rngs=None,
+               resets=None):
+    outs = [layer(xs, mask, deterministic=deterministic, example_ids=example_ids, rngs=rngs,
+                  resets=resets)
             for layer in (self.forward, self.backward)]
     return jnp.concatenate(outs, -1) if self.merge_mode == "concat" else outs[0] + outs[1]
 
@@ -238,12 +245,13 @@ class StackedGRU(nnx.Module):
                                    deterministic=gru_kwargs.get("deterministic", False),
                                    rngs=rngs)
 
-  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, rngs=None):
-    linen_layers.check_sequence_input("StackedGRU", xs, mask)
+  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, rngs=None,
+               resets=None):
+    linen_layers.check_sequence_input("StackedGRU", xs, mask, resets)
     h = xs
     for i in range(self.num_layers):
       h = getattr(self, f"layer_{i}")(h, mask, deterministic=deterministic,
-                                      example_ids=example_ids, rngs=rngs)
+                                      example_ids=example_ids, rngs=rngs, resets=resets)
       if i < self.num_layers - 1:
         h = self.between(h, deterministic=deterministic, example_ids=example_ids, rngs=rngs)
     return h

@@ -14,6 +14,9 @@ does only the recurrent work.  Three implementations of the loop
 * "scan": a plain `jax.lax.scan` differentiated by JAX.  The only path with
   forward-mode AD, ``return_gates`` and ``remat_chunk``.
 * "auto": "pallas" on GPU when the kernel applies, else "xla".
+
+``resets`` (segment starts: RL episodes, packed sequences) run on "scan" and
+"xla"; "pallas" and "auto" run them on "xla" (the kernels do not take them).
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ BACKENDS = ("auto", "xla", "pallas", "scan")
 
 
 def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
-              time_major: bool, variant: str, backend: str, remat_chunk) -> tuple[int, int]:
+              time_major: bool, variant: str, backend: str, remat_chunk,
+              resets=None) -> tuple[int, int]:
   """Checks user-facing arguments; returns (B, T). Errors name the argument and shapes."""
   cell_lib.check_variant(variant)
   if backend not in BACKENDS:
@@ -64,11 +68,11 @@ def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dro
   t, b = (xs.shape[0], xs.shape[1]) if time_major else (xs.shape[1], xs.shape[0])
   if h0 is not None and tuple(h0.shape) != (b, hsz):
     raise ValueError(f"h0 must have shape [B,H]=({b}, {hsz}), got {tuple(h0.shape)}")
-  if mask is not None:
+  for name, m in (("mask", mask), ("resets", resets)):
     want = (t, b) if time_major else (b, t)
-    if tuple(mask.shape) != want:
-      raise ValueError(f"mask must have shape {'[T,B]' if time_major else '[B,T]'}={want} to "
-                       f"match xs {tuple(xs.shape)}, got {tuple(mask.shape)}")
+    if m is not None and tuple(m.shape) != want:
+      raise ValueError(f"{name} must have shape {'[T,B]' if time_major else '[B,T]'}={want} to "
+                       f"match xs {tuple(xs.shape)}, got {tuple(m.shape)}")
   if input_dropout_mask is not None and tuple(input_dropout_mask.shape) != (b, d):
     raise ValueError(f"input_dropout_mask must have shape [B,D]=({b}, {d}), "
                      f"got {tuple(input_dropout_mask.shape)}")
@@ -80,21 +84,51 @@ def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dro
   return b, t
 
 
+def effective_resets(resets: Array, mask: Array | None, *, reverse: bool,
+                     axis: int) -> Array:
+  """The valid steps that start from a zero state, in running order.
+
+  ``resets`` (bool, [B,T] with ``axis=1`` or [T,B] with ``axis=0``) marks
+  segment starts in time order: resets[t] puts a boundary between steps t-1
+  and t (for t = 0, between h0 and the first step).  A valid step starts
+  from zero when a boundary lies between it and the valid step run just
+  before it, or the start of the run where h0 enters (the sequence's start,
+  or its end when ``reverse``).  Masked steps are skipped, so a boundary on
+  one takes effect at the next valid step run.  Returns bool in the layout
+  of ``resets``; False at masked steps.
+  """
+  seg = jnp.cumsum(resets.astype(jnp.int32), axis=axis)  # each step's segment number
+  valid = jnp.ones(seg.shape, bool) if mask is None else mask
+  n = seg.shape[axis]
+  if not reverse:
+    # The segment of the last valid step before t; 0 (h0's) before the first.
+    seen = lax.cummax(jnp.where(valid, seg, 0), axis=axis)
+    edge = jnp.zeros_like(lax.slice_in_dim(seg, 0, 1, axis=axis))
+    before = jnp.concatenate([edge, lax.slice_in_dim(seen, 0, n - 1, axis=axis)], axis)
+    return valid & (seg > before)
+  # The segment of the first valid step after t; the last step's (h0's) after the last.
+  total = lax.slice_in_dim(seg, n - 1, n, axis=axis)
+  seen = lax.cummin(jnp.where(valid, seg, total), axis=axis, reverse=True)
+  after = jnp.concatenate([lax.slice_in_dim(seen, 1, n, axis=axis), total], axis)
+  return valid & (after > seg)
+
+
 def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype,
                     state_dtype, return_gates: bool = False, remat_chunk=None,
-                    platform: str | None = None) -> str:
+                    platform: str | None = None, resets: bool = False) -> str:
   """The implementation `gru` will run: "xla", "pallas" or "scan".
 
   "scan" is forced by ``return_gates`` and ``remat_chunk`` (the fused paths
   store their own residuals and return no gates).  "pallas" falls back to
   "xla", without error, where the kernel does not apply (see
-  `gru_jax.kernels.pallas_gru.supported`); "auto" picks "pallas" only on GPU.
+  `gru_jax.kernels.pallas_gru.supported`) and with ``resets`` (the kernels
+  do not take them); "auto" picks "pallas" only on GPU.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend == "scan" or return_gates or remat_chunk is not None:
     return "scan"
-  if backend == "xla":
+  if backend == "xla" or resets:
     return "xla"
   platform = platform or jax.default_backend()
   if backend == "auto" and platform != "gpu":
@@ -141,17 +175,20 @@ _project_nn.defvjp(_project_nn_fwd, _project_nn_bwd)
 
 
 def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant, reverse,
-                     unroll, return_gates, remat_chunk):
+                     unroll, return_gates, remat_chunk, resets_tm=None):
   """The plain `lax.scan` loop, differentiated by JAX.
 
   ``project`` maps inputs [...,D] to input projections [...,3H].  xs_tm
-  [T,B,D], h0 [B,H], mask_tm [T,B] or None -> (h_last, hs [T,B,H], gates).
+  [T,B,D], h0 [B,H], mask_tm [T,B] or None, resets_tm [T,B] (`effective_resets`)
+  or None -> (h_last, hs [T,B,H], gates).
   """
 
   w_loop = cell_lib.loop_weights(w_h, variant)
 
   def body(h, inp):
-    xp_t, m_t = inp
+    xp_t, m_t, r_t = inp
+    if r_t is not None:
+      h = jnp.where(r_t[:, None], jnp.zeros_like(h), h)
     g = cell_lib.recurrent_gates(w_loop, b_h, h, xp_t, variant=variant,
                                  h_drop=None if rec_mask is None else h * rec_mask)
     h_new = cell_lib.blend(h, g)
@@ -163,8 +200,8 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
     return h_new, (out, g if return_gates else None)
 
   if remat_chunk is None:
-    h_last, (hs, gs) = jax.lax.scan(body, h0, (project(xs_tm), mask_tm), reverse=reverse,
-                                    unroll=unroll)
+    h_last, (hs, gs) = jax.lax.scan(body, h0, (project(xs_tm), mask_tm, resets_tm),
+                                    reverse=reverse, unroll=unroll)
     return h_last, hs, gs
 
   # Chunked rematerialisation: the backward pass keeps only each chunk's first
@@ -178,20 +215,23 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
   if pad:  # padded steps are masked out, so they carry the state unchanged
     xs_tm = jnp.concatenate([xs_tm, jnp.zeros((pad,) + xs_tm.shape[1:], xs_tm.dtype)])
     mask_tm = jnp.concatenate([mask_tm, jnp.zeros((pad, b), bool)])
+    if resets_tm is not None:
+      resets_tm = jnp.concatenate([resets_tm, jnp.zeros((pad, b), bool)])
   chunked = lambda a: a.reshape((n_chunks, remat_chunk) + a.shape[1:])
 
   @jax.checkpoint
   def chunk_body(h, inp):
-    x_c, m_c = inp
-    return jax.lax.scan(body, h, (project(x_c), m_c), reverse=reverse, unroll=unroll)
+    x_c, m_c, r_c = inp
+    return jax.lax.scan(body, h, (project(x_c), m_c, r_c), reverse=reverse, unroll=unroll)
 
-  h_last, (hs, gs) = jax.lax.scan(chunk_body, h0, (chunked(xs_tm), chunked(mask_tm)),
-                                  reverse=reverse)
+  h_last, (hs, gs) = jax.lax.scan(
+      chunk_body, h0, (chunked(xs_tm), chunked(mask_tm),
+                       None if resets_tm is None else chunked(resets_tm)), reverse=reverse)
   unchunk = lambda a: a.reshape((n_chunks * remat_chunk,) + a.shape[2:])[:t]
   return h_last, unchunk(hs), jax.tree.map(unchunk, gs)
 
 
-def _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, time_major: bool, variant: str,
+def _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, *, time_major: bool, variant: str,
                reverse: bool, unroll: int, impl: str):
   """The "xla"/"pallas" backends: projection, then `fused_rnn.recurrence`.
 
@@ -200,7 +240,7 @@ def _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, time_major: bool, varia
   """
   xp = _project(xs, w_x, h0.dtype)
   return rec_lib.recurrence(
-      w_h, b_x, b_hn, xp, h0, mask, rm, variant=variant, reverse=reverse,
+      w_h, b_x, b_hn, xp, h0, mask, rm, variant=variant, reverse=reverse, resets=rs,
       time_axis=0 if time_major else 1, impl=impl, unroll=unroll,
       interpret=jax.default_backend() != "gpu")
 
@@ -257,7 +297,7 @@ def cpu_forward_chunks(t: int, xp_bytes: int) -> int:
   return max(1, min(-(-xp_bytes // (8 * 2**20)), t // 10))
 
 
-def _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, chunks: int, time_major: bool,
+def _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, *, chunks: int, time_major: bool,
              reverse: bool, **static):
   """`_projected` in ``chunks`` runs of consecutive steps.
 
@@ -265,7 +305,7 @@ def _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, chunks: int, time_major: 
   first when ``reverse``), so the result is the unchunked one.
   """
   if chunks == 1:
-    return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, time_major=time_major,
+    return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, time_major=time_major,
                       reverse=reverse, **static)
   ax = 0 if time_major else 1
   cut = lambda a, lo, hi: None if a is None else lax.slice_in_dim(a, lo, hi, axis=ax)
@@ -279,7 +319,7 @@ def _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, *, chunks: int, time_major: 
       x_c = _waits_for(x_c, before)
     before = h
     h, outs[lo] = _projected(w_x, w_h, b_x, b_hn, x_c, h, cut(mask, lo, hi), rm,
-                             time_major=time_major, reverse=reverse, **static)
+                             cut(rs, lo, hi), time_major=time_major, reverse=reverse, **static)
   return h, jnp.concatenate([outs[lo] for lo, _ in spans], axis=ax)
 
 
@@ -306,23 +346,23 @@ def _cpu(time_major: bool, chunks: int, forward_chunks: int, **static):
   runs in the caller's layout and the forward rule time-major.
   """
   @jax.custom_vjp
-  def run(w_x, w_h, b_x, b_hn, xs, h0, mask, rm):
-    return _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, chunks=forward_chunks,
+  def run(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs):
+    return _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, chunks=forward_chunks,
                     time_major=time_major, **static)
 
-  def run_fwd(w_x, w_h, b_x, b_hn, xs, h0, mask, rm):
-    mask_tm = mask if time_major or mask is None else mask.T
+  def run_fwd(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs):
+    mask_tm, rs_tm = (m if time_major or m is None else m.T for m in (mask, rs))
 
-    def chunked(w_x, w_h, b_x, b_hn, xs, h0, rm):  # everything but the bool mask
+    def chunked(w_x, w_h, b_x, b_hn, xs, h0, rm):  # everything but the bool masks
       xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
-      h_last, hs = _chunked(w_x, w_h, b_x, b_hn, xs_tm, h0, mask_tm, rm, chunks=chunks,
+      h_last, hs = _chunked(w_x, w_h, b_x, b_hn, xs_tm, h0, mask_tm, rm, rs_tm, chunks=chunks,
                             time_major=True, **static)
       return h_last, hs if time_major else jnp.swapaxes(hs, 0, 1)
     return jax.vjp(chunked, w_x, w_h, b_x, b_hn, xs, h0, rm)  # residuals: the VJP
 
   def run_bwd(vjp, cts):
     *grads, d_rm = vjp(cts)
-    return (*grads, None, d_rm)  # None: the mask's cotangent
+    return (*grads, None, d_rm, None)  # None: the bool masks' cotangents
 
   run.defvjp(run_fwd, run_bwd)
   return run
@@ -333,7 +373,8 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
         reverse: bool = False, time_major: bool = False, variant: str = "seed",
         unroll: int = 1, return_gates: bool = False,
         input_dropout_mask: Array | None = None, recurrent_dropout_mask: Array | None = None,
-        compute_dtype=None, remat_chunk: int | None = None, backend: str = "auto"):
+        compute_dtype=None, remat_chunk: int | None = None, backend: str = "auto",
+        resets: Array | None = None):
   """Runs a GRU over a batch of sequences.
 
   Args:
@@ -361,16 +402,23 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
       docstring.  Every backend gives the same results; "pallas" and "auto"
       fall back to "xla" where the kernel does not apply, and
       ``return_gates``/``remat_chunk`` always run "scan".
+    resets: bool [B,T] ([T,B] if ``time_major``) or None: segment starts in
+      time order (episode starts in RL, packed sequences).  resets[b,t] puts a
+      boundary before step t, and the state starts from zero after every
+      boundary, so each segment is run as a sequence of its own, in either
+      direction: forwards the first segment starts from h0 (from zero if
+      resets[b,0]); with ``reverse`` the last one does.  A boundary on a
+      masked step takes effect at the next valid step run (`effective_resets`).
 
   Returns:
     ``(h_last [B,H], hs [B,T,H])``, plus gates when ``return_gates``.
   """
   # Lists and NumPy arrays are welcome; the checks below read .shape and .dtype.
-  xs, h0, mask, input_dropout_mask, recurrent_dropout_mask = (
+  xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets = (
       None if a is None else jnp.asarray(a)
-      for a in (xs, h0, mask, input_dropout_mask, recurrent_dropout_mask))
+      for a in (xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets))
   b, t = _validate(params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
-                   time_major, variant, backend, remat_chunk)
+                   time_major, variant, backend, remat_chunk, resets)
   unroll = cell_lib.check_unroll(unroll)
   state_dtype = xs.dtype
   compute_dtype = jnp.dtype(compute_dtype or state_dtype)
@@ -379,20 +427,25 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
                      f"{compute_dtype}")
   impl = resolve_backend(backend, hidden_size=params.hidden_size, batch=b,
                          compute_dtype=compute_dtype, state_dtype=state_dtype,
-                         return_gates=return_gates, remat_chunk=remat_chunk)
+                         return_gates=return_gates, remat_chunk=remat_chunk,
+                         resets=resets is not None)
   if t == 0 or b == 0:
     impl = "scan"  # nothing to fuse; the fused loops need a step (T >= 1) and a batch tile
   if h0 is None:
     h0 = jnp.zeros((b, params.hidden_size), state_dtype)
   h0 = h0.astype(state_dtype)
+  mask = None if mask is None else mask.astype(bool)
+  rs = None
+  if resets is not None and t > 0:
+    rs = effective_resets(resets.astype(bool), mask, reverse=bool(reverse),
+                          axis=0 if time_major else 1)
   rec_mask = None if recurrent_dropout_mask is None else recurrent_dropout_mask.astype(state_dtype)
   if impl != "scan":
     if input_dropout_mask is not None:
       xs = xs * (input_dropout_mask[None] if time_major else input_dropout_mask[:, None])
     args = (params.w_x.astype(compute_dtype), params.w_h.astype(compute_dtype),
             cell_lib.folded_bias(params, variant).astype(state_dtype),
-            params.b_h[2 * params.hidden_size:].astype(state_dtype), xs, h0,
-            None if mask is None else mask.astype(bool), rec_mask)
+            params.b_h[2 * params.hidden_size:].astype(state_dtype), xs, h0, mask, rec_mask, rs)
     static = dict(variant=variant, reverse=bool(reverse), unroll=unroll, impl=impl)
     if impl == "xla" and jax.default_backend() == "cpu":
       xp_bytes = b * t * 3 * params.hidden_size * jnp.dtype(state_dtype).itemsize
@@ -404,14 +457,12 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
     xs_tm = xs_tm * input_dropout_mask[None]
   w_x = params.w_x.astype(compute_dtype)
   bias = cell_lib.folded_bias(params, variant).astype(state_dtype)
-  mask_tm = None
-  if mask is not None:
-    mask_tm = mask.astype(bool) if time_major else mask.astype(bool).T
+  mask_tm, rs_tm = (m if time_major or m is None else m.T for m in (mask, rs))
   h_last, hs, gs = _recurrence_scan(
       lambda x: cell_lib.matmul(x, w_x, state_dtype) + bias,
       params.w_h.astype(compute_dtype), params.b_h.astype(state_dtype), xs_tm, h0, mask_tm,
       rec_mask, variant=variant, reverse=reverse, unroll=unroll, return_gates=return_gates,
-      remat_chunk=remat_chunk)
+      remat_chunk=remat_chunk, resets_tm=rs_tm)
   if not time_major:
     hs = jnp.swapaxes(hs, 0, 1)
     if gs is not None:

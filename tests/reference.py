@@ -56,3 +56,37 @@ def run(params, xs, h0=None, mask=None, reverse=False, variant="seed"):
       hs[b, s] = h
     h_last[b] = h
   return h_last, hs
+
+
+def run_segments(params, xs, h0=None, mask=None, resets=None, reverse=False, variant="seed"):
+  """`run` for sequences cut into independent segments at ``resets`` [B,T] (segment starts).
+
+  Each example's valid steps are grouped by segment (a reset at step t starts
+  a new segment at t, whether or not t is valid) and every segment is run on
+  its own: from h0 if nothing separates it from where h0 enters (the start
+  forwards, the end with ``reverse``), else from zeros.  h_last is the state
+  after the last step run, or h0 if no step is valid.
+  """
+  xs = np.asarray(xs, np.float64)
+  bsz, t, _ = xs.shape
+  hsz = np.asarray(params[1]).shape[0]
+  resets = np.zeros((bsz, t), bool) if resets is None else np.asarray(resets, bool)
+  hs = np.zeros((bsz, t, hsz))
+  h_last = np.zeros((bsz, hsz))
+  for b in range(bsz):
+    start = np.zeros(hsz) if h0 is None else np.asarray(h0[b], np.float64)
+    segments = {}  # segment number -> its valid steps in time order
+    for s in range(t):
+      number = int(resets[b, :s + 1].sum())
+      if mask is None or mask[b, s]:
+        segments.setdefault(number, []).append(s)
+    h_enters = int(resets[b].sum()) if reverse else 0  # the segment h0 belongs to
+    h = start
+    for number in sorted(segments, reverse=reverse):
+      h = start if number == h_enters else np.zeros(hsz)
+      steps = segments[number]
+      for s in (reversed(steps) if reverse else steps):
+        h = step(params, h, xs[b, s], variant)[0]
+        hs[b, s] = h
+    h_last[b] = h
+  return h_last, hs

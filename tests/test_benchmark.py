@@ -125,3 +125,20 @@ def test_impl_options_set_and_restore_library_settings(tmp_path):
   r = res["results"][0]
   assert "gru_jax/xla/seed/loop/chunks=3" in r["timings"]
   assert "unknown option 'chunks=x'" in r["errors"]["gru_jax/xla/seed/chunks=x"]
+
+
+def test_resets_option_reaches_gru(tmp_path, monkeypatch):
+  """/resets=P times gru_jax with [B,T] segment resets; P outside [0,1] is refused."""
+  from gru_jax import scan
+  seen = []
+  real = scan.effective_resets
+  monkeypatch.setattr(scan, "effective_resets",
+                      lambda r, *a, **k: seen.append(r.shape) or real(r, *a, **k))
+  res = benchmark.run(["8x200x4x8"], impls=["gru_jax/xla/reset_after/resets=0.1",
+                                            "gru_jax/xla/reset_after/resets=2"],
+                      repeats=1, warmup=0, gap_ms=0, out_dir=str(tmp_path), plot=False,
+                      log=lambda *_: None)
+  r = res["results"][0]
+  assert "gru_jax/xla/reset_after/resets=0.1" in r["timings"]
+  assert "unknown option 'resets=2'" in r["errors"]["gru_jax/xla/reset_after/resets=2"]
+  assert seen and set(seen) == {(8, 200)}, seen

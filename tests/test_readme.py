@@ -22,6 +22,12 @@ def test_readme_pure_function_example_runs_and_matches_reference():
   np.testing.assert_allclose(ns["hs"], ref_hs, atol=1e-5)
   np.testing.assert_allclose(ns["h_last"], ref_last, atol=1e-5)
   assert set(ns["grads"]._fields) == {"w_x", "w_h", "b_x", "b_h"}
+  starts = np.asarray(ns["starts"])
+  assert starts.any() and not starts.all()
+  ref_next, ref_ep = reference.run_segments(ns["params"], ns["xs"], np.asarray(ns["h_last"]),
+                                            resets=starts)
+  np.testing.assert_allclose(ns["hs_ep"], ref_ep, atol=1e-5)
+  np.testing.assert_allclose(ns["h_next"], ref_next, atol=1e-5)
 
 
 def test_readme_nnx_example_trains_and_evaluates():

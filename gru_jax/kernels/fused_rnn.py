@@ -107,12 +107,14 @@ def put_gate(buf: Array, v: Array, t, gate: int, axis: int) -> Array:
 
 # ---------------------------------------------------------------- XLA loops
 
-def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
+def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs=None):
   """The forward loop. Returns (h_last [B,H], hs, Residuals or None).
 
   With ``save`` the loop writes the state entering each step and the gate
   activations for the backward pass, and ``hs`` is derived from the states;
-  without it, only the outputs.
+  without it, only the outputs.  ``rs`` (bool, laid out like ``mask``):
+  steps that start from a zero state (`gru_jax.scan.effective_resets`); the
+  stored state is the one carried in, before that reset.
   """
   ax = cfg.time_axis
   n = xp.shape[ax]
@@ -133,7 +135,8 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
     xz, xr, xc = (take_gate(xp, t, g, hsz, ax) + bias[g] for g in range(3))
     keep = None if mask is None else take(mask, t, ax)[:, None]
     if not save:
-      h_new, out, _, _ = _step(w_h, b_hn, rm, h, xz, xr, xc, keep, cfg.variant)
+      h_new, out, _, _ = _step(w_h, b_hn, rm, _reset(h, rs, t, ax), xz, xr, xc, keep,
+                               cfg.variant)
       return h_new, (put(bufs[0], out, t, ax),)
     bufs = dict(zip(names, bufs))
     # On CPU each gate is stored as soon as it is computed and read back from
@@ -148,7 +151,8 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
       return take(bufs[name], t_read, ax) if read_back else v
 
     through("prev", h)
-    h_new, _, _, _ = _step(w_h, b_hn, rm, h, xz, xr, xc, keep, cfg.variant, through)
+    h_new, _, _, _ = _step(w_h, b_hn, rm, _reset(h, rs, t, ax), xz, xr, xc, keep, cfg.variant,
+                           through)
     return h_new, tuple(bufs[k] for k in names)
 
   n_bufs = len(names) if save else 1
@@ -163,6 +167,13 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
   return h_last, outputs_from_prev(res.prev, h_last, mask, reverse=cfg.reverse, axis=ax), res
 
 
+def _reset(h: Array, rs, t, axis: int) -> Array:
+  """h, zeroed in the rows whose step t starts a new segment (``rs`` None: h)."""
+  if rs is None:
+    return h
+  return jnp.where(take(rs, t, axis)[:, None], jnp.zeros_like(h), h)
+
+
 def _step(w_h, b_hn, rm, h, xz, xr, xc, keep, variant, through=None):
   """One step from the gate inputs (bias included): (h_new, output, gates, hn)."""
   hin = h if rm is None else h * rm
@@ -174,26 +185,30 @@ def _step(w_h, b_hn, rm, h, xz, xr, xc, keep, variant, through=None):
   return jnp.where(keep, h_cell, h), jnp.where(keep, h_cell, jnp.zeros_like(h_cell)), g, hn
 
 
-def scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config):
+def scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, rs=None):
   """The undifferentiated forward as a time-major `lax.scan`: (h_last, hs, None)."""
   ax, hsz = cfg.time_axis, h0.shape[-1]
   xp_tm = xp if ax == 0 else jnp.swapaxes(xp, 0, 1)
-  mask_tm = None if mask is None else (mask if ax == 0 else mask.T)
+  mask_tm, rs_tm = (None if m is None else (m if ax == 0 else m.T) for m in (mask, rs))
   bias = [b_x[i * hsz:(i + 1) * hsz] for i in range(3)]
   w_h = cell_lib.loop_weights(w_h, cfg.variant)
 
   def body(h, inp):
-    xp_t, m_t = inp
+    xp_t, m_t, r_t = inp
+    if r_t is not None:
+      h = jnp.where(r_t[:, None], jnp.zeros_like(h), h)
     xz, xr, xc = (xp_t[:, i * hsz:(i + 1) * hsz] + bias[i] for i in range(3))
     h_new, out, _, _ = _step(w_h, b_hn, rm, h, xz, xr, xc,
                              None if m_t is None else m_t[:, None], cfg.variant)
     return h_new, out
 
-  h_last, hs = lax.scan(body, h0, (xp_tm, mask_tm), reverse=cfg.reverse, unroll=cfg.unroll)
+  h_last, hs = lax.scan(body, h0, (xp_tm, mask_tm, rs_tm), reverse=cfg.reverse,
+                        unroll=cfg.unroll)
   return h_last, hs if ax == 0 else jnp.swapaxes(hs, 0, 1), None
 
 
-def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg: Config):
+def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg: Config,
+                 rs=None):
   """The reverse loop. Returns (dh0 [B,H], dxp, drm [B,H] or None).
 
   Per step, with d the gradient reaching h_t:
@@ -201,7 +216,7 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
     seed:        dq = dã_c·W_hcᵀ, dã_r = dq·h·r·(1−r), dh += dq·r + [dã_z,dã_r]·W_zrᵀ
     reset_after: dhn = dã_c·r,    dã_r = dhn·hn·(1−r), dh += [dã_z,dã_r,dhn]·W_hᵀ
   and dh += d·(1−z); dxp_t = [dã_z, dã_r, dã_c].  At a masked step d is zero
-  and dh passes unchanged.  ``scratch`` is a dead array shaped like xp (the
+  and dh passes unchanged; a step that starts from zero (``rs``) passes none.  ``scratch`` is a dead array shaped like xp (the
   forward's xp itself) that the loop overwrites, every step in full: a fresh
   zero-filled buffer would be hoisted by XLA's scheduler to before the
   forward loop and raise peak memory.
@@ -220,7 +235,7 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
   def body(i, carry):
     dh, drm, buf = carry
     t = i if cfg.reverse else n - 1 - i  # opposite to the forward loop
-    hp = take(res.prev, t, ax)
+    hp = _reset(take(res.prev, t, ax), rs, t, ax)
     hin = hp if rm is None else hp * rm
     z, r, c = take(res.z, t, ax), take(res.r, t, ax), take(res.c, t, ax)
     d = dh + take(g_hs, t, ax)
@@ -245,7 +260,7 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
       dhin = dhin * rm
     for gate, v in enumerate((da_z, da_r, da_c)):
       buf = put_gate(buf, v, t, gate, ax)
-    return direct + dhin, drm, buf
+    return _reset(direct + dhin, rs, t, ax), drm, buf
 
   drm0 = None if rm is None else jnp.zeros_like(rm)
   dh0, drm, dxp = lax.fori_loop(0, n, body, (g_last.astype(sd), drm0, scratch.astype(sd)),
@@ -277,7 +292,7 @@ def outputs_from_prev(prev: Array, h_last: Array, mask, *, reverse: bool, axis: 
   return jnp.where(jnp.expand_dims(mask, -1), states, jnp.zeros_like(states))
 
 
-def weight_grads(w_h, b_x, b_hn, res: Residuals, rm, dxp, *, cfg: Config):
+def weight_grads(w_h, b_x, b_hn, res: Residuals, rm, dxp, *, cfg: Config, rs=None):
   """(dW_h [H,3H], db_x [3H], db_hn [H]) as large matmuls over all T·B rows.
 
   dW_h[:, z|r] = h_inᵀ·dã_{z|r}; the candidate block is (r⊙h_in)ᵀ·dã_c for
@@ -287,6 +302,8 @@ def weight_grads(w_h, b_x, b_hn, res: Residuals, rm, dxp, *, cfg: Config):
   hsz = res.z.shape[-1]
   sd = res.z.dtype
   hin = res.prev
+  if rs is not None:  # the state a reset step starts from is zero
+    hin = jnp.where(jnp.expand_dims(rs, -1), jnp.zeros_like(hin), hin)
   if rm is not None:
     hin = hin * jnp.expand_dims(rm, cfg.time_axis)
   contract = lambda a, b: jnp.tensordot(a, b, axes=((0, 1), (0, 1)),
@@ -317,25 +334,29 @@ def _loops(impl: str):
 def _make(cfg: Config):
   forward, backward = _loops(cfg.impl)
 
+  # Resets reach only the XLA loops (the Pallas kernels do not take them:
+  # `recurrence` refuses), so the Pallas calls keep their signatures.
+  kw = lambda rs: {} if rs is None else {"rs": rs}
+
   @jax.custom_vjp
-  def fn(w_h, b_x, b_hn, xp, h0, mask, rm):
+  def fn(w_h, b_x, b_hn, xp, h0, mask, rm, rs):
     if cfg.impl == "xla" and cfg.primal == "scan":
-      h_last, hs, _ = scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg)
+      h_last, hs, _ = scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, **kw(rs))
     else:
-      h_last, hs, _ = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=False)
+      h_last, hs, _ = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=False, **kw(rs))
     return h_last, hs
 
-  def fn_fwd(w_h, b_x, b_hn, xp, h0, mask, rm):
-    h_last, hs, res = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=True)
-    return (h_last, hs), (w_h, b_x, b_hn, xp, h0, mask, rm, res)
+  def fn_fwd(w_h, b_x, b_hn, xp, h0, mask, rm, rs):
+    h_last, hs, res = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=True, **kw(rs))
+    return (h_last, hs), (w_h, b_x, b_hn, xp, h0, mask, rm, rs, res)
 
   def fn_bwd(saved, cts):
-    w_h, b_x, b_hn, xp, h0, mask, rm, res = saved
+    w_h, b_x, b_hn, xp, h0, mask, rm, rs, res = saved
     g_last, g_hs = cts
-    dh0, dxp, drm = backward(w_h, b_hn, res, mask, rm, g_last, g_hs, xp, cfg=cfg)
-    dw, db_x, db_hn = weight_grads(w_h, b_x, b_hn, res, rm, dxp, cfg=cfg)
+    dh0, dxp, drm = backward(w_h, b_hn, res, mask, rm, g_last, g_hs, xp, cfg=cfg, **kw(rs))
+    dw, db_x, db_hn = weight_grads(w_h, b_x, b_hn, res, rm, dxp, cfg=cfg, rs=rs)
     return (dw, db_x, db_hn, dxp.astype(xp.dtype), dh0.astype(h0.dtype), None,
-            None if rm is None else drm.astype(rm.dtype))
+            None if rm is None else drm.astype(rm.dtype), None)
 
   fn.defvjp(fn_fwd, fn_bwd)
   return fn
@@ -344,7 +365,8 @@ def _make(cfg: Config):
 def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
                mask: Array | None = None, rm: Array | None = None, *, variant: str = "seed",
                reverse: bool = False, time_axis: int = 0, impl: str = "xla", unroll: int = 1,
-               interpret: bool = False, primal: str | None = None) -> tuple[Array, Array]:
+               interpret: bool = False, primal: str | None = None,
+               resets: Array | None = None) -> tuple[Array, Array]:
   """Runs the recurrence over the projected inputs with the hand-written VJP.
 
   Args:
@@ -358,6 +380,9 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     rm: recurrent dropout multiplier [B,H] or None (applied where h enters the gates).
     primal: how an undifferentiated "xla" call runs: "loop" or "scan"; None
       picks by device (`default_primal`: "scan" on GPU, "loop" elsewhere).
+    resets: bool, laid out like ``mask``, or None: the steps that start from a
+      zero state, in running order (`gru_jax.scan.effective_resets` makes
+      them from segment starts).  "xla" only.
 
   Returns:
     (h_last [B,H], hs [T,B,H] / [B,T,H]).  Differentiable in reverse mode
@@ -368,6 +393,9 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     primal = default_primal()
   if primal not in ("loop", "scan"):
     raise ValueError(f"primal must be 'loop' or 'scan', got {primal!r}")
+  if resets is not None and impl != "xla":
+    raise ValueError(f"resets run only with impl='xla' (the Pallas kernels do not take them), "
+                     f"got impl={impl!r}")
   cfg = Config(variant, bool(reverse), int(time_axis), impl, int(unroll), bool(interpret),
                primal)
-  return _make(cfg)(w_h, b_x, b_hn, xp, h0, mask, rm)
+  return _make(cfg)(w_h, b_x, b_hn, xp, h0, mask, rm, resets)
