@@ -255,11 +255,14 @@ def summarize(sums: dict, task: str, extras: dict | None = None) -> dict:
   tp = np.diag(cm)
   recall = np.where(support > 0, tp / np.maximum(support, 1e-12), np.nan)
   precision = np.where(predicted > 0, tp / np.maximum(predicted, 1e-12), 0.0)
-  rec0 = np.nan_to_num(recall)  # absent classes are excluded from the mean below
+  rec0 = np.nan_to_num(recall)
   f1 = np.where(precision + rec0 > 0, 2 * precision * rec0 / np.maximum(precision + rec0, 1e-12),
                 0.0)
   present = support > 0
-  out["macro_f1"] = float(f1[present].mean()) if present.any() else 0.0
+  # scikit-learn's macro average: every class in the labels or the predictions, so a class
+  # predicted but absent from the split counts with F1 = 0; classes in neither are left out.
+  seen = present | (predicted > 0)
+  out["macro_f1"] = float(f1[seen].mean()) if seen.any() else 0.0
   out["balanced_accuracy"] = float(np.nanmean(recall)) if present.any() else 0.0
   out["per_class_recall"] = [None if np.isnan(r) else float(r) for r in recall]
   out["confusion_matrix"] = cm.astype(np.int64).tolist()

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from sklearn.metrics import confusion_matrix, f1_score, recall_score
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, recall_score
 from sklearn.utils.class_weight import compute_class_weight
 
 from experiments.configs import base
@@ -38,6 +38,20 @@ def test_summarize_matches_sklearn_metrics():
   assert out["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
   np.testing.assert_allclose(out["per_class_recall"], recall_score(y, p, average=None))
   np.testing.assert_array_equal(out["confusion_matrix"], confusion_matrix(y, p))
+
+
+def test_macro_f1_counts_predicted_classes_absent_from_the_split():
+  """A class the model predicts but the split lacks scores F1 = 0 in sklearn's macro average
+  (it was left out, which raised macro-F1 from 0.489 to 0.733 here); a class neither true
+  nor predicted stays out."""
+  y = np.array([0, 0, 1, 1, 1, 0])
+  p = np.array([0, 2, 1, 1, 0, 0])
+  cm = np.zeros((4, 4))
+  np.add.at(cm, (y, p), 1)
+  out = train.summarize({"loss": 0.0, "count": 6.0, "confusion": cm}, "classification")
+  assert out["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+  assert out["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p))
+  assert out["per_class_recall"][2:] == [None, None]
 
 
 def test_eval_step_sums_ignore_padding():
