@@ -88,9 +88,14 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int
                      ) -> optax.GradientTransformation:
   """Adam (default) or AdamW with optional global-norm clipping and warmup/cosine schedule."""
   o = config.optimizer
+  # optax.clip_by_global_norm(c < 0) scales every gradient by c / norm: gradient ascent.
+  if isinstance(o.clip_norm, bool) or not isinstance(o.clip_norm, (int, float)) or o.clip_norm < 0:
+    raise ValueError(f"config.optimizer.clip_norm must be a number >= 0 (0: no clipping), "
+                     f"got {o.clip_norm!r}")
   if o.schedule == "constant":
     lr = config.learning_rate
   elif o.schedule == "warmup_cosine":
+    data_lib.base.check_int("config.optimizer.warmup_steps", o.warmup_steps, 0)
     lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, o.warmup_steps,
                                             max(total_steps, o.warmup_steps + 1))
   else:

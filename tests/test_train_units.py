@@ -114,6 +114,11 @@ def test_optimizers_match_optax_references():
     train.create_optimizer(_cfg(name="sgd"), 10)
   with pytest.raises(ValueError, match="optimizer.schedule must be"):
     train.create_optimizer(_cfg(schedule="step"), 10)
+  # A negative clip norm ("-1: off" elsewhere) made optax flip every gradient: refused.
+  with pytest.raises(ValueError, match=r"optimizer.clip_norm must be a number >= 0 .*got -1.0"):
+    train.create_optimizer(_cfg(clip_norm=-1.0), 10)
+  with pytest.raises(ValueError, match=r"optimizer.warmup_steps must be an int >= 0, got -5"):
+    train.create_optimizer(_cfg(schedule="warmup_cosine", warmup_steps=-5), 10)
 
 
 def test_train_step_reduces_loss_on_fixed_batch():
