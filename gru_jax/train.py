@@ -638,6 +638,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key, minimum in _COUNTS.items():
     if key in config:
       data_lib.base.check_int(f"config.{key}", config[key], minimum)
+  if "compute_dtype" in config:
+    try:  # a typo such as "bf16" made jnp.dtype raise a TypeError with a traceback
+      floating = jnp.issubdtype(jnp.dtype(config.compute_dtype), jnp.floating)
+    except TypeError:
+      floating = False
+    if not floating:
+      raise ValueError(f"config.compute_dtype must be a floating-point dtype name such as "
+                       f"'float32' or 'bfloat16', got {config.compute_dtype!r}")
   sizes = config.model.hidden_sizes
   if (not isinstance(sizes, (tuple, list)) or not sizes
       or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in sizes)):

@@ -200,6 +200,8 @@ def _tiny_digits(steps=2):
     ("num_train_steps", -5, "config.num_train_steps must be an int >= 0, got -5"),
     ("checkpoint_every_steps", -1, "config.checkpoint_every_steps must be an int >= 0"),
     ("eval_every_steps", -2, "config.eval_every_steps must be an int >= 0"),
+    ("compute_dtype", "bf16", "config.compute_dtype must be a floating-point dtype name .*'bf16'"),
+    ("compute_dtype", "int8", "config.compute_dtype must be a floating-point dtype name .*'int8'"),
 ])
 def test_bad_counts_are_refused_before_anything_runs(tmp_path, key, value, message):
   c = _tiny_digits()
