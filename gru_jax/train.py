@@ -702,7 +702,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed from %s at step %d", mngr.directory, int(state.step))
   _write_config(workdir, config)
   start = int(state.step)
-  writer = MetricsWriter(workdir, start)
+  # Without a checkpoint nothing logged before belongs to this run (a rerun of a run with no
+  # steps logged its evaluation a second time): start the log afresh.
+  writer = MetricsWriter(workdir, start if mngr.latest_step() is not None else -1)
 
   p_train = runtime.compile(train_step, dict(model=model, tx=tx, cw=cw,
                                              axis_name=runtime.axis_name), 3)

@@ -240,6 +240,9 @@ def test_a_run_with_no_steps_evaluates_and_logs_once(tmp_path):
   lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert [(l["step"], l["split"]) for l in lines] == [(0, "validation"), (0, "test")]
   assert lines[1]["loss"] == pytest.approx(results["test"]["loss"])
+  # Rerunning it (it has no checkpoint) evaluates again but logs once, not twice.
+  train.train_and_evaluate(c, wd)
+  assert [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))] == lines
 
 
 def test_batch_norm_recalibration_runs_the_network_without_dropout():
