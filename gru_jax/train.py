@@ -734,24 +734,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {}
   t0, last_log = time.time(), start
   step = start
+  # Every step's (loss, parameter norm), left on device until the next check, so that a
+  # divergence is reported at the step where it happened, not at the next log or save.
+  unchecked = []
   with _Preemption() as preempt:
     while step < total_steps:
       epoch, offset = divmod(step, steps_per_epoch)
       for batch in train_data.batches(epoch, offset, config.seed):
         dstate, m = p_train(dstate, runtime.put_batch(batch), train_rng)
         step += 1
+        unchecked.append((step, m["loss"], m["param_norm"]))
         log_now = step % config.log_every_steps == 0 or step == total_steps
         save_now = step % ckpt_every == 0 or step == total_steps or preempt.requested
         if log_now or save_now:  # never checkpoint a diverged state
-          loss = float(runtime.scalar(m["loss"]))
-          # The loss is the pre-update one; the parameter norm vouches for the update.
-          bad = loss if not math.isfinite(loss) else float(runtime.scalar(m["param_norm"]))
-          if not math.isfinite(bad):
-            what = "loss" if not math.isfinite(loss) else "the parameters' norm"
-            raise TrainingError(
-                f"{what} became {bad} at step {step}; the last good checkpoint "
-                f"(step {mngr.latest_step()}) in {mngr.directory} is kept. Try a lower "
-                "learning_rate or optimizer.clip_norm")
+          for at, step_loss, param_norm in unchecked:
+            loss = float(runtime.scalar(step_loss))
+            # The loss is the pre-update one; the parameter norm vouches for the update.
+            bad = loss if not math.isfinite(loss) else float(runtime.scalar(param_norm))
+            if not math.isfinite(bad):
+              what = "loss" if not math.isfinite(loss) else "the parameters' norm"
+              raise TrainingError(
+                  f"{what} became {bad} at step {at}; the last good checkpoint "
+                  f"(step {mngr.latest_step()}) in {mngr.directory} is kept. Try a lower "
+                  "learning_rate or optimizer.clip_norm")
+          unchecked.clear()
         if log_now:
           rate = (step - last_log) / max(time.time() - t0, 1e-9)
           t0, last_log = time.time(), step

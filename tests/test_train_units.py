@@ -245,6 +245,18 @@ def test_a_run_with_no_steps_evaluates_and_logs_once(tmp_path):
   assert [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))] == lines
 
 
+def test_divergence_is_named_at_its_step_between_checks(tmp_path):
+  """An infinite learning rate makes the parameters non-finite with the first update; the
+  run checks every 5 steps, and the error names step 1 (it named step 5, the check)."""
+  c = _tiny_digits(steps=6)
+  c.learning_rate = float("inf")
+  c.log_every_steps = c.checkpoint_every_steps = 5
+  with pytest.raises(train.TrainingError,
+                     match=r"the parameters' norm became nan at step 1; the last good "
+                           r"checkpoint \(step None\)"):
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
+
+
 def test_batch_norm_recalibration_runs_the_network_without_dropout():
   """The re-estimated statistics are the exact per-batch moments of the evaluated network
   (dropout off), computed here with the float64 reference GRU and NumPy batch norm."""
