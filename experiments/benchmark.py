@@ -302,6 +302,10 @@ def run(shapes, mode: str = "train", dtype: str = "float32", impls=("all",), rep
   import jax
   shapes = [parse_shape(s) if isinstance(s, str) else tuple(s) for s in shapes]
   names = default_impls(jax.default_backend()) if list(impls) == ["all"] else list(impls)
+  # Empty lists timed nothing: an empty table, or matplotlib's "Number of rows" error.
+  if not shapes or not names:
+    raise ValueError(f"--shapes and --impls must each name at least one entry, got "
+                     f"{len(shapes)} shape(s) and impls {list(impls)}")
   modes = ["train", "forward"] if mode == "both" else [mode]
   results = []
   for m in modes:

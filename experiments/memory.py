@@ -49,8 +49,8 @@ def main(argv):
     seq_lens = [int(t) for t in FLAGS.seq_lens]
   except ValueError:
     raise ValueError(f"--seq_lens must be integers, got {FLAGS.seq_lens}") from None
-  if min(seq_lens) < 1:
-    raise ValueError(f"--seq_lens must be >= 1, got {seq_lens}")
+  if not seq_lens or min(seq_lens) < 1:  # empty: min() raised "arg is an empty sequence"
+    raise ValueError(f"--seq_lens must be one or more integers >= 1, got {seq_lens}")
   rows = []
   for t in seq_lens:
     for chunk in (None, FLAGS.remat_chunk):

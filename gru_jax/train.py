@@ -88,9 +88,14 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int
                      ) -> optax.GradientTransformation:
   """Adam (default) or AdamW with optional global-norm clipping and warmup/cosine schedule."""
   o = config.optimizer
+  # optax.clip_by_global_norm(c < 0) scales every gradient by c / norm: gradient ascent.
+  if isinstance(o.clip_norm, bool) or not isinstance(o.clip_norm, (int, float)) or o.clip_norm < 0:
+    raise ValueError(f"config.optimizer.clip_norm must be a number >= 0 (0: no clipping), "
+                     f"got {o.clip_norm!r}")
   if o.schedule == "constant":
     lr = config.learning_rate
   elif o.schedule == "warmup_cosine":
+    data_lib.base.check_int("config.optimizer.warmup_steps", o.warmup_steps, 0)
     lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, o.warmup_steps,
                                             max(total_steps, o.warmup_steps + 1))
   else:
@@ -255,11 +260,14 @@ def summarize(sums: dict, task: str, extras: dict | None = None) -> dict:
   tp = np.diag(cm)
   recall = np.where(support > 0, tp / np.maximum(support, 1e-12), np.nan)
   precision = np.where(predicted > 0, tp / np.maximum(predicted, 1e-12), 0.0)
-  rec0 = np.nan_to_num(recall)  # absent classes are excluded from the mean below
+  rec0 = np.nan_to_num(recall)
   f1 = np.where(precision + rec0 > 0, 2 * precision * rec0 / np.maximum(precision + rec0, 1e-12),
                 0.0)
   present = support > 0
-  out["macro_f1"] = float(f1[present].mean()) if present.any() else 0.0
+  # scikit-learn's macro average: every class in the labels or the predictions, so a class
+  # predicted but absent from the split counts with F1 = 0; classes in neither are left out.
+  seen = present | (predicted > 0)
+  out["macro_f1"] = float(f1[seen].mean()) if seen.any() else 0.0
   out["balanced_accuracy"] = float(np.nanmean(recall)) if present.any() else 0.0
   out["per_class_recall"] = [None if np.isnan(r) else float(r) for r in recall]
   out["confusion_matrix"] = cm.astype(np.int64).tolist()
@@ -630,6 +638,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key, minimum in _COUNTS.items():
     if key in config:
       data_lib.base.check_int(f"config.{key}", config[key], minimum)
+  if "compute_dtype" in config:
+    try:  # a typo such as "bf16" made jnp.dtype raise a TypeError with a traceback
+      floating = jnp.issubdtype(jnp.dtype(config.compute_dtype), jnp.floating)
+    except TypeError:
+      floating = False
+    if not floating:
+      raise ValueError(f"config.compute_dtype must be a floating-point dtype name such as "
+                       f"'float32' or 'bfloat16', got {config.compute_dtype!r}")
   sizes = config.model.hidden_sizes
   if (not isinstance(sizes, (tuple, list)) or not sizes
       or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in sizes)):
@@ -686,7 +702,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed from %s at step %d", mngr.directory, int(state.step))
   _write_config(workdir, config)
   start = int(state.step)
-  writer = MetricsWriter(workdir, start)
+  # Without a checkpoint nothing logged before belongs to this run (a rerun of a run with no
+  # steps logged its evaluation a second time): start the log afresh.
+  writer = MetricsWriter(workdir, start if mngr.latest_step() is not None else -1)
 
   p_train = runtime.compile(train_step, dict(model=model, tx=tx, cw=cw,
                                              axis_name=runtime.axis_name), 3)
@@ -716,24 +734,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {}
   t0, last_log = time.time(), start
   step = start
+  # Every step's (loss, parameter norm), left on device until the next check, so that a
+  # divergence is reported at the step where it happened, not at the next log or save.
+  unchecked = []
   with _Preemption() as preempt:
     while step < total_steps:
       epoch, offset = divmod(step, steps_per_epoch)
       for batch in train_data.batches(epoch, offset, config.seed):
         dstate, m = p_train(dstate, runtime.put_batch(batch), train_rng)
         step += 1
+        unchecked.append((step, m["loss"], m["param_norm"]))
         log_now = step % config.log_every_steps == 0 or step == total_steps
         save_now = step % ckpt_every == 0 or step == total_steps or preempt.requested
         if log_now or save_now:  # never checkpoint a diverged state
-          loss = float(runtime.scalar(m["loss"]))
-          # The loss is the pre-update one; the parameter norm vouches for the update.
-          bad = loss if not math.isfinite(loss) else float(runtime.scalar(m["param_norm"]))
-          if not math.isfinite(bad):
-            what = "loss" if not math.isfinite(loss) else "the parameters' norm"
-            raise TrainingError(
-                f"{what} became {bad} at step {step}; the last good checkpoint "
-                f"(step {mngr.latest_step()}) in {mngr.directory} is kept. Try a lower "
-                "learning_rate or optimizer.clip_norm")
+          for at, step_loss, param_norm in unchecked:
+            loss = float(runtime.scalar(step_loss))
+            # The loss is the pre-update one; the parameter norm vouches for the update.
+            bad = loss if not math.isfinite(loss) else float(runtime.scalar(param_norm))
+            if not math.isfinite(bad):
+              what = "loss" if not math.isfinite(loss) else "the parameters' norm"
+              raise TrainingError(
+                  f"{what} became {bad} at step {at}; the last good checkpoint "
+                  f"(step {mngr.latest_step()}) in {mngr.directory} is kept. Try a lower "
+                  "learning_rate or optimizer.clip_norm")
+          unchecked.clear()
         if log_now:
           rate = (step - last_log) / max(time.time() - t0, 1e-9)
           t0, last_log = time.time(), step

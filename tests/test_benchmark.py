@@ -62,6 +62,9 @@ def test_entrypoints_give_one_line_errors(tmp_path):
       (["experiments.benchmark", "--shapes=abc"], "error: --shapes entries must be BxTxDxH"),
       (["experiments.memory", "--seq_lens=abc"], "error: --seq_lens must be integers"),
       (["experiments.memory", "--seq_lens=4", "stray"], "unexpected arguments"),
+      (["experiments.memory", "--seq_lens="], "error: --seq_lens must be one or more integers"),
+      (["experiments.benchmark", "--shapes="], "error: --shapes and --impls must each name"),
+      (["experiments.benchmark", "--impls="], "error: --shapes and --impls must each name"),
   ]:
     r = subprocess.run([sys.executable, "-m", *args, f"--out_dir={tmp_path}"
                         if args[0].endswith("benchmark") else "--batch=1"],

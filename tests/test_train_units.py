@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from sklearn.metrics import confusion_matrix, f1_score, recall_score
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, recall_score
 from sklearn.utils.class_weight import compute_class_weight
 
 from experiments.configs import base
@@ -38,6 +38,20 @@ def test_summarize_matches_sklearn_metrics():
   assert out["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
   np.testing.assert_allclose(out["per_class_recall"], recall_score(y, p, average=None))
   np.testing.assert_array_equal(out["confusion_matrix"], confusion_matrix(y, p))
+
+
+def test_macro_f1_counts_predicted_classes_absent_from_the_split():
+  """A class the model predicts but the split lacks scores F1 = 0 in sklearn's macro average
+  (it was left out, which raised macro-F1 from 0.489 to 0.733 here); a class neither true
+  nor predicted stays out."""
+  y = np.array([0, 0, 1, 1, 1, 0])
+  p = np.array([0, 2, 1, 1, 0, 0])
+  cm = np.zeros((4, 4))
+  np.add.at(cm, (y, p), 1)
+  out = train.summarize({"loss": 0.0, "count": 6.0, "confusion": cm}, "classification")
+  assert out["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+  assert out["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p))
+  assert out["per_class_recall"][2:] == [None, None]
 
 
 def test_eval_step_sums_ignore_padding():
@@ -100,6 +114,11 @@ def test_optimizers_match_optax_references():
     train.create_optimizer(_cfg(name="sgd"), 10)
   with pytest.raises(ValueError, match="optimizer.schedule must be"):
     train.create_optimizer(_cfg(schedule="step"), 10)
+  # A negative clip norm ("-1: off" elsewhere) made optax flip every gradient: refused.
+  with pytest.raises(ValueError, match=r"optimizer.clip_norm must be a number >= 0 .*got -1.0"):
+    train.create_optimizer(_cfg(clip_norm=-1.0), 10)
+  with pytest.raises(ValueError, match=r"optimizer.warmup_steps must be an int >= 0, got -5"):
+    train.create_optimizer(_cfg(schedule="warmup_cosine", warmup_steps=-5), 10)
 
 
 def test_train_step_reduces_loss_on_fixed_batch():
@@ -181,6 +200,8 @@ def _tiny_digits(steps=2):
     ("num_train_steps", -5, "config.num_train_steps must be an int >= 0, got -5"),
     ("checkpoint_every_steps", -1, "config.checkpoint_every_steps must be an int >= 0"),
     ("eval_every_steps", -2, "config.eval_every_steps must be an int >= 0"),
+    ("compute_dtype", "bf16", "config.compute_dtype must be a floating-point dtype name .*'bf16'"),
+    ("compute_dtype", "int8", "config.compute_dtype must be a floating-point dtype name .*'int8'"),
 ])
 def test_bad_counts_are_refused_before_anything_runs(tmp_path, key, value, message):
   c = _tiny_digits()
@@ -219,6 +240,21 @@ def test_a_run_with_no_steps_evaluates_and_logs_once(tmp_path):
   lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert [(l["step"], l["split"]) for l in lines] == [(0, "validation"), (0, "test")]
   assert lines[1]["loss"] == pytest.approx(results["test"]["loss"])
+  # Rerunning it (it has no checkpoint) evaluates again but logs once, not twice.
+  train.train_and_evaluate(c, wd)
+  assert [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))] == lines
+
+
+def test_divergence_is_named_at_its_step_between_checks(tmp_path):
+  """An infinite learning rate makes the parameters non-finite with the first update; the
+  run checks every 5 steps, and the error names step 1 (it named step 5, the check)."""
+  c = _tiny_digits(steps=6)
+  c.learning_rate = float("inf")
+  c.log_every_steps = c.checkpoint_every_steps = 5
+  with pytest.raises(train.TrainingError,
+                     match=r"the parameters' norm became nan at step 1; the last good "
+                           r"checkpoint \(step None\)"):
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
 
 
 def test_batch_norm_recalibration_runs_the_network_without_dropout():

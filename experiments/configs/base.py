@@ -15,7 +15,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 10
   c.eval_splits = ("validation", "test")
   c.class_weights = ""             # "" or "balanced"
-  c.bn_recalibrate_batches = 20    # re-estimate batch-norm statistics before eval; 0 = off
+  c.bn_recalibrate_batches = 20    # re-estimate batch-norm statistics before eval from this
+  #                                  many training batches (one epoch at most); 0 = off
   c.parallel = "jit"               # "jit" (sharded over a device mesh) or "pmap"
   c.data_shards = 0                # 0: each process loads the whole training split and keeps
   #                                  its slice of every batch; S: the split is read in S shards,
