@@ -564,6 +564,17 @@ def _fmt_time(s: float) -> str:
 
 # ----------------------------------------------------------------------------- the job
 
+def scored_labels(arrays: dict) -> np.ndarray:
+  """The labels the loss scores, flat: per-step labels ([N,T]) only at steps their mask keeps
+  (``label_mask`` for seq2seq, else ``mask``), so padding does not weigh in class counts."""
+  labels = arrays["labels"]
+  if labels.ndim > 1:
+    keep = arrays.get("label_mask", arrays.get("mask"))
+    if keep is not None and keep.shape == labels.shape:
+      return labels[np.asarray(keep, bool)]
+  return labels.reshape(-1)
+
+
 class _TrainData:
   """The training split as this process reads it: whole (``config.data_shards=0``:
   every process loads it and keeps its slice of each global batch) or in S
@@ -602,9 +613,9 @@ class _TrainData:
                        f"{f', in shards of {b // s} rows per batch' if s else ''})")
 
   def class_counts(self, num_classes: int) -> np.ndarray:
-    """Training labels per class, over the whole split."""
+    """Training labels per class, over the whole split (per-step labels: the scored steps)."""
     parts = self.shards.values() if self.num_shards else [self.arrays]
-    counts = sum(np.bincount(a["labels"].reshape(-1), minlength=num_classes) for a in parts)
+    counts = sum(np.bincount(scored_labels(a), minlength=num_classes) for a in parts)
     return _across_processes(counts, np.sum) if self.num_shards else counts
 
   def first_batch(self) -> dict:

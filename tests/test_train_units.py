@@ -299,3 +299,15 @@ def test_metrics_writer_resumes_past_a_torn_last_line(tmp_path, monkeypatch):
   train.MetricsWriter(str(tmp_path), resume_step=20).write(30, "train", {"loss": 0.3})
   assert [json.loads(l) for l in path.read_text().splitlines()] == \
       good + [{"step": 30, "split": "train", "loss": 0.3}]
+
+
+def test_class_counts_skip_padded_steps():
+  """Balanced class weights for per-step labels count only the steps the loss scores."""
+  labels = np.array([[1, 2, 0, 0], [2, 2, 2, 0]])
+  mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)  # the zeros are padding
+  np.testing.assert_array_equal(
+      np.bincount(train.scored_labels({"labels": labels, "mask": mask}), minlength=3), [0, 1, 4])
+  # seq2seq scores the decoder steps (label_mask), not the source mask
+  s2s = {"labels": labels, "mask": np.ones((2, 6), bool), "label_mask": ~mask}
+  np.testing.assert_array_equal(np.bincount(train.scored_labels(s2s), minlength=3), [3, 0, 0])
+  np.testing.assert_array_equal(train.scored_labels({"labels": np.array([3, 1])}), [3, 1])
