@@ -204,6 +204,11 @@ def matmul(a: Array, w: Array, out_dtype) -> Array:
   return jnp.dot(a, w, preferred_element_type=out_dtype)
 
 
+def restart(h: Array, flags: Array | None) -> Array:
+  """h [B,H] zeroed in the rows whose flag [B] is set (a segment starts there); None: h."""
+  return h if flags is None else jnp.where(flags[:, None], jnp.zeros_like(h), h)
+
+
 def blend(h: Array, g: Gates) -> Array:
   """h' = (1−z)⊙h + z⊙h̃, written with one multiply."""
   return h + g.z * (g.candidate - h)

@@ -81,8 +81,7 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
 
   def body(h, inp):
     ax_t, m_t, r_t = inp
-    if r_t is not None:
-      h = jnp.where(r_t[:, None], jnp.zeros_like(h), h)
+    h = cell_lib.restart(h, r_t)
     if variant == "seed":
       ah = _ln(h @ w_zr, g_zr, be_zr, 2, eps)
       ah = ah + b_h[:2 * hsz]

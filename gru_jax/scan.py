@@ -187,8 +187,7 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
 
   def body(h, inp):
     xp_t, m_t, r_t = inp
-    if r_t is not None:
-      h = jnp.where(r_t[:, None], jnp.zeros_like(h), h)
+    h = cell_lib.restart(h, r_t)
     g = cell_lib.recurrent_gates(w_loop, b_h, h, xp_t, variant=variant,
                                  h_drop=None if rec_mask is None else h * rec_mask)
     h_new = cell_lib.blend(h, g)

@@ -169,9 +169,7 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs
 
 def _reset(h: Array, rs, t, axis: int) -> Array:
   """h, zeroed in the rows whose step t starts a new segment (``rs`` None: h)."""
-  if rs is None:
-    return h
-  return jnp.where(take(rs, t, axis)[:, None], jnp.zeros_like(h), h)
+  return h if rs is None else cell_lib.restart(h, take(rs, t, axis))
 
 
 def _step(w_h, b_hn, rm, h, xz, xr, xc, keep, variant, through=None):
@@ -195,8 +193,7 @@ def scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, rs=None):
 
   def body(h, inp):
     xp_t, m_t, r_t = inp
-    if r_t is not None:
-      h = jnp.where(r_t[:, None], jnp.zeros_like(h), h)
+    h = cell_lib.restart(h, r_t)
     xz, xr, xc = (xp_t[:, i * hsz:(i + 1) * hsz] + bias[i] for i in range(3))
     h_new, out, _, _ = _step(w_h, b_hn, rm, h, xz, xr, xc,
                              None if m_t is None else m_t[:, None], cfg.variant)
