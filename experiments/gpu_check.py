@@ -9,7 +9,8 @@ r"""One prepared GPU session: Pallas-vs-XLA correctness, then timings of every i
    problem against the float64 NumPy reference): the "pallas" backend against
    "xla" and against "scan" (plain autodiff), forward outputs and gradients of
    sum(hs·ct) + sum(h_last·ct_last) w.r.t. params, inputs and h0, with a
-   padding mask, both variants, float32 and bf16 weights.  Relative error
+   padding mask, both variants, float32 and bf16 weights, with and without
+   segment resets.  Relative error
    ‖a−b‖/‖b‖ per output, limits 2e-3 (f32, TF32 dots) and 3e-2 (bf16).
 2b. End to end: `gru_jax.train.train_and_evaluate` on the adding problem
    (experiments/configs/adding.py: GRU(128), B=64, T=200, 2,000 steps; the
@@ -17,7 +18,7 @@ r"""One prepared GPU session: Pallas-vs-XLA correctness, then timings of every i
    the device image lacks: carry its wheel (docs/benchmarks.md), else skipped.
 2c. The column-split kernels (`gru_jax.kernels.pallas_split`), in a child
    process: each (split, warps, joint wait) configuration checked as in 2 (f32, f32
-   reversed and time-major, bf16), the correct ones timed against the unsplit
+   reversed and time-major with resets, bf16), the correct ones timed against the unsplit
    kernel on three H=128 shapes; the fastest at the first shape is used below.
    Writes split.json.
 3. Kernel sweep on the first cuDNN target shape (batch tile, warps, prefetch,
@@ -66,14 +67,16 @@ ANCHOR_SHAPES = [
     ("forward", "16x2000x256x256"),
 ]
 TINY_SHAPES = [("train", "16x12x16x32"), ("forward", "16x12x16x32"), ("train", "32x6x8x16")]
-# (shape, variant, dtype, reverse) checked against xla and scan; masks always on.
-CHECKS = [("64x100x128x128", "reset_after", "float32", False),
-          ("64x100x128x128", "seed", "float32", True),
-          ("64x100x128x128", "reset_after", "bfloat16", False),
-          ("64x1000x128x128", "reset_after", "float32", False),
-          ("32x50x64x64", "seed", "bfloat16", False)]
-TINY_CHECKS = [("16x12x16x32", "reset_after", "float32", False),
-               ("16x12x16x32", "seed", "bfloat16", True)]
+# (shape, variant, dtype, reverse, resets) checked against xla and scan; masks
+# always on; resets: segment starts at 5% of the steps.
+CHECKS = [("64x100x128x128", "reset_after", "float32", False, False),
+          ("64x100x128x128", "seed", "float32", True, True),
+          ("64x100x128x128", "seed", "float32", True, False),
+          ("64x100x128x128", "reset_after", "bfloat16", False, False),
+          ("64x1000x128x128", "reset_after", "float32", False, False),
+          ("32x50x64x64", "seed", "bfloat16", False, False)]
+TINY_CHECKS = [("16x12x16x32", "reset_after", "float32", False, False),
+               ("16x12x16x32", "seed", "bfloat16", True, True)]
 # Kernel configurations swept: (batch tile, warps, prefetch, Triton stages, weight dtype).
 SWEEP = [(16, 4, True, 1, "float32"), (16, 4, False, 1, "float32"), (16, 8, True, 1, "float32"),
          (16, 8, False, 1, "float32"), (16, 16, True, 1, "float32"), (32, 8, True, 1, "float32"),
@@ -117,8 +120,10 @@ def rel_err(a, b) -> float:
 
 
 def compare(shape, variant: str, dtype: str, reverse: bool = False,
-            time_major: bool = False, cache: dict | None = None) -> dict:
+            time_major: bool = False, cache: dict | None = None, resets: bool = False) -> dict:
   """Pallas vs XLA vs scan on one problem with a padding mask: forward and gradients.
+
+  ``resets``: segment starts at 5% of the steps (`gru_jax.gru(..., resets=)`).
 
   ``cache`` keeps the "xla" and "scan" results across calls (the split phase
   checks many kernel configurations against the same references).
@@ -137,20 +142,22 @@ def compare(shape, variant: str, dtype: str, reverse: bool = False,
   mask = jnp.arange(t)[None] < lengths[:, None]
   ct = jax.random.normal(jax.random.fold_in(key, 6), (b, t, h))
   ct_last = jax.random.normal(jax.random.fold_in(key, 8), (b, h))
+  starts = jax.random.bernoulli(jax.random.fold_in(key, 9), 0.05, (b, t)) if resets else None
   cd = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
 
   def run(backend):
     def loss(p, x, h0):
       tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
       h_last, hs = gru_jax.gru(p, tm(x), h0, mask=tm(mask), variant=variant, backend=backend,
-                               compute_dtype=cd, reverse=reverse, time_major=time_major)
+                               compute_dtype=cd, reverse=reverse, time_major=time_major,
+                               resets=None if starts is None else tm(starts))
       hs = tm(hs)
       return jnp.sum(hs * ct) + jnp.sum(h_last * ct_last), (h_last, hs)
     (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
         params, x, h0)
     return jax.tree.map(lambda a: jax.device_get(a), (outs, grads))
 
-  key = (tuple(shape), variant, dtype, reverse, time_major)
+  key = (tuple(shape), variant, dtype, reverse, time_major, resets)
   refs = (cache or {}).get(key) or (run("xla"), run("scan"))
   if cache is not None:
     cache[key] = refs
@@ -161,7 +168,7 @@ def compare(shape, variant: str, dtype: str, reverse: bool = False,
   vs_scan = {n: rel_err(a, b) for n, a, b in zip(names, flat(got), flat(scan))}
   worst = max(list(vs_xla.values()) + list(vs_scan.values()))
   return dict(shape=list(shape), variant=variant, dtype=dtype, reverse=reverse,
-              time_major=time_major, vs_xla=vs_xla,
+              time_major=time_major, resets=resets, vs_xla=vs_xla,
               vs_scan=vs_scan,
               worst=worst, ok=bool(worst <= TOLERANCE[dtype]))
 
@@ -275,15 +282,16 @@ def split_phase(out_dir: str, tiny: bool, budget_s: float, log) -> dict:
     ok = True
     for reverse, time_major, dtype in ((False, False, "float32"), (True, True, "float32"),
                                        (False, False, "bfloat16")):
-      try:
-        c = compare(check_shape, "reset_after", dtype, reverse, time_major, cache=refs)
+      try:  # the reversed, time-major check has resets too
+        c = compare(check_shape, "reset_after", dtype, reverse, time_major, cache=refs,
+                    resets=time_major)
       except Exception as e:  # noqa: BLE001 - a failing configuration is a result
         c = dict(ok=False, error=f"{type(e).__name__}: {str(e)[:500]}")
       c.update(split=split, warps=warps, joint_wait=joint, seconds=round(time.time() - t0, 1))
       res["checks"].append(c)
       log("split check", json.dumps({k: c.get(k) for k in ("split", "warps", "joint_wait",
-                                                           "dtype", "reverse",
-                                                           "time_major", "worst", "ok", "error")}))
+                                                           "dtype", "reverse", "time_major",
+                                                           "resets", "worst", "ok", "error")}))
       ok = ok and c["ok"]
       save()
     if ok:
@@ -415,17 +423,18 @@ def main(argv):
   if ref is not None:
     checks.append(ref)
     log("float64 reference:", ref)
-  for shape_text, variant, dtype, reverse in (TINY_CHECKS if FLAGS.tiny else CHECKS)[
+  for shape_text, variant, dtype, reverse, resets in (TINY_CHECKS if FLAGS.tiny else CHECKS)[
       :FLAGS.max_checks]:
     shape = benchmark.parse_shape(shape_text)
     if not kernel_applies(shape, dtype):
       log(f"correctness {shape_text} {dtype}: kernel does not apply (falls back to xla)")
       continue
     c = guarded(f"correctness {shape_text} {variant} {dtype}", compare, shape, variant, dtype,
-                reverse)
+                reverse, resets=resets)
     if c is not None:
       checks.append(c)
-      log(f"correctness {shape_text} {variant} {dtype} reverse={reverse}: worst rel err "
+      log(f"correctness {shape_text} {variant} {dtype} reverse={reverse} resets={resets}: "
+          f"worst rel err "
           f"{c['worst']:.2e} {'ok' if c['ok'] else 'FAILED'}")
   all_ok = bool(checks) and all(c["ok"] for c in checks) and not results["errors"]
 
@@ -504,7 +513,8 @@ def main(argv):
   summary = ["# gpu_check summary", "", f"devices: {env['devices']}", "",
              "## Correctness (pallas vs xla / scan; relative error, worst output)", ""]
   summary += [f"- {c.get('shape', 'tiny')} {c.get('variant', '')} {c.get('dtype', '')} "
-              f"reverse={c.get('reverse', '')}: {c.get('worst', c.get('max_abs'))} "
+              f"reverse={c.get('reverse', '')} resets={c.get('resets', '')}: "
+              f"{c.get('worst', c.get('max_abs'))} "
               f"{'ok' if c['ok'] else 'FAILED'}" for c in checks]
   summary += ["", "## End-to-end training (adding problem)", "",
               json.dumps(results.get("train_check", "not run"))]

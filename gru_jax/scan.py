@@ -15,8 +15,8 @@ does only the recurrent work.  Three implementations of the loop
   forward-mode AD, ``return_gates`` and ``remat_chunk``.
 * "auto": "pallas" on GPU when the kernel applies, else "xla".
 
-``resets`` (segment starts: RL episodes, packed sequences) run on "scan" and
-"xla"; "pallas" and "auto" run them on "xla" (the kernels do not take them).
+``resets`` (segment starts: RL episodes, packed sequences) run on every
+backend; "auto" runs them on "xla" (`AUTO_PALLAS_RESETS`).
 """
 from __future__ import annotations
 
@@ -113,6 +113,14 @@ def effective_resets(resets: Array, mask: Array | None, *, reverse: bool,
   return valid & (after > seg)
 
 
+# Whether "auto" may pick the Pallas kernels when ``resets`` are given.  The
+# kernels take resets (checked in interpret mode and lowered for CUDA on CPU),
+# but that path has not been compiled or timed on a GPU yet;
+# experiments/gpu_check.py does both.  Until then "auto" keeps the measured
+# XLA path for it.
+AUTO_PALLAS_RESETS = False
+
+
 def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype,
                     state_dtype, return_gates: bool = False, remat_chunk=None,
                     platform: str | None = None, resets: bool = False) -> str:
@@ -121,14 +129,14 @@ def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype
   "scan" is forced by ``return_gates`` and ``remat_chunk`` (the fused paths
   store their own residuals and return no gates).  "pallas" falls back to
   "xla", without error, where the kernel does not apply (see
-  `gru_jax.kernels.pallas_gru.supported`) and with ``resets`` (the kernels
-  do not take them); "auto" picks "pallas" only on GPU.
+  `gru_jax.kernels.pallas_gru.supported`); "auto" picks "pallas" only on GPU,
+  and with ``resets`` only if `AUTO_PALLAS_RESETS`.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend == "scan" or return_gates or remat_chunk is not None:
     return "scan"
-  if backend == "xla" or resets:
+  if backend == "xla" or (backend == "auto" and resets and not AUTO_PALLAS_RESETS):
     return "xla"
   platform = platform or jax.default_backend()
   if backend == "auto" and platform != "gpu":

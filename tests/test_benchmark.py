@@ -76,7 +76,7 @@ def test_entrypoints_give_one_line_errors(tmp_path):
 
 def test_gpu_check_rehearsal_on_cpu(tmp_path):
   """The prepared device script runs end to end on CPU (Pallas in interpret mode):
-  correctness against the XLA path and autodiff, a sweep, a timed run, at most the
+  correctness against the XLA path and autodiff (with segment resets too), a sweep, a timed run, at most the
   8 files the device tool returns, and no TensorFlow import (the GPU image has none)."""
   import subprocess
   import sys
@@ -84,7 +84,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
   out = tmp_path / "out"
   r = subprocess.run(
       [sys.executable, "-m", "experiments.gpu_check", "--tiny", f"--out_dir={out}",
-       "--repeats=2", "--max_checks=1", "--sweep=stages",
+       "--repeats=2", "--max_checks=2", "--sweep=stages",
        "--runs=train:16x12x16x32:float32,forward:16x12x16x32:bfloat16"],
       cwd=root, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -95,10 +95,12 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
   split = res["split"]  # phase 2c, run in a child process: split=1 is all interpret mode runs
   assert split["returncode"] == 0 and split["errors"] == []
   assert len(split["checks"]) == 6 and all(c["ok"] and c["split"] == 1 for c in split["checks"])
+  assert [c["resets"] for c in split["checks"]] == [False, True, False] * 2
   assert [(r["split"], r["joint_wait"], "train" in r) for r in split["timings"]] == [
       (0, False, True), (1, False, True), (1, True, True)]
   assert res["errors"] == [] and res["env"]["tensorflow_imported"] == []
-  assert all(c["ok"] for c in res["correctness"]) and len(res["correctness"]) == 2
+  assert all(c["ok"] for c in res["correctness"]) and len(res["correctness"]) == 3
+  assert [c.get("resets") for c in res["correctness"]] == [None, False, True]
   assert len(res["sweep"]) == 5 and all("train" in row for row in res["sweep"])
   assert res["kernel_config"] in res["sweep"]
   assert [(b["mode"], b["dtype"]) for b in res["bench"]] == [("train", "float32"),

@@ -57,6 +57,16 @@ def grads(backend, variant, p, xs, h0, ct, ct_last, **kw):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("reverse", [False, True])
+def cuda_module(loss, *args) -> str:
+  """The MLIR of jit(grad(loss)) lowered for CUDA without a GPU: runs the Pallas
+  Triton lowering rules on every kernel in it (Triton's own compile is not run)."""
+  exported = jax.export.export(
+      jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(*args)
+  return exported.mlir_module()
+
+
 def test_forward_matches_float64_reference(backend, variant, reverse):
   p, xs, h0, mask, _, _ = problem(1)
   h_last, hs = gru_jax.gru(p, xs, h0, mask=mask, reverse=reverse, variant=variant,
@@ -315,11 +325,7 @@ def test_kernels_lower_to_triton_for_gpu(time_axis):
                                      mask, rm, variant=variant, time_axis=time_axis,
                                      impl="pallas", interpret=False)
         return jnp.sum(hs)
-      exported = jax.export.export(
-          jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
-          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-      )(w_h, xp, h0)
-      text = exported.mlir_module()
+      text = cuda_module(loss, w_h, xp, h0)
       assert "_forward_kernel" in text and "_backward_kernel" in text
 
 
@@ -449,11 +455,7 @@ def test_split_kernels_lower_to_triton_for_gpu(joint_wait, monkeypatch):
                                  variant="reset_after", time_axis=0, impl="pallas",
                                  interpret=False)
     return jnp.sum(hs)
-  exported = jax.export.export(
-      jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-  )(w_h, xp, jnp.zeros((b, h)))
-  text = exported.mlir_module()
+  text = cuda_module(loss, w_h, xp, jnp.zeros((b, h)))
   assert text.count("grid_y = 4") == 2  # the forward and the backward kernel
   fused_rnn._make.cache_clear()
 

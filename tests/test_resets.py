@@ -15,6 +15,7 @@ import gru_jax
 from gru_jax import layernorm, layers, nnx_layers, scan
 from tests import reference
 from tests.test_cell_scan import random_params
+from tests.test_kernels import cuda_module
 
 B, T, D, H = 5, 13, 3, 4
 BACKENDS = ["scan", "xla", "pallas"]
@@ -164,18 +165,107 @@ def test_remat_chunks_with_resets_match_reference():
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_all_false_resets_change_nothing_and_pallas_falls_back():
+def test_all_false_resets_change_nothing():
   p = random_params(jax.random.key(12), D, H)
   xs, h0, mask, _ = _data(seed=13)
   plain = gru_jax.gru(p, xs, h0, mask=mask, backend="xla")
   none = gru_jax.gru(p, xs, h0, mask=mask, resets=np.zeros((B, T), bool), backend="xla")
   jax.tree.map(np.testing.assert_array_equal, plain, none)
-  assert scan.resolve_backend("pallas", hidden_size=128, batch=16, compute_dtype=jnp.float32,
-                              state_dtype=jnp.float32, platform="gpu", resets=True) == "xla"
-  with pytest.raises(ValueError, match="resets run only with impl='xla'"):
-    gru_jax.kernels.fused_rnn.recurrence(p.w_h, p.b_x, p.b_h[2 * H:], jnp.zeros((T, B, 3 * H)),
-                                         jnp.zeros((B, H)), resets=jnp.zeros((T, B), bool),
-                                         impl="pallas", interpret=True)
+
+
+def test_backend_choice_with_resets():
+  """An explicit "pallas" runs the kernels with resets; "auto" keeps the XLA path
+  for them on GPU until the kernels' reset path has been timed there."""
+  kw = dict(hidden_size=128, batch=16, compute_dtype=jnp.float32, state_dtype=jnp.float32,
+            platform="gpu", resets=True)
+  assert scan.resolve_backend("pallas", **kw) == "pallas"
+  assert scan.resolve_backend("auto", **kw) == "xla"
+  assert scan.resolve_backend("auto", **{**kw, "resets": False}) == "pallas"
+
+
+def _spy_kernels(monkeypatch, module):
+  """Records which of ``module``'s forward/backward ran, and whether resets reached them."""
+  calls = []
+  for name in ("forward", "backward"):
+    orig = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, _o=orig, _n=name, **k: (
+        calls.append((_n, k.get("rs") is not None)), _o(*a, **k))[1])
+  return calls
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("time_major", [False, True])
+def test_pallas_kernels_with_resets_match_reference_and_xla_grads(time_major, split,
+                                                                  monkeypatch):
+  """The Pallas kernels (interpret mode) take the reset flags themselves: forward
+  against the float64 segment runner, gradients against the XLA loop's VJP (itself
+  checked against finite differences above) and autodiff of the plain scan, for
+  both variants, reverse time, padding and recurrent dropout (against the scan:
+  the reference has no dropout).  ``split``: the
+  column-split kernels ("reset_after", no dropout; one column block in interpret
+  mode)."""
+  from gru_jax.kernels import fused_rnn, pallas_gru, pallas_split
+  monkeypatch.setattr(pallas_gru, "SPLIT", 1 if split else 0)
+  fused_rnn._make.cache_clear()
+  calls = _spy_kernels(monkeypatch, pallas_split if split else pallas_gru)
+  p = random_params(jax.random.key(14), D, H)
+  xs, h0, mask, resets = _data(seed=15, b=4)
+  rm = np.random.default_rng(16).uniform(0.5, 1.5, (4, H)).astype(np.float32)
+  tm = (lambda a: np.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
+  ct = np.random.default_rng(17).normal(size=(4, T, H)).astype(np.float32)
+  cases = [(v, rev, drop) for v in (["reset_after"] if split else ["seed", "reset_after"])
+           for rev in (False, True) for drop in ([None] if split else [None, rm])]
+  for variant, reverse, drop in cases:
+    kw = dict(mask=tm(mask), resets=tm(resets), reverse=reverse, variant=variant,
+              time_major=time_major, recurrent_dropout_mask=drop)
+    h_last, hs = gru_jax.gru(p, tm(xs), h0, backend="pallas", **kw)
+    if drop is None:  # the reference has no dropout; with it, the scan below is the check
+      ref_last, ref_hs = reference.run_segments(p, xs, h0, mask, resets, reverse, variant)
+      np.testing.assert_allclose(tm(np.asarray(hs)), ref_hs, atol=2e-5, rtol=1e-5)
+      np.testing.assert_allclose(h_last, ref_last, atol=2e-5, rtol=1e-5)
+    scan_last, scan_hs = gru_jax.gru(p, tm(xs), h0, backend="scan", **kw)
+    np.testing.assert_allclose(hs, scan_hs, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(h_last, scan_last, atol=2e-5, rtol=1e-5)
+
+    def loss(backend):
+      def f(p, x, h0):
+        h_last, hs = gru_jax.gru(p, x, h0, backend=backend, **kw)
+        return jnp.sum(tm(hs) * ct) + jnp.sum(h_last ** 2)
+      return f
+    got = jax.grad(loss("pallas"), argnums=(0, 1, 2))(p, tm(xs), h0)
+    for other in ("xla", "scan"):
+      want = jax.grad(loss(other), argnums=(0, 1, 2))(p, tm(xs), h0)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=3e-5, rtol=1e-4)
+  assert ("forward", True) in calls and ("backward", True) in calls
+  fused_rnn._make.cache_clear()
+
+
+@pytest.mark.parametrize("split", [0, 4])
+def test_pallas_kernels_with_resets_lower_to_triton_for_gpu(split, monkeypatch):
+  """Without a GPU: the train step with resets lowers through the Triton rules for
+  both kernels (the unsplit ones for both variants with dropout, the split ones)."""
+  from gru_jax.kernels import fused_rnn, pallas_gru
+  monkeypatch.setattr(pallas_gru, "SPLIT", split)
+  monkeypatch.setattr(pallas_gru, "_sm_count", lambda: 132)  # an H100's; the CPU reports none
+  fused_rnn._make.cache_clear()
+  b, t, h = 64, 5, 128 if split else 32
+  ks = jax.random.split(jax.random.key(18), 2)
+  w_h = 0.1 * jax.random.normal(ks[0], (h, 3 * h))
+  xp = jax.random.normal(ks[1], (t, b, 3 * h))
+  mask = jnp.ones((t, b), bool)
+  rs = jnp.zeros((t, b), bool).at[2, ::3].set(True)
+  for variant in ["reset_after"] if split else ["seed", "reset_after"]:
+    def loss(w_h, xp, h0):
+      _, hs = fused_rnn.recurrence(w_h, jnp.zeros(3 * h), jnp.zeros(h), xp, h0, mask,
+                                   None if split else jnp.ones((b, h)), variant=variant,
+                                   time_axis=0, impl="pallas", interpret=False, resets=rs)
+      return jnp.sum(hs)
+    text = cuda_module(loss, w_h, xp, jnp.zeros((b, h)))
+    assert "_forward_kernel" in text and "_backward_kernel" in text
+    if split:
+      assert text.count("grid_y = 4") == 2
+  fused_rnn._make.cache_clear()
 
 
 def test_bad_resets_shape_is_named():

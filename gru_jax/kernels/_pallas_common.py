@@ -11,13 +11,22 @@ def at(ax: int, t, *rest):
   return ((t, slice(None)) if ax == 0 else (slice(None), t)) + rest
 
 
-def gate_loader(xp_ref, mask_ref, ax: int, time_of):
-  """load(i) for a forward kernel: step time_of(i)'s three [tile,H] gate inputs, then its mask."""
+def gate_loader(xp_ref, flag_refs, ax: int, time_of):
+  """load(i) for a forward kernel: step time_of(i)'s three [tile,H] gate inputs, then
+  its [tile] row of each of ``flag_refs`` (mask, resets: those given)."""
   def load(i):
     t = time_of(i)
     xs = tuple(xp_ref[at(ax, t, g, slice(None))] for g in range(3))
-    return xs + ((mask_ref[at(ax, t)],) if mask_ref is not None else ())
+    return xs + tuple(ref[at(ax, t)] for ref in flag_refs)
   return load
+
+
+def add_flags(args: list, in_specs: list, spec, *flags) -> None:
+  """Appends each of ``flags`` (mask, resets) that is given, as int32: Triton loads no bools."""
+  for f in flags:
+    if f is not None:
+      args.append(f.astype(jnp.int32))
+      in_specs.append(spec)
 
 
 def row_loader(refs, ax: int, time_of):

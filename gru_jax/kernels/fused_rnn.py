@@ -331,26 +331,22 @@ def _loops(impl: str):
 def _make(cfg: Config):
   forward, backward = _loops(cfg.impl)
 
-  # Resets reach only the XLA loops (the Pallas kernels do not take them:
-  # `recurrence` refuses), so the Pallas calls keep their signatures.
-  kw = lambda rs: {} if rs is None else {"rs": rs}
-
   @jax.custom_vjp
   def fn(w_h, b_x, b_hn, xp, h0, mask, rm, rs):
     if cfg.impl == "xla" and cfg.primal == "scan":
-      h_last, hs, _ = scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, **kw(rs))
+      h_last, hs, _ = scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, rs=rs)
     else:
-      h_last, hs, _ = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=False, **kw(rs))
+      h_last, hs, _ = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=False, rs=rs)
     return h_last, hs
 
   def fn_fwd(w_h, b_x, b_hn, xp, h0, mask, rm, rs):
-    h_last, hs, res = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=True, **kw(rs))
+    h_last, hs, res = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=True, rs=rs)
     return (h_last, hs), (w_h, b_x, b_hn, xp, h0, mask, rm, rs, res)
 
   def fn_bwd(saved, cts):
     w_h, b_x, b_hn, xp, h0, mask, rm, rs, res = saved
     g_last, g_hs = cts
-    dh0, dxp, drm = backward(w_h, b_hn, res, mask, rm, g_last, g_hs, xp, cfg=cfg, **kw(rs))
+    dh0, dxp, drm = backward(w_h, b_hn, res, mask, rm, g_last, g_hs, xp, cfg=cfg, rs=rs)
     dw, db_x, db_hn = weight_grads(w_h, b_x, b_hn, res, rm, dxp, cfg=cfg, rs=rs)
     return (dw, db_x, db_hn, dxp.astype(xp.dtype), dh0.astype(h0.dtype), None,
             None if rm is None else drm.astype(rm.dtype), None)
@@ -379,7 +375,7 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
       picks by device (`default_primal`: "scan" on GPU, "loop" elsewhere).
     resets: bool, laid out like ``mask``, or None: the steps that start from a
       zero state, in running order (`gru_jax.scan.effective_resets` makes
-      them from segment starts).  "xla" only.
+      them from segment starts).
 
   Returns:
     (h_last [B,H], hs [T,B,H] / [B,T,H]).  Differentiable in reverse mode
@@ -390,9 +386,6 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     primal = default_primal()
   if primal not in ("loop", "scan"):
     raise ValueError(f"primal must be 'loop' or 'scan', got {primal!r}")
-  if resets is not None and impl != "xla":
-    raise ValueError(f"resets run only with impl='xla' (the Pallas kernels do not take them), "
-                     f"got impl={impl!r}")
   cfg = Config(variant, bool(reverse), int(time_axis), impl, int(unroll), bool(interpret),
                primal)
   return _make(cfg)(w_h, b_x, b_hn, xp, h0, mask, rm, resets)

@@ -15,7 +15,9 @@ mode (slow; for tests).  Every load and store is a [tile,H] or [H,H] block,
 so H must be a power of two (a Triton requirement), and the weights must fit
 in shared memory (`supported`).  The state and all elementwise math are
 float32 (the state dtype); the matmuls run in the weights' dtype (bf16 or
-f32) with f32 accumulation.
+f32) with f32 accumulation.  Masks and reset flags (`gru_jax.scan.effective_resets`)
+arrive as int32 and are read per step with the inputs; a reset step zeroes
+the state it starts from, and in the backward loop the gradient it passes on.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from gru_jax import cell as cell_lib
 from gru_jax.kernels import pallas_split
-from gru_jax.kernels._pallas_common import (at as _at, call, dot as _dot, gate_loader,
-                                             row_loader, time_loop)
+from gru_jax.kernels._pallas_common import (add_flags, at as _at, call, dot as _dot,
+                                             gate_loader, row_loader, time_loop)
 from gru_jax.kernels.fused_rnn import Config, Residuals, outputs_from_prev
 
 Array = jax.Array
@@ -131,11 +134,9 @@ def _specs(cfg: Config, n: int, bt: int, hsz: int):
   )
 
 
-def _add_optional(args: list, in_specs: list, sp: dict, mask, rm) -> None:
-  """Appends the mask (as int32: Triton loads no bools) and the dropout multiplier when given."""
-  if mask is not None:
-    args.append(mask.astype(jnp.int32))
-    in_specs.append(sp["mask"])
+def _add_optional(args: list, in_specs: list, sp: dict, mask, rs, rm) -> None:
+  """Appends the mask, resets and dropout multiplier, those given, in that order."""
+  add_flags(args, in_specs, sp["mask"], mask, rs)
   if rm is not None:
     args.append(rm)
     in_specs.append(sp["state"])
@@ -149,12 +150,13 @@ def _call(kernel, cfg: Config, batch: int, out_shape, in_specs, out_specs, bt: i
 
 # ---------------------------------------------------------------- forward
 
-def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_rm: bool):
+def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_rs: bool,
+                    has_rm: bool):
   refs = list(refs)
   xp_ref, w_ref, b_ref, bhn_ref, h0_ref = refs[:5]
-  mask_ref = refs[5] if has_mask else None
-  rm_ref = refs[5 + has_mask] if has_rm else None
-  out_refs = refs[5 + has_mask + has_rm:]
+  flag_refs = refs[5:5 + has_mask + has_rs]  # mask, resets: those given
+  rm_ref = refs[5 + has_mask + has_rs] if has_rm else None
+  out_refs = refs[5 + has_mask + has_rs + has_rm:]
   ax, seed = cfg.time_axis, cfg.variant == "seed"
   # Loaded once: the recurrent weights stay on chip for all T steps.
   wz, wr, wc = w_ref[0], w_ref[1], w_ref[2]
@@ -164,11 +166,13 @@ def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_
 
   time_of = lambda i: n - 1 - i if cfg.reverse else i
 
-  load = gate_loader(xp_ref, mask_ref, ax, time_of)
+  load = gate_loader(xp_ref, flag_refs, ax, time_of)
 
-  def body(i, h, inputs):
+  def body(i, h_prev, inputs):
     t = time_of(i)
     xz, xr, xc = inputs[:3]
+    # The stored state is the one carried in, before a reset (as the XLA loop).
+    h = cell_lib.restart(h_prev, inputs[-1] != 0) if has_rs else h_prev
     hin = h if rm is None else h * rm
     z = jax.nn.sigmoid(xz + bz + _dot(hin, wz))
     r = jax.nn.sigmoid(xr + br + _dot(hin, wr))
@@ -184,7 +188,7 @@ def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_
       keep = (inputs[3] != 0)[:, None]
       h_new = jnp.where(keep, h_cell, h)
     if save:
-      parts = (h, z, r, c) + (() if seed else (hn,))
+      parts = (h_prev, z, r, c) + (() if seed else (hn,))
     else:
       parts = (h_cell if not has_mask else jnp.where(keep, h_cell, 0.0),)
     for ref, v in zip(out_refs[:-1], parts):
@@ -194,7 +198,7 @@ def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_
   out_refs[-1][...] = time_loop(n, load, body, h0_ref[...].astype(jnp.float32), prefetch=PREFETCH)
 
 
-def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
+def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs=None):
   """Same contract as `gru_jax.kernels.fused_rnn.xla_forward`."""
   ax = cfg.time_axis
   n, batch = (xp.shape[0], xp.shape[1]) if ax == 0 else (xp.shape[1], xp.shape[0])
@@ -203,19 +207,20 @@ def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
   split = _split(cfg, batch, hsz, rm)
   if split:
     return pallas_split.forward(w_h, b_x, b_hn, xp, h0, mask, cfg=cfg, save=save, tile=bt,
-                                split=split, num_warps=SPLIT_WARPS)
+                                split=split, num_warps=SPLIT_WARPS, rs=rs)
   sp = _specs(cfg, n, bt, hsz)
   seq_shape = xp.shape[:2] + (hsz,)
   args = [xp.reshape(xp.shape[:2] + (3, hsz)), w_h.reshape(hsz, 3, hsz).transpose(1, 0, 2),
           b_x.reshape(3, hsz), b_hn, h0]
   in_specs = [sp["gates"], sp["weights"], sp["bias3"], sp["bias"], sp["state"]]
-  _add_optional(args, in_specs, sp, mask, rm)
+  _add_optional(args, in_specs, sp, mask, rs, rm)
   n_seq = (5 if cfg.variant == "reset_after" else 4) if save else 1
   out_shape = [jax.ShapeDtypeStruct(seq_shape, h0.dtype)] * n_seq + [
       jax.ShapeDtypeStruct(h0.shape, h0.dtype)]
   out_specs = [sp["seq"]] * n_seq + [sp["state"]]
   kernel = functools.partial(_forward_kernel, cfg=cfg, n=n, save=save,
-                             has_mask=mask is not None, has_rm=rm is not None)
+                             has_mask=mask is not None, has_rs=rs is not None,
+                             has_rm=rm is not None)
   *seqs, h_last = _call(kernel, cfg, batch, out_shape, in_specs, out_specs, bt)(*args)
   if not save:
     return h_last, seqs[0], None
@@ -225,7 +230,7 @@ def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool):
 
 # ---------------------------------------------------------------- backward
 
-def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
+def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rs: bool, has_rm: bool):
   refs = list(refs)
   seed = cfg.variant == "seed"
   wt_ref, prev_ref, z_ref, r_ref, c_ref = refs[:5]
@@ -235,9 +240,10 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
     hn_ref, k = refs[k], k + 1
   g_ref, glast_ref = refs[k], refs[k + 1]
   k += 2
-  mask_ref = refs[k] if has_mask else None
-  rm_ref = refs[k + has_mask] if has_rm else None
-  dxp_ref, dh0_ref = refs[k + has_mask + has_rm:][:2]
+  flag_refs = refs[k:k + has_mask + has_rs]  # mask, resets: those given
+  k += has_mask + has_rs
+  rm_ref = refs[k] if has_rm else None
+  dxp_ref, dh0_ref = refs[k + has_rm:][:2]
   drm_ref = refs[-1] if has_rm else None
   ax = cfg.time_axis
   # Wᵀ blocks, loaded once: dh_in = Σ_g dã_g·W_gᵀ.
@@ -245,8 +251,7 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
   rm = rm_ref[...] if has_rm else None
 
   time_of = lambda i: i if cfg.reverse else n - 1 - i  # opposite to the forward loop
-  seq_refs = [prev_ref, z_ref, r_ref, c_ref, g_ref] + ([] if seed else [hn_ref]) + (
-      [mask_ref] if has_mask else [])
+  seq_refs = [prev_ref, z_ref, r_ref, c_ref, g_ref] + ([] if seed else [hn_ref]) + flag_refs
 
   load = row_loader(seq_refs, ax, time_of)
 
@@ -255,10 +260,13 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
     t = time_of(i)
     hp, z, r, c, g = inputs[:5]
     hn = None if seed else inputs[5]
+    restart = inputs[-1] != 0 if has_rs else None  # this step started from zero
+    if has_rs:
+      hp = cell_lib.restart(hp, restart)
     hin = hp if rm is None else hp * rm
     d = dh + g
     if has_mask:
-      keep = (inputs[-1] != 0)[:, None]
+      keep = (inputs[5 + (not seed)] != 0)[:, None]
       d = jnp.where(keep, d, 0.0)
     da_c = d * z * (1 - c * c)
     da_z = d * (c - hp) * z * (1 - z)
@@ -279,7 +287,8 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
       dhin = dhin * rm
     for g, v in enumerate((da_z, da_r, da_c)):
       dxp_ref[_at(ax, t, g, slice(None))] = v.astype(dxp_ref.dtype)
-    return direct + dhin, drm
+    dh = direct + dhin
+    return (dh if restart is None else cell_lib.restart(dh, restart)), drm
 
   dh = glast_ref[...].astype(jnp.float32)
   drm0 = jnp.zeros_like(dh)
@@ -289,7 +298,8 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rm: bool):
     drm_ref[...] = drm
 
 
-def backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg: Config):
+def backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg: Config,
+             rs=None):
   """Same contract as `gru_jax.kernels.fused_rnn.xla_backward`."""
   del b_hn, scratch  # hn is stored; the kernel writes a fresh dxp
   ax = cfg.time_axis
@@ -300,13 +310,13 @@ def backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg:
   split = _split(cfg, batch, hsz, rm)
   if split:
     return pallas_split.backward(w_h, res, mask, g_last, g_hs, cfg=cfg, tile=bt, split=split,
-                                 num_warps=SPLIT_WARPS)
+                                 num_warps=SPLIT_WARPS, rs=rs)
   sp = _specs(cfg, n, bt, hsz)
   wt = w_h.reshape(hsz, 3, hsz).transpose(1, 2, 0)  # wt[g] = W_gᵀ
   seqs = [res.prev, res.z, res.r, res.c] + ([] if res.hn is None else [res.hn])
   args = [wt] + seqs + [g_hs.astype(sd), g_last.astype(sd)]
   in_specs = [sp["weights"]] + [sp["seq"]] * (len(seqs) + 1) + [sp["state"]]
-  _add_optional(args, in_specs, sp, mask, rm)
+  _add_optional(args, in_specs, sp, mask, rs, rm)
   gates_shape = res.z.shape[:2] + (3, hsz)
   out_shape = [jax.ShapeDtypeStruct(gates_shape, sd), jax.ShapeDtypeStruct((batch, hsz), sd)]
   out_specs = [sp["gates"], sp["state"]]
@@ -314,7 +324,7 @@ def backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg:
     out_shape.append(jax.ShapeDtypeStruct((batch, hsz), sd))
     out_specs.append(sp["state"])
   kernel = functools.partial(_backward_kernel, cfg=cfg, n=n, has_mask=mask is not None,
-                             has_rm=rm is not None)
+                             has_rs=rs is not None, has_rm=rm is not None)
   outs = _call(kernel, cfg, batch, out_shape, in_specs, out_specs, bt)(*args)
   dxp, dh0 = outs[0].reshape(res.z.shape[:2] + (3 * hsz,)), outs[1]
   return dh0, dxp, outs[2] if rm is not None else None

@@ -38,8 +38,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from gru_jax.kernels._pallas_common import (at as _at, call, dot as _dot, gate_loader,
-                                             row_loader, time_loop)
+from gru_jax import cell as cell_lib
+from gru_jax.kernels._pallas_common import (add_flags, at as _at, call, dot as _dot,
+                                             gate_loader, row_loader, time_loop)
 from gru_jax.kernels.fused_rnn import Config, Residuals
 
 Array = jax.Array
@@ -145,11 +146,11 @@ def _gave_up(spins):
 # ---------------------------------------------------------------- forward
 
 def _forward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, save: bool, has_mask: bool,
-                    interpret: bool):
+                    has_rs: bool, interpret: bool):
   refs = list(refs)
   xp_ref, w_ref, b_ref, bhn_ref, h0_row_ref, h0_ref = refs[:6]
-  mask_ref = refs[6] if has_mask else None
-  outs = refs[7 + has_mask:]  # after the aliased exchange input
+  flag_refs = refs[6:6 + has_mask + has_rs]  # mask, resets: those given
+  outs = refs[7 + has_mask + has_rs:]  # after the aliased exchange input
   ex_ref, hlast_ref = outs[0], outs[-1]
   res_refs = outs[1:-1]
   wz, wr, wc = w_ref[0], w_ref[1], w_ref[2]  # [H, hs]: this program's columns
@@ -158,11 +159,14 @@ def _forward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, save: bool, 
   cols = pl.ds(pl.program_id(1) * hs, hs)
   time_of = lambda i: n - 1 - i if reverse else i
 
-  load = gate_loader(xp_ref, mask_ref, ax, time_of)
+  load = gate_loader(xp_ref, flag_refs, ax, time_of)
 
-  def step(i, h, h_row, inputs):
+  def step(i, h_prev, h_row, inputs):
     t = time_of(i)
     xz, xr, xc = inputs[:3]
+    h = h_prev
+    if has_rs:  # the stored state is the one carried in, before the reset
+      h, h_row = (cell_lib.restart(a, inputs[-1] != 0) for a in (h, h_row))
     z = jax.nn.sigmoid(xz + bz + _dot(h_row, wz))
     r = jax.nn.sigmoid(xr + br + _dot(h_row, wr))
     hn = _dot(h_row, wc) + bhn
@@ -172,7 +176,7 @@ def _forward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, save: bool, 
       h_new = jnp.where((inputs[3] != 0)[:, None], h_new, h)
     ex_ref[_at(ax, t, cols)] = h_new  # first: the other programs wait on it
     if save:
-      for ref, v in zip(res_refs, (h, z, r, c, hn)):
+      for ref, v in zip(res_refs, (h_prev, z, r, c, hn)):
         ref[_at(ax, t)] = v.astype(ref.dtype)
     return h_new
 
@@ -188,7 +192,7 @@ def _forward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, save: bool, 
 
 
 def forward(w_h, b_x, b_hn, xp, h0, mask, *, cfg: Config, save: bool, tile: int, split: int,
-            num_warps: int):
+            num_warps: int, rs=None):
   """Same contract as `gru_jax.kernels.fused_rnn.xla_forward` ("reset_after", no dropout)."""
   ax = cfg.time_axis
   n, batch = (xp.shape[0], xp.shape[1]) if ax == 0 else (xp.shape[1], xp.shape[0])
@@ -201,9 +205,7 @@ def forward(w_h, b_x, b_hn, xp, h0, mask, *, cfg: Config, save: bool, tile: int,
           b_x.reshape(3, hsz), b_hn, h0, h0]
   in_specs = [sp["gates"], sp["weights"], sp["bias3"], sp["bias"], sp["state_row"],
               sp["state_own"]]
-  if mask is not None:
-    args.append(mask.astype(jnp.int32))
-    in_specs.append(sp["mask"])
+  add_flags(args, in_specs, sp["mask"], mask, rs)
   args.append(_sentinel_fill(seq_shape))
   in_specs.append(sp["row"])
   n_res = 5 if save else 0
@@ -212,7 +214,7 @@ def forward(w_h, b_x, b_hn, xp, h0, mask, *, cfg: Config, save: bool, tile: int,
                + [jax.ShapeDtypeStruct(h0.shape, jnp.float32)])
   out_specs = [sp["row"]] + [sp["own"]] * n_res + [sp["state_own"]]
   kernel = functools.partial(_forward_kernel, ax=ax, n=n, reverse=cfg.reverse, hs=hs,
-                             save=save, has_mask=mask is not None,
+                             save=save, has_mask=mask is not None, has_rs=rs is not None,
                              interpret=cfg.interpret)
   states, *res, h_last = call(
       kernel, interpret=cfg.interpret, grid=(batch // tile, split), out_shape=out_shape,
@@ -226,15 +228,15 @@ def forward(w_h, b_x, b_hn, xp, h0, mask, *, cfg: Config, save: bool, tile: int,
 # ---------------------------------------------------------------- backward
 
 def _backward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, has_mask: bool,
-                     interpret: bool):
+                     has_rs: bool, interpret: bool):
   refs = list(refs)
   wt_ref, prev_ref, z_ref, r_ref, c_ref, hn_ref, g_ref, glast_ref = refs[:8]
-  mask_ref = refs[8] if has_mask else None
-  ex_ref, dxp_ref, dh0_ref = refs[9 + has_mask:]
+  flag_refs = refs[8:8 + has_mask + has_rs]  # mask, resets: those given
+  ex_ref, dxp_ref, dh0_ref = refs[9 + has_mask + has_rs:]
   wzt, wrt, wct = wt_ref[0], wt_ref[1], wt_ref[2]  # [H, hs]: W_gᵀ's columns = W_g's rows
   cols = pl.ds(pl.program_id(1) * hs, hs)
   time_of = lambda i: i if reverse else n - 1 - i  # opposite to the forward loop
-  seq_refs = [prev_ref, z_ref, r_ref, c_ref, hn_ref, g_ref] + ([mask_ref] if has_mask else [])
+  seq_refs = [prev_ref, z_ref, r_ref, c_ref, hn_ref, g_ref] + flag_refs
 
   load = row_loader(seq_refs, ax, time_of)
 
@@ -242,6 +244,9 @@ def _backward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, has_mask: b
     dh, stalled = carry
     t = time_of(i)
     hp, z, r, c, hn, g = cur[:6]
+    restart = cur[-1] != 0 if has_rs else None  # this step started from zero
+    if has_rs:
+      hp = cell_lib.restart(hp, restart)
     d = dh + g
     if has_mask:
       keep = (cur[6] != 0)[:, None]
@@ -264,7 +269,8 @@ def _backward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, has_mask: b
     direct = d * (1 - z)
     if has_mask:
       direct = jnp.where(keep, direct, dh)
-    return direct + dhin, stalled
+    dh = direct + dhin
+    return (dh if restart is None else cell_lib.restart(dh, restart)), stalled
 
   dh = glast_ref[...].astype(jnp.float32)
   dh, _ = time_loop(n, load, body, (dh, jnp.int32(0)), prefetch=True)
@@ -272,7 +278,7 @@ def _backward_kernel(*refs, ax: int, n: int, reverse: bool, hs: int, has_mask: b
 
 
 def backward(w_h, res: Residuals, mask, g_last, g_hs, *, cfg: Config, tile: int, split: int,
-             num_warps: int):
+             num_warps: int, rs=None):
   """Same contract as `gru_jax.kernels.fused_rnn.xla_backward` ("reset_after", no dropout)."""
   ax = cfg.time_axis
   n, batch = (res.z.shape[0], res.z.shape[1]) if ax == 0 else (res.z.shape[1], res.z.shape[0])
@@ -284,9 +290,7 @@ def backward(w_h, res: Residuals, mask, g_last, g_hs, *, cfg: Config, tile: int,
   seqs = [res.prev, res.z, res.r, res.c, res.hn, g_hs.astype(sd)]
   args = [wt] + seqs + [g_last.astype(sd)]
   in_specs = [sp["weights"]] + [sp["own"]] * len(seqs) + [sp["state_own"]]
-  if mask is not None:
-    args.append(mask.astype(jnp.int32))
-    in_specs.append(sp["mask"])
+  add_flags(args, in_specs, sp["mask"], mask, rs)
   gates_shape = res.z.shape[:2] + (3, hsz)
   args.append(_sentinel_fill(gates_shape))
   in_specs.append(sp["gates_row"])
@@ -294,7 +298,8 @@ def backward(w_h, res: Residuals, mask, g_last, g_hs, *, cfg: Config, tile: int,
                jax.ShapeDtypeStruct(gates_shape, sd), jax.ShapeDtypeStruct((batch, hsz), sd)]
   out_specs = [sp["gates_row"], sp["gates"], sp["state_own"]]
   kernel = functools.partial(_backward_kernel, ax=ax, n=n, reverse=cfg.reverse, hs=hs,
-                             has_mask=mask is not None, interpret=cfg.interpret)
+                             has_mask=mask is not None, has_rs=rs is not None,
+                             interpret=cfg.interpret)
   _, dxp, dh0 = call(kernel, interpret=cfg.interpret, grid=(batch // tile, split),
                      out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
                      aliases={len(args) - 1: 0}, num_warps=num_warps, num_stages=1)(*args)
