@@ -50,6 +50,7 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
            eps: float = 1e-5, unroll: int = 1, resets: Array | None = None):
   """Layer-normalised GRU over xs [B,T,D] -> (h_last [B,H], hs [B,T,H]).
 
+  Runs in xs's dtype: the parameters are cast to it, as `gru` casts them.
   ``mask`` [B,T] and ``resets`` [B,T] (segment starts) as in `gru_jax.gru`.
   """
   cell_lib.check_variant(variant)
@@ -66,6 +67,10 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
   for name, v in zip(LNParams._fields, ln):
     if v.shape != (3 * hsz,):
       raise ValueError(f"ln.{name} must have shape [3H]=({3 * hsz},), got {v.shape}")
+  # Run in the inputs' dtype, as `gru` does: weights of another dtype (float32 on bf16
+  # inputs) would promote the new state and break the scan's carry type.
+  params = GRUParams(*(jnp.asarray(a).astype(xs.dtype) for a in params))
+  ln = LNParams(*(jnp.asarray(a).astype(xs.dtype) for a in ln))
   ax = _ln(jnp.einsum("btd,dk->tbk", xs, params.w_x), ln.gamma_x, ln.beta_x, 3, eps) + params.b_x
   h0 = jnp.zeros((b, hsz), xs.dtype) if h0 is None else h0.astype(xs.dtype)  # as `gru` does
   mask_tm = None if mask is None else mask.astype(bool).T

@@ -274,3 +274,42 @@ def test_layer_norm_gru_takes_h0_in_another_dtype_like_gru():
   hs16, last16 = layer.apply(v, xs, None, h0.astype(jnp.bfloat16))  # 0.5 is exact in bf16
   assert hs16.dtype == jnp.float32
   np.testing.assert_array_equal(hs16, hs32)
+
+
+def _ln_gru_ref(q, xs, variant):
+  """Float64 NumPy layer-norm GRU (no mask): q param dict, xs [B,T,D] -> hs [B,T,H]."""
+  hsz = q["w_h"].shape[0]
+  sig = lambda a: 1 / (1 + np.exp(-a))
+  blk = lambda a, i: a[i * hsz:(i + 1) * hsz]
+  out = np.zeros(xs.shape[:2] + (hsz,))
+  for b in range(xs.shape[0]):
+    h = np.zeros(hsz)
+    for t in range(xs.shape[1]):
+      xw = xs[b, t] @ q["w_x"]
+      ax = [_ln_ref(blk(xw, i), blk(q["gamma_x"], i), blk(q["beta_x"], i)) + blk(q["b_x"], i)
+            for i in range(3)]
+      hw = h @ q["w_h"]
+      ah = [_ln_ref(blk(hw, i), blk(q["gamma_h"], i), blk(q["beta_h"], i)) + blk(q["b_h"], i)
+            for i in range(3)]
+      z, r = sig(ax[0] + ah[0]), sig(ax[1] + ah[1])
+      if variant == "seed":
+        hc = _ln_ref((r * h) @ q["w_h"][:, 2 * hsz:], blk(q["gamma_h"], 2), blk(q["beta_h"], 2))
+        cand = np.tanh(ax[2] + hc + blk(q["b_h"], 2))
+      else:
+        cand = np.tanh(ax[2] + r * ah[2])
+      h = (1 - z) * h + z * cand
+      out[b, t] = h
+  return out
+
+
+@pytest.mark.parametrize("variant", ["seed", "reset_after"])
+def test_layer_norm_gru_runs_bf16_inputs_in_bf16_like_gru(variant):
+  # float32 weights on bf16 inputs used to promote the state and crash the scan.
+  xs = _xs(12, b=2, t=5, d=3).astype(jnp.bfloat16)
+  layer = layers.GRU(4, variant=variant, layer_norm=True, bias_init=nn.initializers.normal(0.3))
+  v = layer.init(jax.random.key(0), xs)
+  hs = layer.apply(v, xs)
+  assert hs.dtype == jnp.bfloat16
+  q = {k: np.asarray(a.astype(jnp.bfloat16), np.float64) for k, a in v["params"].items()}
+  want = _ln_gru_ref(q, np.asarray(xs, np.float64), variant)
+  np.testing.assert_allclose(np.asarray(hs, np.float64), want, atol=3e-2)
