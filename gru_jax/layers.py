@@ -289,9 +289,11 @@ def masked_moments(x: Array, mask: Array | None, axis_name: str | None = None):
   With ``axis_name`` the sums are taken across that mapped axis, so every
   device weighs in by its count of valid steps.
   """
-  w = jnp.ones(x.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+  # At least float32 (bf16 sums drift), but float64 stays float64 under x64.
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  w = jnp.ones(x.shape[:-1], dtype) if mask is None else mask.astype(dtype)
   axes = tuple(range(x.ndim - 1))
-  xf = x.astype(jnp.float32)
+  xf = x.astype(dtype)
   sums = (jnp.sum(w), jnp.sum(xf * w[..., None], axes))
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)

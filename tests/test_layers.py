@@ -112,6 +112,21 @@ def test_sequence_batchnorm_matches_flax_batchnorm_without_mask():
                              theirs.apply(v2, x, mutable=["batch_stats"])[0], atol=1e-5)
 
 
+def test_sequence_batchnorm_keeps_float64_precision_under_x64():
+  # The statistics were taken in float32, so float64 outputs were only float32-accurate
+  # (1e-7 off), which spoils float64 gradient checks through the layer.
+  x = np.random.RandomState(2).randn(4, 5, 3) * 3 + 1
+  mask = np.arange(5)[None] < np.array([5, 2, 3, 1])[:, None]
+  with jax.enable_x64(True):
+    bn = layers.SequenceBatchNorm(epsilon=1e-3)
+    v = bn.init(jax.random.key(0), x, mask, use_running_average=False)
+    y, _ = bn.apply(v, x, mask, use_running_average=False, mutable=["batch_stats"])
+  assert y.dtype == np.float64
+  valid = x[mask]
+  mean, var = valid.mean(0), valid.var(0)
+  np.testing.assert_allclose(np.asarray(y)[mask], (valid - mean) / np.sqrt(var + 1e-3),
+                             rtol=0, atol=1e-12)
+
 def test_seed_model_structure_and_shapes():
   m = models.SequenceModel("classification", 10)
   x = jnp.ones((4, 8, 8))
