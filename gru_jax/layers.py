@@ -214,6 +214,8 @@ class StackedGRU(nn.Module):
   @nn.compact
   def __call__(self, xs, mask=None, *, deterministic=True, example_ids=None, resets=None):
     check_sequence_input("StackedGRU", xs, mask, resets)
+    if not self.hidden_sizes:  # else the inputs would come back as if they were outputs
+      raise ValueError("StackedGRU needs at least one hidden size")
     kw = dict(self.gru_kwargs or {})
     h = xs
     for i, size in enumerate(self.hidden_sizes):

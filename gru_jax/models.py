@@ -59,6 +59,8 @@ class SequenceModel(nn.Module):
                example_ids: Array | None = None) -> Array:
     if self.task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+    if not self.hidden_sizes:  # else the head would read the inputs, per step: [B,T,K]
+      raise ValueError("SequenceModel needs at least one hidden size")
     if self.task == "lm" and self.bidirectional:
       raise ValueError("task='lm' predicts each next token from the ones before it; a "
                        "bidirectional model would read the tokens it predicts")

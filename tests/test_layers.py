@@ -183,6 +183,17 @@ def test_layer_bad_inputs():
         jax.random.key(0), jnp.ones((2, 4, 3)))
 
 
+
+def test_empty_hidden_sizes_are_refused_not_passed_through():
+  # StackedGRU(()) gave back its inputs, and SequenceModel(..., hidden_sizes=()) a
+  # classifier whose "[B,K]" logits were [B,T,K] from a head on the raw inputs.
+  xs = jnp.ones((2, 5, 3))
+  with pytest.raises(ValueError, match="StackedGRU needs at least one hidden size"):
+    layers.StackedGRU(()).init(jax.random.key(0), xs)
+  for task in ("classification", "tagging"):
+    with pytest.raises(ValueError, match="SequenceModel needs at least one hidden size"):
+      models.SequenceModel(task, 4, hidden_sizes=()).init(jax.random.key(0), xs)
+
 def test_sample_lm_refuses_bad_arguments():
   lm = models.SequenceModel("lm", 6, vocab_size=6, batch_norm=False, hidden_sizes=(4,))
   v = lm.init(jax.random.key(0), jnp.ones((1, 3), jnp.int32))
