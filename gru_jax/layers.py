@@ -52,6 +52,14 @@ def check_sequence_input(name: str, xs: Array, mask: Array | None,
       raise ValueError(f"{name}: {arg} must have shape [B,T]={xs.shape[:2]}, got {jnp.shape(m)}")
 
 
+def check_gru_kwargs(owner: str, kwargs: dict, reserved: tuple[str, ...]) -> None:
+  """Refuses GRU options a wrapper sets itself (e.g. return_state would hand it tuples)."""
+  bad = sorted(set(kwargs) & set(reserved))
+  if bad:
+    raise ValueError(f"{owner} sets {', '.join(reserved)} of its GRU layers itself; "
+                     f"remove {bad} from its GRU options")
+
+
 class GRU(nn.Module):
   """One GRU layer over [B,T,D] inputs, wrapping `gru_jax.gru`.
 
@@ -173,6 +181,11 @@ def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, 
   return (out, gates[0]) if return_gates else out
 
 
+# GRU options the wrappers set on their layers: each layer feeds sequences on.
+STACKED_SETS = ("return_sequences", "return_state")
+BIDIRECTIONAL_SETS = ("reverse",) + STACKED_SETS
+
+
 class Bidirectional(nn.Module):
   """A forward and a backward `GRU` (submodules ``forward``/``backward``).
 
@@ -191,6 +204,7 @@ class Bidirectional(nn.Module):
     if self.merge_mode not in ("concat", "sum"):
       raise ValueError(f"merge_mode must be 'concat' or 'sum', got {self.merge_mode!r}")
     kw = dict(self.gru_kwargs or {})
+    check_gru_kwargs("Bidirectional", kw, BIDIRECTIONAL_SETS)
     outs = [GRU(self.hidden_size, reverse=rev, return_sequences=self.return_sequences,
                 name=name, **kw)(xs, mask, deterministic=deterministic, example_ids=example_ids,
                                  resets=resets)
@@ -217,6 +231,8 @@ class StackedGRU(nn.Module):
     if not self.hidden_sizes:  # else the inputs would come back as if they were outputs
       raise ValueError("StackedGRU needs at least one hidden size")
     kw = dict(self.gru_kwargs or {})
+    check_gru_kwargs("StackedGRU", kw,
+                     BIDIRECTIONAL_SETS if self.bidirectional else STACKED_SETS)
     h = xs
     for i, size in enumerate(self.hidden_sizes):
       if self.bidirectional:

@@ -185,6 +185,7 @@ class Bidirectional(nnx.Module):
                return_sequences: bool = True, rngs: nnx.Rngs, **gru_kwargs):
     if merge_mode not in ("concat", "sum"):
       raise ValueError(f"merge_mode must be 'concat' or 'sum', got {merge_mode!r}")
+    linen_layers.check_gru_kwargs("Bidirectional", gru_kwargs, linen_layers.BIDIRECTIONAL_SETS)
     self.merge_mode = merge_mode
     self.forward = GRU(in_features, hidden_size, return_sequences=return_sequences,
                        rngs=rngs, **gru_kwargs)
@@ -231,6 +232,7 @@ class StackedGRU(nnx.Module):
                dropout_between: float = 0.0, rngs: nnx.Rngs, **gru_kwargs):
     if not hidden_sizes:
       raise ValueError("StackedGRU needs at least one hidden size")
+    linen_layers.check_gru_kwargs("StackedGRU", gru_kwargs, linen_layers.STACKED_SETS)
     self.num_layers = len(hidden_sizes)
     d = in_features
     for i, size in enumerate(hidden_sizes):

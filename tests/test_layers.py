@@ -194,6 +194,25 @@ def test_empty_hidden_sizes_are_refused_not_passed_through():
     with pytest.raises(ValueError, match="SequenceModel needs at least one hidden size"):
       models.SequenceModel(task, 4, hidden_sizes=()).init(jax.random.key(0), xs)
 
+
+@pytest.mark.parametrize("kwargs", [dict(return_state=True), dict(return_sequences=False),
+                                    dict(reverse=True)])
+def test_wrappers_refuse_gru_options_they_set_themselves(kwargs):
+  # return_state made Bidirectional concatenate tuples ("concatenate requires ndarray")
+  # and StackedGRU feed a tuple to its next layer; reverse was "got multiple values".
+  xs = jnp.ones((2, 5, 3))
+  key = next(iter(kwargs))
+  with pytest.raises(ValueError, match=f"remove \\['{key}'\\] from its GRU options"):
+    layers.Bidirectional(4, gru_kwargs=kwargs).init(jax.random.key(0), xs)
+  with pytest.raises(ValueError, match=f"remove \\['{key}'\\]"):
+    layers.StackedGRU((4, 4), bidirectional=True, gru_kwargs=kwargs).init(jax.random.key(0), xs)
+  if key != "reverse":  # a one-way stack may run every layer backwards
+    with pytest.raises(ValueError, match=f"remove \\['{key}'\\]"):
+      layers.StackedGRU((4, 4), gru_kwargs=kwargs).init(jax.random.key(0), xs)
+  else:
+    out = layers.StackedGRU((4, 4), gru_kwargs=kwargs).init_with_output(jax.random.key(0), xs)[0]
+    assert out.shape == (2, 5, 4)
+
 def test_sample_lm_refuses_bad_arguments():
   lm = models.SequenceModel("lm", 6, vocab_size=6, batch_norm=False, hidden_sizes=(4,))
   v = lm.init(jax.random.key(0), jnp.ones((1, 3), jnp.int32))
