@@ -127,6 +127,7 @@ def test_sequence_batchnorm_keeps_float64_precision_under_x64():
   np.testing.assert_allclose(np.asarray(y)[mask], (valid - mean) / np.sqrt(var + 1e-3),
                              rtol=0, atol=1e-12)
 
+
 def test_seed_model_structure_and_shapes():
   m = models.SequenceModel("classification", 10)
   x = jnp.ones((4, 8, 8))
@@ -183,7 +184,6 @@ def test_layer_bad_inputs():
         jax.random.key(0), jnp.ones((2, 4, 3)))
 
 
-
 def test_empty_hidden_sizes_are_refused_not_passed_through():
   # StackedGRU(()) gave back its inputs, and SequenceModel(..., hidden_sizes=()) a
   # classifier whose "[B,K]" logits were [B,T,K] from a head on the raw inputs.
@@ -212,6 +212,7 @@ def test_wrappers_refuse_gru_options_they_set_themselves(kwargs):
   else:
     out = layers.StackedGRU((4, 4), gru_kwargs=kwargs).init_with_output(jax.random.key(0), xs)[0]
     assert out.shape == (2, 5, 4)
+
 
 def test_sample_lm_refuses_bad_arguments():
   lm = models.SequenceModel("lm", 6, vocab_size=6, batch_norm=False, hidden_sizes=(4,))

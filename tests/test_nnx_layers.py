@@ -254,7 +254,6 @@ def test_bad_inputs_name_the_argument_and_shapes():
     G.Bidirectional(3, 4, merge_mode="avg", rngs=nnx.Rngs(0))
 
 
-
 def test_wrappers_refuse_gru_options_they_set_themselves():
   # return_state made Bidirectional concatenate tuples and StackedGRU feed a tuple on.
   for kwargs in (dict(return_state=True), dict(reverse=True)):
@@ -265,6 +264,7 @@ def test_wrappers_refuse_gru_options_they_set_themselves():
       G.StackedGRU(3, (4, 4), rngs=nnx.Rngs(0), **kwargs)
   with pytest.raises(ValueError, match=r"remove \['reverse'\]"):
     G.StackedGRU(3, (4, 4), bidirectional=True, rngs=nnx.Rngs(0), reverse=True)
+
 
 def test_from_params_takes_linen_variables_and_needs_rngs_for_dropout():
   xs = _xs(8)
