@@ -359,3 +359,17 @@ def test_layer_norm_gru_runs_bf16_inputs_in_bf16_like_gru(variant):
   q = {k: np.asarray(a.astype(jnp.bfloat16), np.float64) for k, a in v["params"].items()}
   want = _ln_gru_ref(q, np.asarray(xs, np.float64), variant)
   np.testing.assert_allclose(np.asarray(hs, np.float64), want, atol=3e-2)
+
+
+@pytest.mark.parametrize("variant", ["seed", "reset_after"])
+def test_plain_gru_runs_bf16_inputs_in_bf16(variant):
+  """What the layer-norm test above asks of ln_gru: bf16 in, bf16 out, near float64."""
+  xs = _xs(13, b=2, t=5, d=3).astype(jnp.bfloat16)
+  layer = layers.GRU(4, variant=variant, bias_init=nn.initializers.normal(0.3))
+  v = layer.init(jax.random.key(0), xs)
+  hs = layer.apply(v, xs)
+  assert hs.dtype == jnp.bfloat16
+  p = GRUParams(**{k: np.asarray(a.astype(jnp.bfloat16), np.float64)
+                   for k, a in v["params"].items()})
+  want = reference.run(p, np.asarray(xs, np.float64), variant=variant)[1]
+  np.testing.assert_allclose(np.asarray(hs, np.float64), want, atol=3e-2)
