@@ -52,11 +52,6 @@ def grads(backend, variant, p, xs, h0, ct, ct_last, **kw):
   return jax.grad(loss_fn(backend, variant, **kw), argnums=(0, 1, 2))(p, xs, h0, ct, ct_last)
 
 
-# ---------------------------------------------------------------- forward values
-
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("reverse", [False, True])
 def cuda_module(loss, *args) -> str:
   """The MLIR of jit(grad(loss)) lowered for CUDA without a GPU: runs the Pallas
   Triton lowering rules on every kernel in it (Triton's own compile is not run)."""
@@ -67,6 +62,11 @@ def cuda_module(loss, *args) -> str:
   return exported.mlir_module()
 
 
+# ---------------------------------------------------------------- forward values
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("reverse", [False, True])
 def test_forward_matches_float64_reference(backend, variant, reverse):
   p, xs, h0, mask, _, _ = problem(1)
   h_last, hs = gru_jax.gru(p, xs, h0, mask=mask, reverse=reverse, variant=variant,
