@@ -273,6 +273,23 @@ def test_bad_step_input():
     gru_jax.gru({"w": 1}, jnp.ones((1, 2, 3)))
 
 
+def test_step_refuses_integer_inputs_and_runs_their_float_form():
+  """An int x (one-hot tokens) or h used to be run in integers: the weights were cast
+  to int32 (x) or the recurrent sums accumulated in int32 (h), and the output was
+  silently wrong (all zeros for one-hot x).  Now a ValueError; the float one-hot
+  matches the float64 reference."""
+  p = _p()
+  tokens = jnp.eye(3, dtype=jnp.int32)[jnp.array([0, 2])]  # [B=2, D=3] one-hot
+  with pytest.raises(ValueError, match=r"x must be floating point, got dtype int32 \(shape \(2, 3\)\)"):
+    cell.step(p, jnp.zeros((2, 4)), tokens)
+  with pytest.raises(ValueError, match=r"h must be floating point, got dtype int32"):
+    cell.gates(p, jnp.ones((2, 4), jnp.int32), tokens.astype(jnp.float32))
+  x = tokens.astype(jnp.float32)
+  for b in range(2):
+    want = reference.step(p, np.ones(4), np.asarray(x[b], np.float64))[0]
+    np.testing.assert_allclose(cell.step(p, jnp.ones((2, 4)), x)[b], want, atol=1e-6)
+
+
 def test_cpu_projection_vjp_matches_numpy():
   """The hoisted input projection's hand-written VJP (a materialised xsᵀ on CPU)
   gives dx = g·wᵀ and dw = xsᵀ·g as float64 NumPy computes them; bf16 weights
