@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -79,8 +80,14 @@ def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dro
   if recurrent_dropout_mask is not None and tuple(recurrent_dropout_mask.shape) != (b, hsz):
     raise ValueError(f"recurrent_dropout_mask must have shape [B,H]=({b}, {hsz}), "
                      f"got {tuple(recurrent_dropout_mask.shape)}")
-  if remat_chunk is not None and (not isinstance(remat_chunk, int) or remat_chunk < 1):
-    raise ValueError(f"remat_chunk must be a positive int or None, got {remat_chunk!r}")
+  if remat_chunk is not None:
+    # Any int (NumPy's too, as for unroll); not a bool, which would mean chunks of one step.
+    try:
+      ok = not isinstance(remat_chunk, bool) and operator.index(remat_chunk) >= 1
+    except TypeError:
+      ok = False
+    if not ok:
+      raise ValueError(f"remat_chunk must be a positive int or None, got {remat_chunk!r}")
   return b, t
 
 
@@ -427,6 +434,7 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
   b, t = _validate(params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
                    time_major, variant, backend, remat_chunk, resets)
   unroll = cell_lib.check_unroll(unroll)
+  remat_chunk = None if remat_chunk is None else operator.index(remat_chunk)
   state_dtype = xs.dtype
   compute_dtype = jnp.dtype(compute_dtype or state_dtype)
   if not jnp.issubdtype(compute_dtype, jnp.floating):

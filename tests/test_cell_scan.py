@@ -247,6 +247,8 @@ def _p():
     (dict(input_dropout_mask=jnp.ones((2, 4))), r"input_dropout_mask must have shape \[B,D\]"),
     (dict(recurrent_dropout_mask=jnp.ones((1, 4))), r"recurrent_dropout_mask must have shape"),
     (dict(remat_chunk=0), r"remat_chunk must be a positive int"),
+    (dict(remat_chunk=True), r"remat_chunk must be a positive int or None, got True"),
+    (dict(remat_chunk=2.0), r"remat_chunk must be a positive int or None, got 2.0"),
     (dict(unroll=2.5), r"unroll must be an int >= 1, got 2.5"),
     (dict(unroll=-1, backend="xla"), r"unroll must be an int >= 1, got -1"),
     (dict(unroll=0, backend="pallas"), r"unroll must be an int >= 1, got 0"),
@@ -260,6 +262,16 @@ def test_bad_input_errors_name_argument_and_shapes(kwargs, match):
   xs = args.pop("xs")
   with pytest.raises(ValueError, match=match):
     gru_jax.gru(_p(), xs, **args)
+
+
+def test_remat_chunk_takes_numpy_and_jax_ints():
+  """remat_chunk=np.int64(2) (from NumPy arithmetic) was refused as not an int, while
+  unroll took it; it now runs, padding T=5 to 6, and matches the float64 reference."""
+  p = random_params(jax.random.key(7), 3, 4)
+  xs = jax.random.normal(jax.random.key(8), (2, 5, 3))
+  want = reference.run(p, xs)[1]
+  for k in (np.int64(2), jnp.int32(2)):
+    np.testing.assert_allclose(gru_jax.gru(p, xs, remat_chunk=k)[1], want, atol=2e-5)
 
 
 def test_bad_step_input():
