@@ -404,7 +404,8 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
     time_major: layout of ``xs``, ``mask`` and the returned ``hs``.
     variant: "seed" (reset before the matmul) or "reset_after".
     unroll: `lax.scan` unroll factor.
-    return_gates: also return the per-step `Gates` (each [B,T,H]).
+    return_gates: also return the per-step `Gates`, each [B,T,H] ([T,B,H] if
+      ``time_major``), at the steps' own positions (also with ``reverse``).
     input_dropout_mask: [B,D] multiplier applied to x at every step.
     recurrent_dropout_mask: [B,H] multiplier applied to h where it enters the
       gates at every step (variational dropout: "dropout before the gates").

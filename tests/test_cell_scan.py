@@ -72,6 +72,22 @@ def test_return_gates_match_reference(variant):
     np.testing.assert_allclose(g.candidate[0, s], cand, atol=1e-5)
 
 
+def test_return_gates_follow_time_major_layout_and_reverse():
+  """The docstring said gates are [B,T,H] always; time-major runs return them [T,B,H]
+  like hs, each at its own step, reversed runs too (checked against the reference)."""
+  p = random_params(jax.random.key(9), 2, 3)
+  xs = jax.random.normal(jax.random.key(10), (2, 4, 2))
+  _, _, g = gru_jax.gru(p, jnp.swapaxes(xs, 0, 1), time_major=True, reverse=True,
+                        return_gates=True)
+  chex.assert_shape([g.z, g.r, g.candidate], (4, 2, 3))
+  h = np.zeros(3)
+  for s in reversed(range(4)):
+    h, z, r, cand = reference.step(p, h, np.asarray(xs[1, s], np.float64))
+    np.testing.assert_allclose(g.z[s, 1], z, atol=1e-5)
+    np.testing.assert_allclose(g.r[s, 1], r, atol=1e-5)
+    np.testing.assert_allclose(g.candidate[s, 1], cand, atol=1e-5)
+
+
 def test_init_follows_the_seed_advice():
   d, h = 40, 32
   p = cell.init(jax.random.key(0), d, h)
