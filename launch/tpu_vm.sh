@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs experiments.train on every worker of a Cloud TPU VM (a pod slice has
-# several) over `gcloud ... tpu-vm ssh --worker=all`; on TPU VMs
-# jax.distributed.initialize() finds the other workers by itself.
+# several) over `gcloud ... tpu-vm ssh --worker=all` with --distributed=on; on TPU
+# VMs jax.distributed.initialize() finds the other workers by itself.
 set -uo pipefail
 
 usage() {
@@ -106,8 +106,10 @@ remote_path() {
 remote="cd $(remote_path "$remote_dir") && "
 [[ -z $setup ]] || remote+="$setup && "
 remote+="$(remote_path "$python") "
+# --distributed=on: JAX's Cloud TPU VM detection asks the metadata server, which
+# --distributed=auto's environment check cannot see; later trainer flags still win.
 remote+=$(show_cmd -m experiments.train "--config=$config" "--workdir=$workdir" \
-  ${extra[@]+"${extra[@]}"})
+  --distributed=on ${extra[@]+"${extra[@]}"})
 
 cmd=(gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone")
 [[ -z $project ]] || cmd+=("--project=$project")

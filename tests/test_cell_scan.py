@@ -378,3 +378,21 @@ def test_params_of_the_wrong_rank_are_named():
     gru_jax.gru(p._replace(w_x=jnp.ones(12)), jnp.ones((2, 5, 3)))
   with pytest.raises(ValueError, match=r"params.b_h must be 1-D .* got shape \(1, 12\)"):
     gru_jax.gru(p._replace(b_h=jnp.ones((1, 12))), jnp.ones((2, 5, 3)))
+
+
+def test_gates_at_masked_steps_come_from_the_carried_state_and_padding_input():
+  """What the README says of return_gates with a mask: at a masked step the gates are the
+  cell's on the carried state and that step's input (not zeros), while hs is zero there."""
+  p = random_params(jax.random.key(31), 3, 4)
+  rng = np.random.default_rng(32)
+  xs = rng.normal(size=(2, 6, 3)).astype(np.float32)
+  mask = np.array([[1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+  _, hs, g = gru_jax.gru(p, xs, mask=mask, return_gates=True)
+  ref_last, ref_hs = reference.run(p, xs, mask=mask)
+  for t in np.flatnonzero(~mask[0]):
+    carried = ref_hs[0, np.flatnonzero(mask[0, :t])[-1]]  # state after the last valid step
+    _, z, r, cand = reference.step(p, carried, xs[0, t].astype(np.float64))
+    np.testing.assert_allclose(g.z[0, t], z, atol=1e-5)
+    np.testing.assert_allclose(g.r[0, t], r, atol=1e-5)
+    np.testing.assert_allclose(g.candidate[0, t], cand, atol=1e-5)
+    np.testing.assert_array_equal(hs[0, t], 0.0)

@@ -233,7 +233,8 @@ def test_tpu_dry_run_exact_command():
   assert out == [
       "gcloud compute tpus tpu-vm ssh pod --zone=us-central2-b --worker=all "
       "--command='cd gru_jax && python3 -m experiments.train "
-      "--config=experiments/configs/digits.py --workdir=gs://b/run --config.batch_size=1024 "
+      "--config=experiments/configs/digits.py --workdir=gs://b/run --distributed=on "
+      "--config.batch_size=1024 "
       "--note '\\''a b'\\'''"]
   remote = shlex.split(out[0])[-1].split("=", 1)[1]
   assert shlex.split(remote)[-2:] == ["--note", "a b"]  # survives both shells
@@ -250,7 +251,7 @@ def test_tpu_dry_run_from_environment_with_setup_and_flags():
   assert words[9] == "--internal-ip"
   remote = words[10].split("=", 1)[1]
   assert remote.startswith("cd ~/'src/gru jax' && source ~/venv/bin/activate && python -m")
-  assert shlex.split(remote)[-1] == "--workdir=gs://b/w"
+  assert shlex.split(remote)[-2:] == ["--workdir=gs://b/w", "--distributed=on"]
 
 
 def test_tpu_errors_and_local_workdir_note(tmp_path):
