@@ -287,28 +287,10 @@ def test_layer_norm_gru_matches_numpy(variant):
                    if a.shape == (12,) else a, v)  # non-trivial gammas/betas/biases
   hs = layer.apply(v, xs, mask)
   q = {k: np.asarray(a, np.float64) for k, a in v["params"].items()}
-  sig = lambda a: 1 / (1 + np.exp(-a))
-  blk = lambda a, i: a[i * 4:(i + 1) * 4]
-  for b in range(2):
-    h = np.zeros(4)
-    for t in range(5):
-      if not mask[b, t]:
-        np.testing.assert_array_equal(hs[b, t], 0)
-        continue
-      xw = np.asarray(xs[b, t], np.float64) @ q["w_x"]
-      ax = [_ln_ref(blk(xw, i), blk(q["gamma_x"], i), blk(q["beta_x"], i)) + blk(q["b_x"], i)
-            for i in range(3)]
-      hw = h @ q["w_h"]
-      ah = [_ln_ref(blk(hw, i), blk(q["gamma_h"], i), blk(q["beta_h"], i)) + blk(q["b_h"], i)
-            for i in range(3)]
-      z, r = sig(ax[0] + ah[0]), sig(ax[1] + ah[1])
-      if variant == "seed":
-        hc = _ln_ref((r * h) @ q["w_h"][:, 8:], blk(q["gamma_h"], 2), blk(q["beta_h"], 2))
-        cand = np.tanh(ax[2] + hc + blk(q["b_h"], 2))
-      else:
-        cand = np.tanh(ax[2] + r * ah[2])
-      h = (1 - z) * h + z * cand
-      np.testing.assert_allclose(hs[b, t], h, atol=1e-5)
+  want = _ln_gru_ref(q, np.asarray(xs, np.float64), variant, np.asarray(mask))
+  hs, valid = np.asarray(hs), np.asarray(mask)
+  np.testing.assert_array_equal(hs[~valid], 0)
+  np.testing.assert_allclose(hs[valid], want[valid], atol=1e-5)
 
 
 def test_layer_norm_gru_takes_h0_in_another_dtype_like_gru():
@@ -322,8 +304,9 @@ def test_layer_norm_gru_takes_h0_in_another_dtype_like_gru():
   np.testing.assert_array_equal(hs16, hs32)
 
 
-def _ln_gru_ref(q, xs, variant):
-  """Float64 NumPy layer-norm GRU (no mask): q param dict, xs [B,T,D] -> hs [B,T,H]."""
+def _ln_gru_ref(q, xs, variant, mask=None):
+  """Float64 NumPy layer-norm GRU: q param dict, xs [B,T,D] -> hs [B,T,H]; a masked
+  step (mask [B,T] False) carries h and outputs zero."""
   hsz = q["w_h"].shape[0]
   sig = lambda a: 1 / (1 + np.exp(-a))
   blk = lambda a, i: a[i * hsz:(i + 1) * hsz]
@@ -331,6 +314,8 @@ def _ln_gru_ref(q, xs, variant):
   for b in range(xs.shape[0]):
     h = np.zeros(hsz)
     for t in range(xs.shape[1]):
+      if mask is not None and not mask[b, t]:
+        continue
       xw = xs[b, t] @ q["w_x"]
       ax = [_ln_ref(blk(xw, i), blk(q["gamma_x"], i), blk(q["beta_x"], i)) + blk(q["b_x"], i)
             for i in range(3)]
