@@ -50,9 +50,9 @@ SENTINEL = 0x7FBADBAD
 # program stops waiting altogether, so a broken run ends quickly, with NaNs.
 SPIN_LIMIT = 1 << 20
 # True: the backward kernel waits for its three gate rows together (one memory
-# round trip per step) instead of one after another (three round trips: what
-# was measured on the H200).  Off until it has been timed and checked on a GPU;
-# experiments/gpu_check.py phase 2c does both.
+# round trip per step) instead of one after another.  Correct on an H100, but
+# 2-8% slower there at every shape timed (train 64x1000x128x128: 5.55 against
+# 5.44 ms; experiments/gpu_check.py phase 2c), so off.
 JOINT_WAIT = False
 
 
