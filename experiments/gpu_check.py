@@ -93,7 +93,8 @@ TARGETS = [("train", "64x1000x128x128", "torch"), ("train", "128x500x1024x1024",
 TOLERANCE = {"float32": 2e-3, "bfloat16": 3e-2}
 # Column-split kernels and the shapes they are timed on.
 # (programs per tile, warps, backward waits for its three gate rows together)
-SPLIT_CONFIGS = [(4, 4, False), (4, 4, True), (4, 2, True), (2, 4, True), (8, 4, True), (8, 2, True)]
+SPLIT_CONFIGS = [(4, 4, False), (4, 4, True), (4, 2, True), (2, 4, True), (8, 4, True),
+                 (8, 2, True)]
 SPLIT_SHAPES = ["64x1000x128x128", "64x100x128x128", "256x200x128x128"]
 
 
