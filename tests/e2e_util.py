@@ -10,6 +10,16 @@ FAST = ["--config.model.hidden_sizes=(16,16)", "--config.num_train_steps=24",
         "--config.eval_every_steps=8", "--config.checkpoint_every_steps=8",
         "--config.log_every_steps=1", "--config.bn_recalibrate_batches=2",
         "--config.batch_size=32"]
+# JAX's own persistent compilation cache, shared by every training subprocess of
+# a session: a FAST run spends about 10 of its 20 s compiling the same train and
+# eval steps.  The size limit turns on the cache's file lock, which the
+# concurrent writers here (pytest-xdist workers, two-process runs) need.
+JAX_CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": os.environ.get("GRU_JAX_TEST_JAX_CACHE",
+                                                os.path.join(ROOT, ".jax_test_cache")),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
+}
 
 
 def run_train(workdir, *overrides, config="experiments/configs/digits.py", devices=1,
@@ -19,7 +29,8 @@ def run_train(workdir, *overrides, config="experiments/configs/digits.py", devic
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              GRU_JAX_DATA_DIR=os.environ.get("GRU_JAX_DATA_DIR",
-                                             os.path.join(ROOT, ".tfds_test_cache")))
+                                             os.path.join(ROOT, ".tfds_test_cache")),
+             **JAX_CACHE_ENV)
   env.update(extra_env or {})
   if not wait:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,

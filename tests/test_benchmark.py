@@ -5,6 +5,7 @@ No timing assertions: speed targets live in the benchmark and docs/benchmarks.md
 import json
 import os
 
+import pytest
 from absl import flags
 
 from experiments import benchmark
@@ -74,6 +75,7 @@ def test_entrypoints_give_one_line_errors(tmp_path):
     assert "Traceback" not in r.stderr, args
 
 
+@pytest.mark.slow
 def test_gpu_check_rehearsal_on_cpu(tmp_path):
   """The prepared device script runs end to end on CPU (Pallas in interpret mode):
   correctness against the XLA path and autodiff (with segment resets too), a sweep, a timed run, at most the

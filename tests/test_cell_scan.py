@@ -1,4 +1,6 @@
 """The pure cell and scan against the float64 NumPy reference of the seed's equations."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -157,10 +159,11 @@ def test_unroll_and_remat_do_not_change_values_or_grads(variant):
   def loss(p, **kw):
     return jnp.sum(gru_jax.gru(p, xs, mask=mask, variant=variant, **kw)[1] ** 2)
 
-  base_v, base_g = jax.value_and_grad(loss)(p)
+  vg = lambda **kw: jax.jit(jax.value_and_grad(functools.partial(loss, **kw)))(p)
+  base_v, base_g = vg()
   for kw in [dict(unroll=4), dict(remat_chunk=4), dict(remat_chunk=11), dict(remat_chunk=3,
                                                                                reverse=False)]:
-    v, g = jax.value_and_grad(loss)(p, **kw)
+    v, g = vg(**kw)
     np.testing.assert_allclose(v, base_v, rtol=1e-6)
     chex.assert_trees_all_close(g, base_g, atol=1e-5)
 
@@ -205,7 +208,7 @@ def test_check_grads_float64(variant):
     xs = jax.random.normal(jax.random.key(22), (2, 5, 3), jnp.float64)
     mask = jnp.array([[1, 1, 1, 0, 1], [1, 0, 1, 1, 1]], bool)
     h0 = jax.random.normal(jax.random.key(23), (2, 4), jnp.float64)
-    f = lambda p, xs, h0: gru_jax.gru(p, xs, h0, mask=mask, variant=variant)
+    f = jax.jit(lambda p, xs, h0: gru_jax.gru(p, xs, h0, mask=mask, variant=variant))
     check_grads(f, (p, xs, h0), order=2, modes=("rev",), atol=1e-5, rtol=1e-5)
 
 

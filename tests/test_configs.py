@@ -33,7 +33,13 @@ def test_every_config_is_covered():
           "shakespeare", "number_words", "python_docs"} <= set(CONFIGS)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+# The fast loop (-m "not slow") keeps the main job, regression, a synthetic task,
+# the Keras recipe and one mocked public set; CI runs every config.
+FAST_CONFIGS = {"digits", "sunspots", "copy", "keras_faithful", "mnist"}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_CONFIGS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in CONFIGS])
 def test_config_trains_a_few_steps(name, tmp_path, request):
   c = load_config(name)
   assert c.get_type("seed") is int  # every config has the base keys

@@ -6,7 +6,7 @@ import chex
 import numpy as np
 import pytest
 
-from tests.e2e_util import FAST, ROOT, metrics, restore_params, run_train
+from tests.e2e_util import FAST, JAX_CACHE_ENV, ROOT, metrics, restore_params, run_train
 
 
 def _launch(workdir, steps, *extra):
@@ -15,7 +15,8 @@ def _launch(workdir, steps, *extra):
          f"--config.num_train_steps={steps}", *extra]
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              GRU_JAX_DATA_DIR=os.environ.get("GRU_JAX_DATA_DIR",
-                                             os.path.join(ROOT, ".tfds_test_cache")))
+                                             os.path.join(ROOT, ".tfds_test_cache")),
+             **JAX_CACHE_ENV)
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
   logs = ""
   for i in range(2):

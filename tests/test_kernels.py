@@ -49,7 +49,7 @@ def cotangents(xs, h, seed=0):
 
 
 def grads(backend, variant, p, xs, h0, ct, ct_last, **kw):
-  return jax.grad(loss_fn(backend, variant, **kw), argnums=(0, 1, 2))(p, xs, h0, ct, ct_last)
+  return jax.jit(jax.grad(loss_fn(backend, variant, **kw), argnums=(0, 1, 2)))(p, xs, h0, ct, ct_last)
 
 
 def cuda_module(loss, *args) -> str:
@@ -116,8 +116,9 @@ def test_cpu_batch_major_primal_and_time_major_vjp_agree_with_reference(variant,
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the chunking is CPU-only")
 @pytest.mark.parametrize("variant,reverse,time_major,chunks", [
-    ("seed", False, False, 3), ("seed", True, True, 3), ("reset_after", False, True, 3),
-    ("reset_after", True, False, 3), ("reset_after", True, True, 7)])
+    pytest.param("seed", False, False, 3, marks=pytest.mark.slow), ("seed", True, True, 3),
+    ("reset_after", False, True, 3), ("reset_after", True, False, 3),
+    pytest.param("reset_after", True, True, 7, marks=pytest.mark.slow)])
 def test_cpu_chunked_vjp_matches_reference_and_scan(monkeypatch, variant, reverse, time_major,
                                                     chunks):
   """On CPU the steps run in chunks (T=7: 3 uneven ones, or 7 of one step).
@@ -229,9 +230,9 @@ def test_xla_check_grads_float64(variant):
   reverse = True
   with jax.enable_x64(True):
     p, xs, h0, mask, _, m_rec = problem(5, b=2, t=5, d=3, h=4, dtype=jnp.float64)
-    f = lambda p, xs, h0, m_rec: gru_jax.gru(p, xs, h0, mask=mask, reverse=reverse,
-                                             variant=variant, backend="xla",
-                                             recurrent_dropout_mask=m_rec)
+    f = jax.jit(lambda p, xs, h0, m_rec: gru_jax.gru(p, xs, h0, mask=mask, reverse=reverse,
+                                                     variant=variant, backend="xla",
+                                                     recurrent_dropout_mask=m_rec))
     check_grads(f, (p, xs, h0, m_rec), order=2, modes=("rev",), atol=1e-5, rtol=1e-5)
 
 
@@ -380,7 +381,7 @@ def test_xla_scan_primal_matches_loop_primal_and_reference(variant, time_axis):
 
 # ---------------------------------------------------------------- column-split kernels
 
-@pytest.mark.parametrize("time_major", [False, True])
+@pytest.mark.parametrize("time_major", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_split_kernels_match_reference_and_scan_grads(time_major, monkeypatch):
   """The column-split kernels (one program per tile and column block, state
   exchanged through a sentinel-filled buffer) in interpret mode, where only one
@@ -498,6 +499,7 @@ def test_cpu_chunk_counts_follow_their_rules(monkeypatch):
   assert scan.cpu_chunks(7) == 7 and scan.cpu_forward_chunks(7, 0) == 7
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the chunking is CPU-only")
 def test_cpu_default_forward_chunks_a_large_projection():
   """x·w_x of 37.5 MiB (B=64, T=100, H=512): the undifferentiated call runs in 5 chunks.

@@ -142,8 +142,8 @@ def test_long_sequences_in_cpu_chunks_match_autodiff(reverse, time_major):
     return jnp.sum(jnp.sin(hs)) + jnp.sum(h_last ** 2)
 
   assert scan.cpu_chunks(64) > 1
-  got = jax.value_and_grad(loss, (0, 1, 2))(p, xs, h0, "xla")
-  want = jax.value_and_grad(loss, (0, 1, 2))(p, xs, h0, "scan")
+  vg = jax.jit(jax.value_and_grad(loss, (0, 1, 2)), static_argnums=3)
+  got, want = vg(p, xs, h0, "xla"), vg(p, xs, h0, "scan")
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
   _, hs = gru_jax.gru(p, xs, h0, mask=mask, resets=resets, reverse=reverse,
@@ -200,7 +200,7 @@ def _spy_kernels(monkeypatch, module):
 
 
 @pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("time_major", [False, True])
+@pytest.mark.parametrize("time_major", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_pallas_kernels_with_resets_match_reference_and_xla_grads(time_major, split,
                                                                   monkeypatch):
   """The Pallas kernels (interpret mode) take the reset flags themselves: forward
@@ -241,9 +241,10 @@ def test_pallas_kernels_with_resets_match_reference_and_xla_grads(time_major, sp
         h_last, hs = gru_jax.gru(p, x, h0, backend=backend, **kw)
         return jnp.sum(tm(hs) * ct) + jnp.sum(h_last ** 2)
       return f
-    got = jax.grad(loss("pallas"), argnums=(0, 1, 2))(p, tm(xs), h0)
+    grad = lambda backend: jax.jit(jax.grad(loss(backend), argnums=(0, 1, 2)))(p, tm(xs), h0)
+    got = grad("pallas")
     for other in ("xla", "scan"):
-      want = jax.grad(loss(other), argnums=(0, 1, 2))(p, tm(xs), h0)
+      want = grad(other)
       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=3e-5, rtol=1e-4)
   assert ("forward", True) in calls and ("backward", True) in calls

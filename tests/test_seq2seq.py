@@ -172,6 +172,7 @@ def _words_config(steps):
   return c
 
 
+@pytest.mark.slow
 def test_training_learns_and_sequence_accuracy_is_greedy_exact_match(tmp_path):
   c = _words_config(300)
   wd = str(tmp_path / "wd")

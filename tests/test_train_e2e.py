@@ -43,6 +43,7 @@ def test_run_writes_metrics_checkpoints_and_progress(reference_run):
   assert os.listdir(os.path.join(wd, "tensorboard"))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(reference_run, tmp_path):
   ref_wd, _ = reference_run
   wd = str(tmp_path)
@@ -56,6 +57,7 @@ def test_sigkill_then_resume_equals_uninterrupted(reference_run, tmp_path):
   chex.assert_trees_all_equal(restore_params(wd), restore_params(ref_wd))
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_then_resume_equals_uninterrupted(reference_run, tmp_path):
   ref_wd, _ = reference_run
   wd = str(tmp_path)
@@ -75,6 +77,7 @@ def test_sigterm_checkpoints_then_resume_equals_uninterrupted(reference_run, tmp
     chex.assert_trees_all_equal(restore_params(wd, 24), restore_params(ref_wd, 24))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
   wd = str(tmp_path)
   # An infinite learning rate makes the parameters non-finite after the first update.
@@ -105,7 +108,8 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     (["--config.log_every_steps=0"], "config.log_every_steps must be an int >= 1, got 0"),
     (["--config.dataset.name=no_such_data"], "no_such_data"),
     (["--config.parallel=spmd"], "config.parallel must be one of"),
-    (["--config.batch_size=30"], None),  # fine on 1 device; see the device test below
+    # Fine on 1 device (a whole run; see the device test below).
+    pytest.param(["--config.batch_size=30"], None, marks=pytest.mark.slow),
 ])
 def test_bad_flags_give_clear_errors(tmp_path, args, match):
   r = run_train(str(tmp_path), *FAST, "--config.num_train_steps=1", *args)
@@ -117,6 +121,7 @@ def test_bad_flags_give_clear_errors(tmp_path, args, match):
   assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_workdir_with_a_different_model_is_refused(reference_run, tmp_path):
   wd = str(tmp_path)
   assert run_train(wd, *FAST, "--config.num_train_steps=8").returncode == 0
@@ -131,6 +136,7 @@ def test_batch_not_divisible_by_devices(tmp_path):
   assert "config.batch_size=30 must be divisible by the number of devices (4)" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["jit", "pmap"])
 def test_four_devices_match_one_device(reference_run, tmp_path, parallel):
   """Same global batch and seed on 4 CPU devices: same losses (float reassociation only)."""

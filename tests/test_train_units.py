@@ -151,9 +151,10 @@ def test_bf16_compute_keeps_float32_params_and_tracks_float32():
   v = {"params": state.params, "batch_stats": state.batch_stats}
   y32, y16 = m32.apply(v, x), m16.apply(v, x)
   assert float(jnp.linalg.norm(y16 - y32) / jnp.linalg.norm(y32)) < 3e-2
-  s16, _ = train.train_step(state, batch, jax.random.key(2), model=m16, tx=tx)
+  step = jax.jit(train.train_step, static_argnames=("model", "tx"))
+  s16, _ = step(state, batch, jax.random.key(2), model=m16, tx=tx)
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(s16.params))
-  s32, _ = train.train_step(state, batch, jax.random.key(2), model=m32, tx=tx)
+  s32, _ = step(state, batch, jax.random.key(2), model=m32, tx=tx)
   # Adam's first step is lr·sign(g): bf16 gradients must agree in sign almost everywhere.
   d16 = jax.tree.leaves(jax.tree.map(lambda a, b: a - b, s16.params, state.params))
   d32 = jax.tree.leaves(jax.tree.map(lambda a, b: a - b, s32.params, state.params))
