@@ -38,8 +38,8 @@ def test_every_config_is_covered():
 FAST_CONFIGS = {"digits", "sunspots", "copy", "keras_faithful", "mnist"}
 
 
-@pytest.mark.parametrize("name", [n if n in FAST_CONFIGS else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in CONFIGS])
+@pytest.mark.parametrize("name", [n if n in FAST_CONFIGS else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in CONFIGS])
 def test_config_trains_a_few_steps(name, tmp_path, request):
   c = load_config(name)
   assert c.get_type("seed") is int  # every config has the base keys

@@ -49,7 +49,8 @@ def cotangents(xs, h, seed=0):
 
 
 def grads(backend, variant, p, xs, h0, ct, ct_last, **kw):
-  return jax.jit(jax.grad(loss_fn(backend, variant, **kw), argnums=(0, 1, 2)))(p, xs, h0, ct, ct_last)
+  grad = jax.jit(jax.grad(loss_fn(backend, variant, **kw), argnums=(0, 1, 2)))
+  return grad(p, xs, h0, ct, ct_last)
 
 
 def cuda_module(loss, *args) -> str:
