@@ -14,11 +14,10 @@ FAST = ["--config.model.hidden_sizes=(16,16)", "--config.num_train_steps=24",
 # a session: a FAST run spends about 10 of its 20 s compiling the same train and
 # eval steps.  The size limit turns on the cache's file lock, which the
 # concurrent writers here (pytest-xdist workers, two-process runs) need.
-JAX_CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": os.environ.get("GRU_JAX_TEST_JAX_CACHE",
-                                                os.path.join(ROOT, ".jax_test_cache")),
+_CACHE_DIR = os.environ.get("GRU_JAX_TEST_JAX_CACHE", os.path.join(ROOT, ".jax_test_cache"))
+JAX_CACHE_ENV = {} if _CACHE_DIR == "off" else {
+    "JAX_COMPILATION_CACHE_DIR": _CACHE_DIR,
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
 }
 
 
