@@ -10,10 +10,11 @@ FAST = ["--config.model.hidden_sizes=(16,16)", "--config.num_train_steps=24",
         "--config.eval_every_steps=8", "--config.checkpoint_every_steps=8",
         "--config.log_every_steps=1", "--config.bn_recalibrate_batches=2",
         "--config.batch_size=32"]
-# JAX's own persistent compilation cache, shared by every training subprocess of
-# a session: a FAST run spends about 10 of its 20 s compiling the same train and
-# eval steps.  The size limit turns on the cache's file lock, which the
-# concurrent writers here (pytest-xdist workers, two-process runs) need.
+# JAX's own persistent compilation cache, shared by every test and training
+# subprocess: a FAST run spends about 10 of its 20 s compiling the same train and
+# eval steps.  No size limit: a limit turns on LRU eviction, which rereads every
+# entry on each write.  Without its lock, a torn read by a concurrent writer fails
+# decompression, and JAX warns and recompiles.
 _CACHE_DIR = os.environ.get("GRU_JAX_TEST_JAX_CACHE", os.path.join(ROOT, ".jax_test_cache"))
 JAX_CACHE_ENV = {} if _CACHE_DIR == "off" else {
     "JAX_COMPILATION_CACHE_DIR": _CACHE_DIR,
