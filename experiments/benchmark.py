@@ -27,7 +27,9 @@ Implementations (``--impls``, default all that are installed and apply):
                                "xla" call runs), /chunks=N (time chunks of a
                                differentiated CPU call; 1 = unchunked),
                                /resets=P (segment resets at a fraction P of
-                               the steps, drawn once: the cost of `resets=`)
+                               the steps, drawn once: the cost of `resets=`),
+                               /unroll=N (`gru_jax.gru`'s unroll: steps per
+                               loop iteration of the "xla" and "scan" loops)
   flax      nn.RNN(nn.GRUCell)           equinox  eqx.nn.GRUCell + lax.scan
   haiku     hk.GRU + hk.dynamic_unroll   keras    keras.layers.GRU, JAX backend, stateless_call
   torch     torch.nn.GRU (oneDNN on CPU, cuDNN on GPU)
@@ -141,7 +143,7 @@ def build(impl: str, shape, mode: str, dtype_name: str):
                        "[/<option>...], e.g. gru_jax/xla/seed")
     backend, variant, *opts = parts
     settings = {(fused_rnn, "PRIMAL"): None, (gru_jax.scan, "CPU_CHUNKS"): None}
-    resets = None
+    resets, unroll = None, 1
     for opt in opts:
       if opt in ("loop", "scan"):
         settings[fused_rnn, "PRIMAL"] = opt
@@ -149,9 +151,11 @@ def build(impl: str, shape, mode: str, dtype_name: str):
         settings[gru_jax.scan, "CPU_CHUNKS"] = int(opt[7:])
       elif opt.startswith("resets=") and _fraction(opt[7:]) is not None:
         resets = jax.random.bernoulli(jax.random.key(7), _fraction(opt[7:]), (b, t))
+      elif opt.startswith("unroll=") and opt[7:].isdigit() and int(opt[7:]) >= 1:
+        unroll = int(opt[7:])
       else:
-        raise ValueError(f"unknown option {opt!r} in {impl!r}: expected loop, scan, chunks=N "
-                         "or resets=P (0 <= P <= 1)")
+        raise ValueError(f"unknown option {opt!r} in {impl!r}: expected loop, scan, chunks=N, "
+                         "resets=P (0 <= P <= 1) or unroll=N (N >= 1)")
     x, ct = _inputs(shape, jnp.float32)
     params = gru_jax.cell.init(key, d, h)
 
@@ -161,7 +165,7 @@ def build(impl: str, shape, mode: str, dtype_name: str):
         setattr(mod, name, value)
       try:
         return gru_jax.gru(p, x, variant=variant, backend=backend, compute_dtype=act,
-                           resets=resets)[1]
+                           resets=resets, unroll=unroll)[1]
       finally:
         for (mod, name), value in saved.items():
           setattr(mod, name, value)

@@ -149,3 +149,19 @@ def test_resets_option_reaches_gru(tmp_path, monkeypatch):
   assert "gru_jax/xla/reset_after/resets=0.1" in r["timings"]
   assert "unknown option 'resets=2'" in r["errors"]["gru_jax/xla/reset_after/resets=2"]
   assert seen and set(seen) == {(8, 200)}, seen
+
+
+def test_unroll_option_reaches_the_loops(tmp_path, monkeypatch):
+  """/unroll=N is the unroll the "xla" loops compile with; N < 1 is refused."""
+  from gru_jax.kernels import fused_rnn
+  seen = []
+  real = fused_rnn._make
+  monkeypatch.setattr(fused_rnn, "_make", lambda cfg: seen.append(cfg.unroll) or real(cfg))
+  res = benchmark.run(["2x50x4x8"], impls=["gru_jax/xla/reset_after/unroll=4",
+                                          "gru_jax/xla/reset_after/unroll=0"],
+                      repeats=1, warmup=0, gap_ms=0, out_dir=str(tmp_path), plot=False,
+                      log=lambda *_: None)
+  r = res["results"][0]
+  assert "gru_jax/xla/reset_after/unroll=4" in r["timings"]
+  assert "unknown option 'unroll=0'" in r["errors"]["gru_jax/xla/reset_after/unroll=0"]
+  assert seen and set(seen) == {4}, seen
