@@ -29,7 +29,7 @@ fi
 unroll=gru_jax/xla/reset_after/unroll=8
 # Each budget skips the runs left once it is spent; each timeout stops a run
 # that overruns it. 250 + 3 x 110 = 580 s.
-common=(--split_budget_s=0 --sweep=none --train_check=false "${tiny[@]}")
+common=(--split_budget_s=0 --sweep=none --train_check=false ${tiny[@]+"${tiny[@]}"})
 timeout 250 python3 -m experiments.gpu_check --out_dir="$OUT" --budget_s=190 --max_checks=1 \
   "${common[@]}" --impls=gru_jax,$unroll,keras,torch --runs=$runs \
   2>&1 | grep -v "^I[0-9]" | tail -30
@@ -39,9 +39,9 @@ for flag in "" --xla_gpu_enable_triton_gemm=false \
     "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1"; do
   probe=$((probe + 1))
   echo "== probe $probe: XLA_FLAGS=$flag"
+  mkdir -p "$OUT/xla_flags_$probe" && echo "$flag" > "$OUT/xla_flags_$probe/xla_flags.txt"
   XLA_FLAGS=$flag timeout 110 python3 -m experiments.gpu_check --out_dir="$OUT/xla_flags_$probe" \
     --budget_s=80 --max_checks=0 "${common[@]}" --impls=gru_jax,$unroll,torch \
     --runs=$probe_runs 2>&1 | grep -v "^I[0-9]" | grep -A4 "^| step"
   echo "exit ${PIPESTATUS[0]}"
-  echo "$flag" > "$OUT/xla_flags_$probe/xla_flags.txt" 2>/dev/null || true
 done
