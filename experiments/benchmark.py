@@ -29,7 +29,9 @@ Implementations (``--impls``, default all that are installed and apply):
                                /resets=P (segment resets at a fraction P of
                                the steps, drawn once: the cost of `resets=`),
                                /unroll=N (`gru_jax.gru`'s unroll: steps per
-                               loop iteration of the "xla" and "scan" loops)
+                               loop iteration of the "xla" and "scan" loops),
+                               /packed (the "xla" loops store one packed row
+                               per step: `fused_rnn.PACKED`)
   flax      nn.RNN(nn.GRUCell)           equinox  eqx.nn.GRUCell + lax.scan
   haiku     hk.GRU + hk.dynamic_unroll   keras    keras.layers.GRU, JAX backend, stateless_call
   torch     torch.nn.GRU (oneDNN on CPU, cuDNN on GPU)
@@ -117,6 +119,55 @@ def _inputs(shape, dtype):
   return x, ct
 
 
+def gru_jax_apply(impl: str, shape, act):
+  """(apply(params, x) -> outputs [B,T,H], params) for a gru_jax implementation name.
+
+  gru_jax/<backend>/<variant>[/<option>...]: "loop" or "scan" forces how an
+  undifferentiated "xla" call runs, "chunks=N" how many time chunks a
+  differentiated CPU call runs in, "packed" the packed stores of the "xla"
+  loops (all read while tracing, inside apply).
+  """
+  import jax
+  import gru_jax
+  from gru_jax.kernels import fused_rnn
+  b, t, d, h = shape
+  parts = ["auto", "reset_after"] if impl == REFERENCE else impl.split("/")[1:]
+  if len(parts) < 2:
+    raise ValueError(f"{impl!r}: gru_jax implementations are gru_jax/<backend>/<variant>"
+                     "[/<option>...], e.g. gru_jax/xla/seed")
+  backend, variant, *opts = parts
+  settings = {(fused_rnn, "PRIMAL"): None, (gru_jax.scan, "CPU_CHUNKS"): None,
+              (fused_rnn, "PACKED"): None}
+  resets, unroll = None, 1
+  for opt in opts:
+    if opt in ("loop", "scan"):
+      settings[fused_rnn, "PRIMAL"] = opt
+    elif opt == "packed":
+      settings[fused_rnn, "PACKED"] = True
+    elif opt.startswith("chunks=") and opt[7:].isdigit() and int(opt[7:]) >= 1:
+      settings[gru_jax.scan, "CPU_CHUNKS"] = int(opt[7:])
+    elif opt.startswith("resets=") and _fraction(opt[7:]) is not None:
+      resets = jax.random.bernoulli(jax.random.key(7), _fraction(opt[7:]), (b, t))
+    elif opt.startswith("unroll=") and opt[7:].isdigit() and int(opt[7:]) >= 1:
+      unroll = int(opt[7:])
+    else:
+      raise ValueError(f"unknown option {opt!r} in {impl!r}: expected loop, scan, packed, "
+                       "chunks=N, resets=P (0 <= P <= 1) or unroll=N (N >= 1)")
+  params = gru_jax.cell.init(jax.random.key(42), d, h)
+
+  def apply(p, x):
+    saved = {k: getattr(*k) for k in settings}
+    for (mod, name), value in settings.items():
+      setattr(mod, name, value)
+    try:
+      return gru_jax.gru(p, x, variant=variant, backend=backend, compute_dtype=act,
+                         resets=resets, unroll=unroll)[1]
+    finally:
+      for (mod, name), value in saved.items():
+        setattr(mod, name, value)
+  return apply, params
+
+
 def build(impl: str, shape, mode: str, dtype_name: str):
   """A zero-argument step for ``impl`` on ``shape``; raises if it does not apply."""
   import jax
@@ -132,43 +183,8 @@ def build(impl: str, shape, mode: str, dtype_name: str):
     return _jax_step(apply, params, x, mode)
 
   if impl == REFERENCE or impl.startswith("gru_jax/"):
-    import gru_jax
-    from gru_jax.kernels import fused_rnn
-    # gru_jax/<backend>/<variant>[/<option>...]: "loop" or "scan" forces how an
-    # undifferentiated "xla" call runs, "chunks=N" how many time chunks a
-    # differentiated CPU call runs in (both read while tracing, inside apply).
-    parts = ["auto", "reset_after"] if impl == REFERENCE else impl.split("/")[1:]
-    if len(parts) < 2:
-      raise ValueError(f"{impl!r}: gru_jax implementations are gru_jax/<backend>/<variant>"
-                       "[/<option>...], e.g. gru_jax/xla/seed")
-    backend, variant, *opts = parts
-    settings = {(fused_rnn, "PRIMAL"): None, (gru_jax.scan, "CPU_CHUNKS"): None}
-    resets, unroll = None, 1
-    for opt in opts:
-      if opt in ("loop", "scan"):
-        settings[fused_rnn, "PRIMAL"] = opt
-      elif opt.startswith("chunks=") and opt[7:].isdigit() and int(opt[7:]) >= 1:
-        settings[gru_jax.scan, "CPU_CHUNKS"] = int(opt[7:])
-      elif opt.startswith("resets=") and _fraction(opt[7:]) is not None:
-        resets = jax.random.bernoulli(jax.random.key(7), _fraction(opt[7:]), (b, t))
-      elif opt.startswith("unroll=") and opt[7:].isdigit() and int(opt[7:]) >= 1:
-        unroll = int(opt[7:])
-      else:
-        raise ValueError(f"unknown option {opt!r} in {impl!r}: expected loop, scan, chunks=N, "
-                         "resets=P (0 <= P <= 1) or unroll=N (N >= 1)")
+    apply, params = gru_jax_apply(impl, shape, act)
     x, ct = _inputs(shape, jnp.float32)
-    params = gru_jax.cell.init(key, d, h)
-
-    def apply(p, x):
-      saved = {k: getattr(*k) for k in settings}
-      for (mod, name), value in settings.items():
-        setattr(mod, name, value)
-      try:
-        return gru_jax.gru(p, x, variant=variant, backend=backend, compute_dtype=act,
-                           resets=resets, unroll=unroll)[1]
-      finally:
-        for (mod, name), value in saved.items():
-          setattr(mod, name, value)
     return finish(apply, params, x, ct)
 
   if impl == "flax":

@@ -3,9 +3,11 @@
 # (docs/benchmarks.md, "Next GPU session"); everything lands under $OUT.
 #   1. experiments.gpu_check: Keras-JAX at the two shapes where it is
 #      unmeasured (Flax and Equinox were measured there on the H200), with
-#      gru_jax, its XLA loops at unroll=8, and torch beside it;
-#   2. gru_jax (unroll 1 and 8) and torch at train 128x500x1024x1024 (the
-#      cuDNN target) and forward 256x200x512x512, without XLA_FLAGS and then
+#      gru_jax, its XLA loops with packed stores and at unroll=8, and torch
+#      beside it;
+#   2. gru_jax (as is, packed stores, unroll=8) and torch at train
+#      128x500x1024x1024 (the cuDNN target) and forward 256x200x512x512,
+#      without XLA_FLAGS and then
 #      under two settings (cuBLAS instead of XLA's Triton GEMMs; while loops
 #      recorded into CUDA graphs).
 #      Flags are a process setting, hence one process each; an unknown flag
@@ -27,11 +29,12 @@ else
   probe_runs=train:128x500x1024x1024:float32,forward:256x200x512x512:float32
 fi
 unroll=gru_jax/xla/reset_after/unroll=8
+packed=gru_jax/xla/reset_after/packed  # 9 kernels a train step, not 16 (experiments/gpu_hlo.py)
 # Each budget skips the runs left once it is spent; each timeout stops a run
 # that overruns it. 250 + 3 x 110 = 580 s.
 common=(--split_budget_s=0 --sweep=none --train_check=false ${tiny[@]+"${tiny[@]}"})
 timeout 250 python3 -m experiments.gpu_check --out_dir="$OUT" --budget_s=190 --max_checks=1 \
-  "${common[@]}" --impls=gru_jax,$unroll,keras,torch --runs=$runs \
+  "${common[@]}" --impls=gru_jax,$packed,$unroll,keras,torch --runs=$runs \
   2>&1 | grep -v "^I[0-9]" | tail -30
 echo "gpu_check exit ${PIPESTATUS[0]}"
 probe=0
@@ -41,7 +44,7 @@ for flag in "" --xla_gpu_enable_triton_gemm=false \
   echo "== probe $probe: XLA_FLAGS=$flag"
   mkdir -p "$OUT/xla_flags_$probe" && echo "$flag" > "$OUT/xla_flags_$probe/xla_flags.txt"
   XLA_FLAGS=$flag timeout 110 python3 -m experiments.gpu_check --out_dir="$OUT/xla_flags_$probe" \
-    --budget_s=80 --max_checks=0 "${common[@]}" --impls=gru_jax,$unroll,torch \
+    --budget_s=80 --max_checks=0 "${common[@]}" --impls=gru_jax,$packed,$unroll,torch \
     --runs=$probe_runs 2>&1 | grep -v "^I[0-9]" | grep -A4 "^| step"
   echo "exit ${PIPESTATUS[0]}"
 done

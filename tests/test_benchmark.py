@@ -165,3 +165,17 @@ def test_unroll_option_reaches_the_loops(tmp_path, monkeypatch):
   assert "gru_jax/xla/reset_after/unroll=4" in r["timings"]
   assert "unknown option 'unroll=0'" in r["errors"]["gru_jax/xla/reset_after/unroll=0"]
   assert seen and set(seen) == {4}, seen
+
+
+def test_packed_option_reaches_the_loops(tmp_path, monkeypatch):
+  """/packed makes the "xla" loops store packed rows, only for that implementation."""
+  from gru_jax.kernels import fused_rnn
+  seen = []
+  real = fused_rnn._make
+  monkeypatch.setattr(fused_rnn, "_make", lambda cfg: seen.append(cfg.packed) or real(cfg))
+  res = benchmark.run(["2x5x4x8"], impls=["gru_jax/xla/seed/packed", "gru_jax/xla/seed"],
+                      repeats=1, warmup=0, gap_ms=0, out_dir=str(tmp_path), plot=False,
+                      log=lambda *_: None)
+  assert set(res["results"][0]["timings"]) == {"gru_jax/xla/seed/packed", "gru_jax/xla/seed"}
+  assert set(seen) == {True, False}, seen
+  assert fused_rnn.PACKED is None  # restored after tracing

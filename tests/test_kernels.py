@@ -352,6 +352,42 @@ def test_pallas_prefetch_on_and_off_match_reference_and_scan_grads(prefetch, var
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("time_major", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_packed_stores_match_unpacked_scan_and_reference(variant, time_major, monkeypatch):
+  """The "xla" loops with packed stores (`fused_rnn.PACKED`, one row of
+  residuals and one dxp row per step) give the float64 reference's outputs and
+  the gradients of the unpacked loops and of autodiff of the scan, with masks,
+  resets, recurrent dropout and h0, in both directions and both layouts."""
+  from gru_jax.kernels import fused_rnn
+  p, xs, h0, mask, m_in, m_rec = problem(41, t=7)
+  ct, ct_last = cotangents(xs, p.hidden_size)
+  resets = jax.random.bernoulli(jax.random.key(8), 0.25, mask.shape)
+  tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
+  seen = []
+  real = fused_rnn._make
+  monkeypatch.setattr(fused_rnn, "_make", lambda cfg: seen.append(cfg.packed) or real(cfg))
+  for reverse in (False, True):
+    kw = dict(mask=tm(mask), reverse=reverse, input_dropout_mask=m_in,
+              recurrent_dropout_mask=m_rec, resets=tm(resets), time_major=time_major)
+    args = (p, tm(xs), h0, tm(ct), ct_last)
+    want = grads("scan", variant, *args, **kw)
+    monkeypatch.setattr(fused_rnn, "PACKED", False)
+    unpacked = grads("xla", variant, *args, **kw)
+    monkeypatch.setattr(fused_rnn, "PACKED", True)
+    packed = grads("xla", variant, *args, **kw)
+    chex.assert_trees_all_close(packed, want, atol=2e-5, rtol=2e-5)
+    chex.assert_trees_all_close(packed, unpacked, atol=2e-6, rtol=2e-6)
+    # Outputs of the differentiated call (the packed forward runs only under AD).
+    (h_last, hs), _ = jax.vjp(lambda x: gru_jax.gru(p, x, h0, mask=mask, reverse=reverse,
+                                                    variant=variant, backend="xla"), xs)
+    ref_last, ref_hs = reference.run(p, xs, np.asarray(h0), mask=np.asarray(mask),
+                                     reverse=reverse, variant=variant)
+    np.testing.assert_allclose(hs, ref_hs, atol=2e-5)
+    np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
+  assert set(seen) == {False, True}, seen  # both layouts really ran
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("time_axis", [0, 1])
 def test_xla_scan_primal_matches_loop_primal_and_reference(variant, time_axis):
   """The undifferentiated "xla" forward run as a time-major lax.scan (the GPU
@@ -465,7 +501,8 @@ def test_split_kernels_lower_to_triton_for_gpu(joint_wait, monkeypatch):
 def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
   """S = H/32 column blocks for the Pallas kernels on GPU (none in interpret mode,
   below H=128, or where the split does not apply); the undifferentiated "xla"
-  forward is a scan on GPU and the loop elsewhere, unless overridden."""
+  forward is a scan on GPU and the loop elsewhere, and the "xla" loops store
+  unpacked rows, unless overridden."""
   from gru_jax.kernels import fused_rnn
   cfg = lambda **k: fused_rnn.Config(**{**dict(variant="reset_after", reverse=False, time_axis=0,
                                                impl="pallas", interpret=False), **k})
@@ -486,6 +523,19 @@ def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
   assert fused_rnn.default_primal("gpu") == "scan"
   monkeypatch.setattr(fused_rnn, "PRIMAL", "scan")
   assert fused_rnn.default_primal("cpu") == "scan"
+  # Packed stores: untimed on a GPU, so off everywhere unless asked for; never
+  # for the Pallas kernels, which store their own residuals.
+  assert fused_rnn.default_packed("gpu") is False and fused_rnn.default_packed("cpu") is False
+  monkeypatch.setattr(fused_rnn, "PACKED", True)
+  assert fused_rnn.default_packed("gpu") is True
+  seen = []
+  real = fused_rnn._make
+  monkeypatch.setattr(fused_rnn, "_make", lambda c: seen.append((c.impl, c.packed)) or real(c))
+  for impl in ("xla", "pallas"):
+    fused_rnn.recurrence(jnp.zeros((16, 48)), jnp.zeros(48), jnp.zeros(16),
+                         jnp.zeros((2, 16, 48)), jnp.zeros((16, 16)), variant="reset_after",
+                         impl=impl, interpret=True)
+  assert seen == [("xla", True), ("pallas", False)], seen
 
 
 def test_cpu_chunk_counts_follow_their_rules(monkeypatch):

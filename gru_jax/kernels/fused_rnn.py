@@ -54,6 +54,10 @@ class Config(NamedTuple):
   # Undifferentiated "xla" calls: "loop" (the fori_loop below) or "scan" (a
   # time-major lax.scan); `default_primal` picks one.
   primal: str = "loop"
+  # Differentiated "xla" calls: the forward loop stores its residuals as one
+  # [.., 5H] (seed: 4H) slab row per step and the backward loop its dxp row as
+  # one store, instead of one store per array (`default_packed`).
+  packed: bool = False
 
 
 # On GPU the forward loop (which writes [B,T,H] buffers) is slower than a scan
@@ -72,6 +76,22 @@ def default_primal(platform: str | None = None) -> str:
   return "scan" if (platform or jax.default_backend()) == "gpu" else "loop"
 
 
+# Whether differentiated "xla" loops store packed rows (`Config.packed`).
+# Compiled for an H100 without one (experiments/gpu_hlo.py, train
+# 128x500x1024x1024), a forward + backward step launches 4 + 5 kernels packed
+# against 8 + 8 unpacked, but no GPU has timed it yet, so it is off.  On the
+# 2-core CPU it is slower (train 64x100x128x128: 56.0 against 46.5 ms;
+# 16x500x64x256: 216 against 192), so it stays off there.  True or False
+# overrides `default_packed`; experiments/benchmark.py's "/packed" option sets it.
+PACKED: bool | None = None
+
+
+def default_packed(platform: str | None = None) -> bool:
+  """Whether differentiated "xla" loops on ``platform`` store packed rows."""
+  del platform  # measured nowhere yet: see PACKED
+  return bool(PACKED)
+
+
 class Residuals(NamedTuple):
   """What the backward pass needs, each [T,B,H]/[B,T,H]."""
   prev: Array  # h_{t-1}: the carried state entering each step
@@ -79,6 +99,15 @@ class Residuals(NamedTuple):
   r: Array
   c: Array  # candidate h̃
   hn: Array | None  # "reset_after" only: h·W_hn + b_hn
+  # Packed loops: [prev, z, r, c(, hn)] side by side, [T,B,5H]/[B,T,5H] (seed:
+  # 4H); the fields above are then its column slices, read after the loops.
+  slab: Array | None = None
+
+
+def packed_residuals(slab: Array, hsz: int) -> Residuals:
+  """Residuals whose fields are the column blocks of ``slab``."""
+  blocks = [slab[..., k * hsz:(k + 1) * hsz] for k in range(slab.shape[-1] // hsz)]
+  return Residuals(*blocks[:4], hn=blocks[4] if len(blocks) == 5 else None, slab=slab)
 
 
 def take(a: Array, t, axis: int) -> Array:
@@ -134,6 +163,11 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs
     t = n - 1 - i if cfg.reverse else i
     xz, xr, xc = (take_gate(xp, t, g, hsz, ax) + bias[g] for g in range(3))
     keep = None if mask is None else take(mask, t, ax)[:, None]
+    if save and cfg.packed:  # one store of [h, z, r, h̃(, hn)] per step
+      h_new, _, g, hn = _step(w_h, b_hn, rm, _reset(h, rs, t, ax), xz, xr, xc, keep,
+                              cfg.variant)
+      row = jnp.concatenate([h, g.z, g.r, g.candidate] + ([] if hn is None else [hn]), -1)
+      return h_new, (put(bufs[0], row, t, ax),)
     if not save:
       h_new, out, _, _ = _step(w_h, b_hn, rm, _reset(h, rs, t, ax), xz, xr, xc, keep,
                                cfg.variant)
@@ -155,15 +189,20 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs
                            through)
     return h_new, tuple(bufs[k] for k in names)
 
-  n_bufs = len(names) if save else 1
-  # Every slot is written, so the fill values are never read.  Distinct ones
-  # keep XLA from filling one buffer and copying it n_bufs-1 times (0.35 ms of
-  # the 64x100x128x128 CPU train step).
-  bufs = tuple(jnp.full(shape, i, sd) for i in range(n_bufs))
+  if save and cfg.packed:
+    bufs = (jnp.zeros(shape[:2] + (len(names) * hsz,), sd),)
+  else:
+    # Every slot is written, so the fill values are never read.  Distinct ones
+    # keep XLA from filling one buffer and copying it n_bufs-1 times (0.35 ms
+    # of the 64x100x128x128 CPU train step).
+    bufs = tuple(jnp.full(shape, i, sd) for i in range(len(names) if save else 1))
   h_last, bufs = lax.fori_loop(0, n, body, (h0, bufs), unroll=cfg.unroll)
   if not save:
     return h_last, bufs[0], None
-  res = Residuals(*bufs[:4], hn=bufs[4] if len(bufs) == 5 else None)
+  if cfg.packed:
+    res = packed_residuals(bufs[0], hsz)
+  else:
+    res = Residuals(*bufs[:4], hn=bufs[4] if len(bufs) == 5 else None)
   return h_last, outputs_from_prev(res.prev, h_last, mask, reverse=cfg.reverse, axis=ax), res
 
 
@@ -229,12 +268,19 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
   else:
     wt = w_h.T
 
+  packed = res.slab is not None
+
   def body(i, carry):
     dh, drm, buf = carry
     t = i if cfg.reverse else n - 1 - i  # opposite to the forward loop
-    hp = _reset(take(res.prev, t, ax), rs, t, ax)
+    if packed:  # one [B,5H] (seed: 4H) row read, split in the gate fusion
+      row = take(res.slab, t, ax)
+      hp, z, r, c, *hn = (row[:, k * hsz:(k + 1) * hsz] for k in range(row.shape[-1] // hsz))
+    else:
+      hp, z, r, c = (take(a, t, ax) for a in (res.prev, res.z, res.r, res.c))
+      hn = [] if seed else [take(res.hn, t, ax)]
+    hp = _reset(hp, rs, t, ax)
     hin = hp if rm is None else hp * rm
-    z, r, c = take(res.z, t, ax), take(res.r, t, ax), take(res.c, t, ax)
     d = dh + take(g_hs, t, ax)
     if mask is not None:
       keep = take(mask, t, ax)[:, None]
@@ -247,7 +293,7 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
       dhin = dq * r + cell_lib.matmul(jnp.concatenate([da_z, da_r], -1), wt_zr, sd)
     else:
       dhn = da_c * r
-      da_r = dhn * take(res.hn, t, ax) * (1 - r)
+      da_r = dhn * hn[0] * (1 - r)
       dhin = cell_lib.matmul(jnp.concatenate([da_z, da_r, dhn], -1), wt, sd)
     direct = d * (1 - z)
     if mask is not None:
@@ -255,8 +301,11 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
     if rm is not None:
       drm = drm + hp * dhin
       dhin = dhin * rm
-    for gate, v in enumerate((da_z, da_r, da_c)):
-      buf = put_gate(buf, v, t, gate, ax)
+    if packed:
+      buf = put(buf, jnp.concatenate([da_z, da_r, da_c], -1), t, ax)
+    else:
+      for gate, v in enumerate((da_z, da_r, da_c)):
+        buf = put_gate(buf, v, t, gate, ax)
     return _reset(direct + dhin, rs, t, ax), drm, buf
 
   drm0 = None if rm is None else jnp.zeros_like(rm)
@@ -359,7 +408,8 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
                mask: Array | None = None, rm: Array | None = None, *, variant: str = "seed",
                reverse: bool = False, time_axis: int = 0, impl: str = "xla", unroll: int = 1,
                interpret: bool = False, primal: str | None = None,
-               resets: Array | None = None) -> tuple[Array, Array]:
+               resets: Array | None = None, packed: bool | None = None
+               ) -> tuple[Array, Array]:
   """Runs the recurrence over the projected inputs with the hand-written VJP.
 
   Args:
@@ -376,6 +426,8 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     resets: bool, laid out like ``mask``, or None: the steps that start from a
       zero state, in running order (`gru_jax.scan.effective_resets` makes
       them from segment starts).
+    packed: whether differentiated "xla" loops store one packed row per step
+      (`Config.packed`); None: `default_packed`.  Same results either way.
 
   Returns:
     (h_last [B,H], hs [T,B,H] / [B,T,H]).  Differentiable in reverse mode
@@ -386,6 +438,8 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     primal = default_primal()
   if primal not in ("loop", "scan"):
     raise ValueError(f"primal must be 'loop' or 'scan', got {primal!r}")
+  if packed is None:
+    packed = default_packed()
   cfg = Config(variant, bool(reverse), int(time_axis), impl, int(unroll), bool(interpret),
-               primal)
+               primal, bool(packed) and impl == "xla")
   return _make(cfg)(w_h, b_x, b_hn, xp, h0, mask, rm, resets)
