@@ -90,7 +90,8 @@ def _plugin_matches_jax() -> bool:
 def test_packed_stores_cut_the_loop_kernels_on_an_h100(tmp_path):
   """Compiled for an H100 without one: unpacked, the forward loop stores its five
   residuals with five in-place update kernels and the backward loop dxp's three
-  gate blocks with three; packed, one each.  Every loop keeps one GEMM."""
+  gate blocks with three; packed, one each, into an unfilled array.  Every loop
+  keeps one GEMM."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([PLUGIN, ROOT]),
              XLA_FLAGS="--xla_gpu_enable_triton_gemm=false")  # GEMMs as cuBLAS calls
   subprocess.run([sys.executable, "-m", "experiments.gpu_hlo", "--shapes=16x12x32x32",
@@ -106,3 +107,7 @@ def test_packed_stores_cut_the_loop_kernels_on_an_h100(tmp_path):
   assert [stores(lp) for lp in packed] == [1, 1]
   assert [gemms(lp) for lp in unpacked + packed] == [1] * 4
   assert [len(lp["kernels"]) for lp in packed] < [len(lp["kernels"]) for lp in unpacked]
+  # The packed residual array is allocated unfilled; the unpacked arrays keep their fills.
+  hlo = lambda impl: (tmp_path / f"train_16x12x32x32_{impl.replace('/', '_')}.hlo").read_text()
+  assert 'custom_call_target="AllocateBuffer"' in hlo("gru_jax/xla/reset_after/packed")
+  assert "AllocateBuffer" not in hlo("gru_jax/xla/reset_after")

@@ -189,13 +189,20 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs
                            through)
     return h_new, tuple(bufs[k] for k in names)
 
+  # Every slot is written, so the initial values are never read.
   if save and cfg.packed:
-    bufs = (jnp.zeros(shape[:2] + (len(names) * hsz,), sd),)
+    shapes = [shape[:2] + (len(names) * hsz,)]
   else:
-    # Every slot is written, so the fill values are never read.  Distinct ones
-    # keep XLA from filling one buffer and copying it n_bufs-1 times (0.35 ms
-    # of the 64x100x128x128 CPU train step).
-    bufs = tuple(jnp.full(shape, i, sd) for i in range(len(names) if save else 1))
+    shapes = [shape] * (len(names) if save else 1)
+  if save and cfg.packed and jax.default_backend() == "gpu":
+    # Unfilled (XLA's AllocateBuffer, no kernel): a fill is a pass over
+    # [T,B,5H], 1.3 GB at train 128x500x1024x1024.  Only with the untimed
+    # packed stores: JAX's own scan still avoids AllocateBuffer ("issues").
+    bufs = tuple(lax.empty(s, sd) for s in shapes)
+  else:
+    # Distinct fill values keep XLA:CPU from filling one buffer and copying it
+    # to the others (0.35 ms of the 64x100x128x128 CPU train step).
+    bufs = tuple(jnp.full(s, i, sd) for i, s in enumerate(shapes))
   h_last, bufs = lax.fori_loop(0, n, body, (h0, bufs), unroll=cfg.unroll)
   if not save:
     return h_last, bufs[0], None
