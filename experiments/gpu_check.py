@@ -10,8 +10,10 @@ r"""One prepared GPU session: Pallas-vs-XLA correctness, then timings of every i
    "xla" and against "scan" (plain autodiff), forward outputs and gradients of
    sum(hs·ct) + sum(h_last·ct_last) w.r.t. params, inputs and h0, with a
    padding mask, both variants, float32 and bf16 weights, with and without
-   segment resets.  Relative error
-   ‖a−b‖/‖b‖ per output, limits 2e-3 (f32, TF32 dots) and 3e-2 (bf16).
+   segment resets.  Then the "xla" loops with packed stores
+   (`gru_jax.kernels.fused_rnn.PACKED`) against the unpacked ones and "scan".
+   Relative error ‖a−b‖/‖b‖ per output, limits 2e-3 (f32, TF32 dots) and
+   3e-2 (bf16).
 2b. End to end: `gru_jax.train.train_and_evaluate` on the adding problem
    (experiments/configs/adding.py: GRU(128), B=64, T=200, 2,000 steps; the
    Pallas path on GPU), its test MSE and wall time.  Needs ml_collections, which
@@ -48,6 +50,8 @@ flags.DEFINE_bool("tiny", False, "Tiny shapes (CPU rehearsal: Pallas runs in int
 flags.DEFINE_list("runs", [], "mode:BxTxDxH:dtype entries to time instead of the ANCHORS.md "
                   "list (then a bf16 train run of the first shape).")
 flags.DEFINE_integer("max_checks", 99, "Correctness checks to run (after the float64 one).")
+flags.DEFINE_integer("packed_checks", 99, "Checks of the packed \"xla\" loops to run "
+                     "(PACKED_CHECKS), after the Pallas ones.")
 flags.DEFINE_bool("train_check", True, "Run the adding experiment end to end (phase 2b).")
 flags.DEFINE_enum("sweep", "default", ["default", "stages", "none"], "Kernel sweep to run.")
 flags.DEFINE_float("budget_s", 420.0, "Wall-clock budget for the whole run; phases past it are skipped.")
@@ -77,6 +81,11 @@ CHECKS = [("64x100x128x128", "reset_after", "float32", False, False),
           ("32x50x64x64", "seed", "bfloat16", False, False)]
 TINY_CHECKS = [("16x12x16x32", "reset_after", "float32", False, False),
                ("16x12x16x32", "seed", "bfloat16", True, True)]
+# The "xla" loops' packed stores (`fused_rnn.PACKED`, untimed on a GPU so far)
+# against the unpacked loops and scan, same fields; run with every session.
+PACKED_CHECKS = [("128x100x256x512", "reset_after", "float32", True, True),
+                 ("64x50x64x128", "seed", "bfloat16", False, False)]
+TINY_PACKED_CHECKS = [("8x12x16x32", "reset_after", "float32", True, True)]
 # Kernel configurations swept: (batch tile, warps, prefetch, Triton stages, weight dtype).
 SWEEP = [(16, 4, True, 1, "float32"), (16, 4, False, 1, "float32"), (16, 8, True, 1, "float32"),
          (16, 8, False, 1, "float32"), (16, 16, True, 1, "float32"), (32, 8, True, 1, "float32"),
@@ -121,10 +130,13 @@ def rel_err(a, b) -> float:
 
 
 def compare(shape, variant: str, dtype: str, reverse: bool = False,
-            time_major: bool = False, cache: dict | None = None, resets: bool = False) -> dict:
+            time_major: bool = False, cache: dict | None = None, resets: bool = False,
+            packed: bool = False) -> dict:
   """Pallas vs XLA vs scan on one problem with a padding mask: forward and gradients.
 
   ``resets``: segment starts at 5% of the steps (`gru_jax.gru(..., resets=)`).
+  ``packed``: checks the "xla" loops with packed stores instead of Pallas
+  (the "xla" reference keeps the unpacked ones).
 
   ``cache`` keeps the "xla" and "scan" results across calls (the split phase
   checks many kernel configurations against the same references).
@@ -162,14 +174,23 @@ def compare(shape, variant: str, dtype: str, reverse: bool = False,
   refs = (cache or {}).get(key) or (run("xla"), run("scan"))
   if cache is not None:
     cache[key] = refs
-  got, (xla, scan) = run("pallas"), refs
+  if packed:
+    from gru_jax.kernels import fused_rnn
+    fused_rnn.PACKED = True
+    try:
+      got = run("xla")
+    finally:
+      fused_rnn.PACKED = None
+  else:
+    got = run("pallas")
+  xla, scan = refs
   names = ["h_last", "hs", "w_x", "w_h", "b_x", "b_h", "x", "h0"]
   flat = lambda tree: jax.tree.leaves(tree)
   vs_xla = {n: rel_err(a, b) for n, a, b in zip(names, flat(got), flat(xla))}
   vs_scan = {n: rel_err(a, b) for n, a, b in zip(names, flat(got), flat(scan))}
   worst = max(list(vs_xla.values()) + list(vs_scan.values()))
   return dict(shape=list(shape), variant=variant, dtype=dtype, reverse=reverse,
-              time_major=time_major, resets=resets, vs_xla=vs_xla,
+              time_major=time_major, resets=resets, packed=packed, vs_xla=vs_xla,
               vs_scan=vs_scan,
               worst=worst, ok=bool(worst <= TOLERANCE[dtype]))
 
@@ -437,6 +458,15 @@ def main(argv):
       log(f"correctness {shape_text} {variant} {dtype} reverse={reverse} resets={resets}: "
           f"worst rel err "
           f"{c['worst']:.2e} {'ok' if c['ok'] else 'FAILED'}")
+  for shape_text, variant, dtype, reverse, resets in (
+      TINY_PACKED_CHECKS if FLAGS.tiny else PACKED_CHECKS)[:FLAGS.packed_checks]:
+    c = guarded(f"packed {shape_text} {variant} {dtype}", compare,
+                benchmark.parse_shape(shape_text), variant, dtype, reverse, resets=resets,
+                packed=True)
+    if c is not None:
+      checks.append(c)
+      log(f"packed stores {shape_text} {variant} {dtype} reverse={reverse} resets={resets}: "
+          f"worst rel err {c['worst']:.2e} {'ok' if c['ok'] else 'FAILED'}")
   all_ok = bool(checks) and all(c["ok"] for c in checks) and not results["errors"]
 
   # 2b. the experiment entrypoint's training loop, end to end

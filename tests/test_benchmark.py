@@ -78,7 +78,8 @@ def test_entrypoints_give_one_line_errors(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_rehearsal_on_cpu(tmp_path):
   """The prepared device script runs end to end on CPU (Pallas in interpret mode):
-  correctness against the XLA path and autodiff (with segment resets too), a sweep, a timed run, at most the
+  correctness against the XLA path and autodiff (with segment resets too; then the packed
+  "xla" loops against the unpacked ones), a sweep, a timed run, at most the
   8 files the device tool returns, and no TensorFlow import (the GPU image has none)."""
   import subprocess
   import sys
@@ -101,8 +102,9 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
   assert [(r["split"], r["joint_wait"], "train" in r) for r in split["timings"]] == [
       (0, False, True), (1, False, True), (1, True, True)]
   assert res["errors"] == [] and res["env"]["tensorflow_imported"] == []
-  assert all(c["ok"] for c in res["correctness"]) and len(res["correctness"]) == 3
-  assert [c.get("resets") for c in res["correctness"]] == [None, False, True]
+  assert all(c["ok"] for c in res["correctness"]) and len(res["correctness"]) == 4
+  assert [c.get("resets") for c in res["correctness"]] == [None, False, True, True]
+  assert [c.get("packed") for c in res["correctness"]] == [None, False, False, True]
   assert len(res["sweep"]) == 5 and all("train" in row for row in res["sweep"])
   assert res["kernel_config"] in res["sweep"]
   assert [(b["mode"], b["dtype"]) for b in res["bench"]] == [("train", "float32"),
