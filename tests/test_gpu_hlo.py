@@ -69,6 +69,7 @@ def test_loop_kernels_counts_what_each_iteration_launches():
       "fusion:loop_add_fusion", "fusion:loop_add_fusion.1"]
   assert loops[1]["kernels"] == []
   assert gpu_hlo.summary(loops) == "12 × 6 kernels; ? × 0 kernels"
+  assert gpu_hlo.summary([]) == "no while loops"
 
 
 def test_target_configs_describe_the_cards():
