@@ -176,11 +176,11 @@ def compare(shape, variant: str, dtype: str, reverse: bool = False,
     cache[key] = refs
   if packed:
     from gru_jax.kernels import fused_rnn
-    fused_rnn.PACKED = True
+    saved, fused_rnn.PACKED = fused_rnn.PACKED, True
     try:
       got = run("xla")
     finally:
-      fused_rnn.PACKED = None
+      fused_rnn.PACKED = saved
   else:
     got = run("pallas")
   xla, scan = refs
