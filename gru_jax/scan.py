@@ -129,7 +129,8 @@ AUTO_PALLAS_RESETS = True
 
 def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype,
                     state_dtype, return_gates: bool = False, remat_chunk=None,
-                    platform: str | None = None, resets: bool = False) -> str:
+                    platform: str | None = None, resets: bool = False,
+                    variant: str = "reset_after", recurrent_dropout: bool = False) -> str:
   """The implementation `gru` will run: "xla", "pallas" or "scan".
 
   "scan" is forced by ``return_gates`` and ``remat_chunk`` (the fused paths
@@ -150,7 +151,7 @@ def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype
   from gru_jax.kernels import pallas_gru  # lazily: Pallas is only needed here
   ok, _ = pallas_gru.supported(hidden_size=hidden_size, batch=batch,
                                compute_dtype=compute_dtype, state_dtype=state_dtype,
-                               platform=platform)
+                               platform=platform, variant=variant, has_rm=recurrent_dropout)
   return "pallas" if ok else "xla"
 
 
@@ -443,7 +444,8 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
   impl = resolve_backend(backend, hidden_size=params.hidden_size, batch=b,
                          compute_dtype=compute_dtype, state_dtype=state_dtype,
                          return_gates=return_gates, remat_chunk=remat_chunk,
-                         resets=resets is not None)
+                         resets=resets is not None, variant=variant,
+                         recurrent_dropout=recurrent_dropout_mask is not None)
   if t == 0 or b == 0:
     impl = "scan"  # nothing to fuse; the fused loops need a step (T >= 1) and a batch tile
   if h0 is None:

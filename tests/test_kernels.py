@@ -295,6 +295,33 @@ def test_auto_on_gpu_uses_pallas_only_when_weights_fit_on_chip():
   assert not ok and "shared memory" in why
 
 
+def test_explicit_split_fits_where_only_a_programs_share_of_the_weights_does(monkeypatch):
+  """With SPLIT=S the on-chip budget is judged per program, 3·H·H/S: H=256 f32 at
+  S=16 keeps 48 KB a program (the unsplit kernel would need 768 KB); where the split
+  does not apply (the seed variant, recurrent dropout, too many programs) the
+  unsplit kernel's whole weights are what must fit, so "auto" stays on "xla"."""
+  kw = dict(hidden_size=256, batch=16, state_dtype=jnp.float32, platform="gpu")
+  monkeypatch.setattr(pallas_gru, "_sm_count", lambda: 132)  # an H100's
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  assert scan.resolve_backend("auto", compute_dtype=f32, **kw) == "xla"  # default: unsplit only
+  monkeypatch.setattr(pallas_gru, "SPLIT", 16)
+  ok, why = pallas_gru.supported(compute_dtype=f32, **{k: v for k, v in kw.items()})
+  assert ok, why
+  assert scan.resolve_backend("auto", compute_dtype=f32, **kw) == "pallas"
+  assert scan.resolve_backend("pallas", compute_dtype=bf16, **kw) == "pallas"
+  for change in [dict(variant="seed"), dict(recurrent_dropout=True), dict(batch=16 * 16)]:
+    assert scan.resolve_backend("auto", compute_dtype=f32, **{**kw, **change}) == "xla", change
+  ok, why = pallas_gru.supported(compute_dtype=f32, **{**kw, "variant": "seed"})
+  assert not ok and "768 KB" in why, why
+  monkeypatch.setattr(pallas_gru, "SPLIT", 2)  # 384 KB a program: over the budget
+  ok, why = pallas_gru.supported(compute_dtype=f32, **kw)
+  assert not ok and "384 KB" in why and "split of 2" in why, why
+  monkeypatch.setattr(pallas_gru, "SPLIT", None)
+  assert pallas_gru.plan_split(variant="reset_after", hidden_size=128, batch=64,
+                               compute_dtype=f32, has_rm=False, interpret=False,
+                               sm_count=132) == 4  # the measured default is unchanged
+
+
 def test_pallas_request_that_does_not_apply_falls_back_without_error():
   p, xs, h0, _, _, _ = problem(9, h=6)  # H=6: not a power of two, the kernel does not apply
   np.testing.assert_allclose(gru_jax.gru(p, xs, h0, backend="pallas")[1],
@@ -498,6 +525,25 @@ def test_split_kernels_lower_to_triton_for_gpu(joint_wait, monkeypatch):
   fused_rnn._make.cache_clear()
 
 
+def test_explicit_split_at_h256_lowers_to_triton_for_gpu(monkeypatch):
+  """Without a GPU: H=256 with SPLIT=16 runs through `gru_jax.gru` as 16 programs per
+  batch tile, each with [256, 3·16] of the weights, forward and backward."""
+  from gru_jax.kernels import fused_rnn
+  monkeypatch.setattr(pallas_gru, "SPLIT", 16)
+  monkeypatch.setattr(pallas_gru, "_sm_count", lambda: 132)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  fused_rnn._make.cache_clear()
+  p = gru_jax.cell.init(jax.random.key(3), 8, 256)
+  xs = jnp.ones((16, 4, 8))
+
+  def loss(p, xs):
+    return jnp.sum(gru_jax.gru(p, xs, variant="reset_after", compute_dtype=jnp.bfloat16)[1])
+  text = cuda_module(loss, p, xs)
+  assert text.count("grid_y = 16") == 2
+  assert "tensor<3x256x256xbf16>" in text  # the weights, each program's BlockSpec [3,256,16]
+  fused_rnn._make.cache_clear()
+
+
 def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
   """S = H/32 column blocks for the Pallas kernels on GPU (none in interpret mode,
   below H=128, or where the split does not apply); the undifferentiated "xla"
@@ -506,19 +552,23 @@ def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
   from gru_jax.kernels import fused_rnn
   cfg = lambda **k: fused_rnn.Config(**{**dict(variant="reset_after", reverse=False, time_axis=0,
                                                impl="pallas", interpret=False), **k})
+  f32 = jnp.float32
   assert pallas_gru.SPLIT is None
   monkeypatch.setattr(pallas_gru, "_sm_count", lambda: 132)  # an H100's; the CPU reports none
-  assert pallas_gru._split(cfg(), 64, 128, None) == 4
-  assert pallas_gru._split(cfg(), 1024, 128, None) == 0  # 256 programs > 132 SMs
-  assert pallas_gru._split(cfg(), 64, 64, None) == 0  # not measured below H=128
-  assert pallas_gru._split(cfg(), 64, 32, None) == 0
-  assert pallas_gru._split(cfg(interpret=True), 64, 128, None) == 0
-  assert pallas_gru._split(cfg(variant="seed"), 64, 128, None) == 0
-  assert pallas_gru._split(cfg(), 64, 128, jnp.ones((64, 128))) == 0  # recurrent dropout
+  assert pallas_gru._split(cfg(), 64, 128, None, f32) == 4
+  assert pallas_gru._split(cfg(), 1024, 128, None, f32) == 0  # 256 programs > 132 SMs
+  assert pallas_gru._split(cfg(), 64, 64, None, f32) == 0  # not measured below H=128
+  assert pallas_gru._split(cfg(), 64, 32, None, f32) == 0
+  # Not by default where only a split program's share of the weights fits (untimed).
+  assert pallas_gru._split(cfg(), 16, 256, None, f32) == 0
+  assert pallas_gru._split(cfg(), 16, 256, None, jnp.bfloat16) == 0
+  assert pallas_gru._split(cfg(interpret=True), 64, 128, None, f32) == 0
+  assert pallas_gru._split(cfg(variant="seed"), 64, 128, None, f32) == 0
+  assert pallas_gru._split(cfg(), 64, 128, jnp.ones((64, 128)), f32) == 0  # recurrent dropout
   monkeypatch.setattr(pallas_gru, "SPLIT", 8)
-  assert pallas_gru._split(cfg(), 64, 128, None) == 8
+  assert pallas_gru._split(cfg(), 64, 128, None, f32) == 8
   monkeypatch.setattr(pallas_gru, "_sm_count", lambda: None)
-  assert pallas_gru._split(cfg(), 64, 128, None) == 0
+  assert pallas_gru._split(cfg(), 64, 128, None, f32) == 0
   assert fused_rnn.default_primal("cpu") == "loop"
   assert fused_rnn.default_primal("gpu") == "scan"
   monkeypatch.setattr(fused_rnn, "PRIMAL", "scan")

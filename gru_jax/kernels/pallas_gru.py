@@ -49,8 +49,12 @@ PREFETCH = True
 NUM_STAGES = 1
 # Column split (`gru_jax.kernels.pallas_split`): S programs per batch tile, each
 # owning H/S hidden columns, exchanging the state through global memory every
-# step.  None: S = H / SPLIT_COLUMNS from H = 128 up (where it was measured; the
-# unsplit kernel's whole weights are a quarter the size at H=64); 0: off; an int: that S.
+# step.  None: S = H / SPLIT_COLUMNS from H = 128 up where the unsplit kernel fits
+# too (where it was measured; the unsplit kernel's whole weights are a quarter the
+# size at H=64); 0: off; an int: that S, also at H whose whole weights do not fit
+# on chip but each program's share does (`plan_split`; not yet timed on a GPU:
+# compiled for an H100 without one, `python -m experiments.gpu_hlo --ptxas=...`,
+# bf16 H=256 at S=8 or 16 uses no local memory, f32 H=256 spills 1-3 KB a thread).
 # Applies to "reset_after" without recurrent dropout.  H200, f32, train /
 # forward ms (gpu_check phase 2c): 64x1000x128x128 unsplit 7.74 / 3.17, S=2
 # 6.20 / 2.46, S=4 5.55 / 2.38, S=8 6.29 / 3.01, S=4 with 8 warps 6.71 / 3.17;
@@ -68,9 +72,14 @@ def weight_bytes(hidden_size: int, compute_dtype) -> int:
   return 3 * hidden_size * hidden_size * jnp.dtype(compute_dtype).itemsize
 
 
-def supported(*, hidden_size: int, batch: int, compute_dtype, state_dtype,
-              platform: str) -> tuple[bool, str]:
-  """(applies, reason) for running the kernel on ``platform``."""
+def supported(*, hidden_size: int, batch: int, compute_dtype, state_dtype, platform: str,
+              variant: str = "reset_after", has_rm: bool = False) -> tuple[bool, str]:
+  """(applies, reason) for running the kernels on ``platform``.
+
+  On GPU the recurrent weights a program keeps on chip must fit
+  ``SMEM_BUDGET_BYTES``: all 3·H·H of them for the one-program-per-tile
+  kernels, 3·H·H/S with a column split of S (`plan_split`).
+  """
   if hidden_size & (hidden_size - 1):
     return False, f"hidden_size={hidden_size} is not a power of two"
   if jnp.dtype(state_dtype) != jnp.float32:
@@ -83,10 +92,14 @@ def supported(*, hidden_size: int, batch: int, compute_dtype, state_dtype,
     return False, f"hidden_size={hidden_size} < 16, the smallest Triton matmul"
   if batch % BATCH_TILE:
     return False, f"batch={batch} is not a multiple of the {BATCH_TILE}-row tile"
-  need = weight_bytes(hidden_size, compute_dtype)
+  split = plan_split(variant=variant, hidden_size=hidden_size, batch=batch,
+                     compute_dtype=compute_dtype, has_rm=has_rm, interpret=False,
+                     sm_count=_sm_count())
+  need = weight_bytes(hidden_size, compute_dtype) // max(split, 1)
   if need > SMEM_BUDGET_BYTES:
-    return False, (f"recurrent weights need {need // 1024} KB of shared memory "
-                   f"(3·H·H·{jnp.dtype(compute_dtype).itemsize} B), more than the "
+    per = f"/{split} (a column split of {split})" if split else ""
+    return False, (f"recurrent weights need {need // 1024} KB of shared memory a program "
+                   f"(3·H·H·{jnp.dtype(compute_dtype).itemsize} B{per}), more than the "
                    f"{SMEM_BUDGET_BYTES // 1024} KB budget")
   return True, "fits"
 
@@ -96,16 +109,29 @@ def _sm_count() -> int | None:
   return getattr(jax.devices()[0], "core_count", None)
 
 
-def _split(cfg: Config, batch: int, hsz: int, rm) -> int:
-  """The column split to run with (0: the one-program-per-tile kernels)."""
-  sms = None if cfg.interpret else _sm_count()
+def plan_split(*, variant: str, hidden_size: int, batch: int, compute_dtype, has_rm: bool,
+               interpret: bool, sm_count: int | None) -> int:
+  """The column split S the kernels run with (0: the one-program-per-tile kernels).
+
+  ``SPLIT`` None: S = H / ``SPLIT_COLUMNS`` where the unsplit kernel's weights
+  fit too (H = 128 in f32, where the split was measured faster); an int: that
+  S wherever the split applies, including H where only its share of the
+  weights fits (H = 256, 512: compiled but not yet timed on a GPU).
+  """
   split = SPLIT
   if split is None:
-    split = hsz // SPLIT_COLUMNS if hsz >= 128 and not cfg.interpret else 0
-  ok, _ = pallas_split.applies(variant=cfg.variant, hidden_size=hsz, batch=batch,
-                               tile=_tile(batch, cfg.interpret), split=split,
-                               has_rm=rm is not None, interpret=cfg.interpret, sm_count=sms)
+    fits = weight_bytes(hidden_size, compute_dtype) <= SMEM_BUDGET_BYTES
+    split = hidden_size // SPLIT_COLUMNS if hidden_size >= 128 and fits and not interpret else 0
+  ok, _ = pallas_split.applies(variant=variant, hidden_size=hidden_size, batch=batch,
+                               tile=_tile(batch, interpret), split=split, has_rm=has_rm,
+                               interpret=interpret, sm_count=sm_count)
   return split if ok else 0
+
+
+def _split(cfg: Config, batch: int, hsz: int, rm, compute_dtype) -> int:
+  return plan_split(variant=cfg.variant, hidden_size=hsz, batch=batch,
+                    compute_dtype=compute_dtype, has_rm=rm is not None,
+                    interpret=cfg.interpret, sm_count=None if cfg.interpret else _sm_count())
 
 
 def _tile(batch: int, interpret: bool) -> int:
@@ -204,7 +230,7 @@ def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs=Non
   n, batch = (xp.shape[0], xp.shape[1]) if ax == 0 else (xp.shape[1], xp.shape[0])
   hsz = h0.shape[-1]
   bt = _tile(batch, cfg.interpret)
-  split = _split(cfg, batch, hsz, rm)
+  split = _split(cfg, batch, hsz, rm, w_h.dtype)
   if split:
     return pallas_split.forward(w_h, b_x, b_hn, xp, h0, mask, cfg=cfg, save=save, tile=bt,
                                 split=split, num_warps=SPLIT_WARPS, rs=rs)
@@ -307,7 +333,7 @@ def backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg:
   hsz = res.z.shape[-1]
   sd = res.z.dtype
   bt = _tile(batch, cfg.interpret)
-  split = _split(cfg, batch, hsz, rm)
+  split = _split(cfg, batch, hsz, rm, w_h.dtype)
   if split:
     return pallas_split.backward(w_h, res, mask, g_last, g_hs, cfg=cfg, tile=bt, split=split,
                                  num_warps=SPLIT_WARPS, rs=rs)
