@@ -125,11 +125,14 @@ def gru_jax_apply(impl: str, shape, act):
   gru_jax/<backend>/<variant>[/<option>...]: "loop" or "scan" forces how an
   undifferentiated "xla" call runs, "chunks=N" how many time chunks a
   differentiated CPU call runs in, "packed" the packed stores of the "xla"
-  loops (all read while tracing, inside apply).
+  loops, "split=N" the Pallas kernels' column split (`pallas_gru.SPLIT`; all
+  read while tracing, inside apply).
   """
+  import contextlib
   import jax
+  import jax.numpy as jnp
   import gru_jax
-  from gru_jax.kernels import fused_rnn
+  from gru_jax.kernels import fused_rnn, pallas_gru
   b, t, d, h = shape
   parts = ["auto", "reset_after"] if impl == REFERENCE else impl.split("/")[1:]
   if len(parts) < 2:
@@ -137,7 +140,7 @@ def gru_jax_apply(impl: str, shape, act):
                      "[/<option>...], e.g. gru_jax/xla/seed")
   backend, variant, *opts = parts
   settings = {(fused_rnn, "PRIMAL"): None, (gru_jax.scan, "CPU_CHUNKS"): None,
-              (fused_rnn, "PACKED"): None}
+              (fused_rnn, "PACKED"): None, (pallas_gru, "SPLIT"): None}
   resets, unroll = None, 1
   for opt in opts:
     if opt in ("loop", "scan"):
@@ -150,21 +153,37 @@ def gru_jax_apply(impl: str, shape, act):
       resets = jax.random.bernoulli(jax.random.key(7), _fraction(opt[7:]), (b, t))
     elif opt.startswith("unroll=") and opt[7:].isdigit() and int(opt[7:]) >= 1:
       unroll = int(opt[7:])
+    elif opt.startswith("split=") and opt[6:].isdigit():
+      settings[pallas_gru, "SPLIT"] = int(opt[6:])
     else:
       raise ValueError(f"unknown option {opt!r} in {impl!r}: expected loop, scan, packed, "
-                       "chunks=N, resets=P (0 <= P <= 1) or unroll=N (N >= 1)")
+                       "chunks=N, resets=P (0 <= P <= 1), unroll=N (N >= 1) or split=N")
   params = gru_jax.cell.init(jax.random.key(42), d, h)
 
-  def apply(p, x):
+  @contextlib.contextmanager
+  def configured():
     saved = {k: getattr(*k) for k in settings}
     for (mod, name), value in settings.items():
       setattr(mod, name, value)
     try:
-      return gru_jax.gru(p, x, variant=variant, backend=backend, compute_dtype=act,
-                         resets=resets, unroll=unroll)[1]
+      yield
     finally:
       for (mod, name), value in saved.items():
         setattr(mod, name, value)
+
+  if backend == "pallas":  # "pallas" falls back to "xla" silently: do not time that as pallas
+    with configured():
+      path = gru_jax.scan.resolve_backend(backend, hidden_size=h, batch=b, compute_dtype=act,
+                                          state_dtype=jnp.float32, variant=variant,
+                                          resets=resets is not None)
+    if path != "pallas":
+      raise ValueError(f"{impl!r}: the Pallas kernels do not apply at B={b}, H={h} "
+                       f"({jnp.dtype(act).name}); gru_jax would run {path!r}")
+
+  def apply(p, x):
+    with configured():
+      return gru_jax.gru(p, x, variant=variant, backend=backend, compute_dtype=act,
+                         resets=resets, unroll=unroll)[1]
   return apply, params
 
 

@@ -5,6 +5,7 @@ No timing assertions: speed targets live in the benchmark and docs/benchmarks.md
 import json
 import os
 
+import jax.numpy as jnp
 import pytest
 from absl import flags
 
@@ -181,3 +182,24 @@ def test_packed_option_reaches_the_loops(tmp_path, monkeypatch):
   assert set(res["results"][0]["timings"]) == {"gru_jax/xla/seed/packed", "gru_jax/xla/seed"}
   assert set(seen) == {True, False}, seen
   assert fused_rnn.PACKED is None  # restored after tracing
+
+
+def test_split_option_reaches_the_kernels_and_pallas_never_times_xla(tmp_path, monkeypatch):
+  """/split=N sets the Pallas kernels' column split while tracing that implementation
+  only; a "pallas" name whose kernels do not apply is refused, not timed as "xla"."""
+  from gru_jax.kernels import pallas_gru
+  seen = []
+  real = pallas_gru.plan_split
+  monkeypatch.setattr(pallas_gru, "plan_split", lambda **k: seen.append(pallas_gru.SPLIT) or real(**k))
+  res = benchmark.run(["2x5x4x8"], impls=["gru_jax/pallas/reset_after/split=1",
+                                           "gru_jax/pallas/reset_after"],
+                      repeats=1, warmup=0, gap_ms=0, out_dir=str(tmp_path), plot=False,
+                      log=lambda *_: None)
+  assert set(res["results"][0]["timings"]) == {"gru_jax/pallas/reset_after/split=1",
+                                                "gru_jax/pallas/reset_after"}
+  assert set(seen) == {1, None}, seen
+  assert pallas_gru.SPLIT is None  # restored
+  with pytest.raises(ValueError, match="Pallas kernels do not apply at B=2, H=6"):
+    benchmark.gru_jax_apply("gru_jax/pallas/reset_after", (2, 5, 4, 6), jnp.float32)
+  with pytest.raises(ValueError, match="split=N"):
+    benchmark.gru_jax_apply("gru_jax/xla/reset_after/split=x", (2, 5, 4, 8), jnp.float32)
