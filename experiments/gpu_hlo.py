@@ -18,7 +18,16 @@ and the per-step time measured on an H200 (18-19 µs at forward
 
 For each implementation, shape and mode, prints every while loop's trip count
 and the kernels of one iteration (fusions, GEMMs, copies, custom calls), and
-writes the optimised HLO and a JSON summary to --out_dir.  Implementation
+writes the optimised HLO and a JSON summary to --out_dir.
+
+The Pallas kernels loop inside one launch each, so for them it reports what
+that launch needs from the chip instead: grid, threads and shared memory (from
+XLA's thunk sequence, which it dumps to a temporary folder), and, with
+--ptxas pointing at NVIDIA's PTX assembler (`pip download nvidia-cuda-nvcc-cu12`,
+unzip; its bin/ptxas), the registers a thread uses and the bytes it spills to
+local memory (`ptxas -v` on the kernel's PTX for sm_90a).  XLA itself refuses
+at compile time a kernel whose shared memory exceeds the card's 227 KB.  While
+tracing, the SM count the column split checks is the target's (132).  Implementation
 names are experiments/benchmark.py's gru_jax ones (its options included);
 --impls defaults to the "xla" backend with and without packed stores, and
 --out_dir to runs/gpu_hlo.
@@ -29,6 +38,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 
 from absl import app, flags
 
@@ -36,6 +46,8 @@ from experiments import benchmark  # defines --shapes, --mode, --impls, --out_di
 
 flags.DEFINE_enum("device", "h100", ["h100", "h200"], "The GPU to compile for.")
 flags.DEFINE_string("target_config", None, "A GpuTargetConfig text proto; overrides --device.")
+flags.DEFINE_string("ptxas", None, "NVIDIA's ptxas, to report the Pallas kernels' registers and "
+                    "spills; without it only their grid, threads and shared memory.")
 FLAGS = flags.FLAGS
 DEFAULT_IMPLS = ["gru_jax/xla/reset_after", "gru_jax/xla/reset_after/packed"]
 
@@ -129,16 +141,71 @@ def loop_kernels(hlo: str) -> list[dict]:
   return loops
 
 
+_THUNK = re.compile(r"\] (\w+_kernel) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+"
+                    r"shared_memory: (\d+) bytes")
+
+
+def pallas_kernels(thunk_sequence: str) -> list[dict]:
+  """Each Pallas kernel launch in XLA's thunk sequence dump: name, grid, threads and
+  shared memory (bytes).  gru_jax's kernel functions are named *_kernel."""
+  return [dict(name=m.group(1), grid=[int(v) for v in m.group(2).split(",")],
+               threads=int(m.group(3).split(",")[0]), shared_memory=int(m.group(4)))
+          for m in _THUNK.finditer(thunk_sequence)]
+
+
+def ptxas_resources(report: str) -> dict:
+  """Registers a thread and spill bytes, from ``ptxas -v``'s report on one kernel."""
+  regs = re.search(r"Used (\d+) registers", report)
+  spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+  if not regs or not spill:
+    raise ValueError(f"no register report in ptxas's output: {report[-300:]!r}")
+  return dict(registers=int(regs.group(1)), spill_stores=int(spill.group(1)),
+              spill_loads=int(spill.group(2)))
+
+
+def _kernel_resources(dump_dir: str, files: list[str], ptxas: str | None) -> list[dict]:
+  """`pallas_kernels` of one compile's dump files, with `ptxas_resources` if ``ptxas``."""
+  import subprocess
+  seq = [f for f in files if f.endswith("thunk_sequence.txt")]
+  if not seq:
+    return []
+  with open(os.path.join(dump_dir, seq[0])) as f:
+    kernels = pallas_kernels(f.read())
+  ptx = {}
+  for name in (f for f in files if f.endswith(".ptx")):
+    with open(os.path.join(dump_dir, name)) as f:
+      text = f.read()
+    for k in kernels:
+      if f".entry {k['name']}(" in text:
+        ptx[k["name"]] = os.path.join(dump_dir, name)
+  for k in kernels:
+    if ptxas and k["name"] in ptx:
+      out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx[k["name"]], "-o", os.devnull],
+                           capture_output=True, text=True, check=True)
+      k.update(ptxas_resources(out.stderr + out.stdout))
+  return kernels
+
+
+def describe_kernel(k: dict) -> str:
+  regs = (f", {k['registers']} registers, spills {k['spill_stores']} / {k['spill_loads']} B"
+          if "registers" in k else "")
+  return (f"{k['name']}: grid {'x'.join(map(str, k['grid']))}, {k['threads']} threads, "
+          f"{k['shared_memory'] // 1024} KB shared{regs}")
+
+
 @contextlib.contextmanager
-def _traced_as_gpu():
-  """Makes gru_jax pick its GPU paths while tracing on a CPU-only machine."""
+def _traced_as_gpu(sm_count: int):
+  """Makes gru_jax pick its GPU paths while tracing on a CPU-only machine, with the
+  target's SM count for the column split's residency check."""
   import jax
-  saved = jax.default_backend
+  from gru_jax.kernels import pallas_gru
+  saved = jax.default_backend, pallas_gru._sm_count
   jax.default_backend = lambda: "gpu"
+  pallas_gru._sm_count = lambda: sm_count
   try:
     yield
   finally:
-    jax.default_backend = saved
+    jax.default_backend, pallas_gru._sm_count = saved
 
 
 def compile_text(impl: str, shape, mode: str, config: str, dtype: str = "float32") -> str:
@@ -146,6 +213,7 @@ def compile_text(impl: str, shape, mode: str, config: str, dtype: str = "float32
 
   ``dtype`` is the matmul dtype, as the benchmark's --dtype (the state stays float32).
   """
+  sm = re.search(r"core_count: (\d+)", config)
   import jax
   import jax.numpy as jnp
   from jax.experimental import topologies
@@ -155,15 +223,15 @@ def compile_text(impl: str, shape, mode: str, config: str, dtype: str = "float32
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
   b, t, d, h = shape
-  apply, params = benchmark.gru_jax_apply(
-      impl, shape, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-  args = [jax.tree.map(spec, params), spec(jax.ShapeDtypeStruct((b, t, d), jnp.float32))]
-  if mode == "train":
-    args.append(spec(jax.ShapeDtypeStruct((b, t, h), jnp.float32)))
-    fn = jax.grad(lambda p, x, ct: jnp.sum(apply(p, x) * ct), argnums=(0, 1))
-  else:
-    fn = apply
-  with _traced_as_gpu():
+  with _traced_as_gpu(int(sm.group(1)) if sm else 0):
+    apply, params = benchmark.gru_jax_apply(
+        impl, shape, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    args = [jax.tree.map(spec, params), spec(jax.ShapeDtypeStruct((b, t, d), jnp.float32))]
+    if mode == "train":
+      args.append(spec(jax.ShapeDtypeStruct((b, t, h), jnp.float32)))
+      fn = jax.grad(lambda p, x, ct: jnp.sum(apply(p, x) * ct), argnums=(0, 1))
+    else:
+      fn = apply
     return jax.jit(fn).lower(*args).compile().as_text()
 
 
@@ -175,6 +243,10 @@ def summary(loops: list[dict]) -> str:
 
 def main(argv):
   del argv
+  import tempfile
+  # XLA reads its flags once, when the first backend starts: before anything below.
+  dump_dir = tempfile.mkdtemp(prefix="gpu_hlo_dump_")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}").strip()
   import jax
   jax.config.update("jax_platforms", "cpu")  # compile only: no GPU is looked for
   try:
@@ -191,23 +263,33 @@ def main(argv):
   out_dir = FLAGS.out_dir if FLAGS["out_dir"].present else "runs/gpu_hlo"
   os.makedirs(out_dir, exist_ok=True)
   modes = ["train", "forward"] if FLAGS.mode == "both" else [FLAGS.mode]
+  if FLAGS.ptxas and not os.access(FLAGS.ptxas, os.X_OK):
+    raise app.UsageError(f"--ptxas={FLAGS.ptxas} is not an executable file")
   out = dict(device=FLAGS.target_config or FLAGS.device, jax=jax.__version__, dtype=FLAGS.dtype,
-             xla_flags=os.environ.get("XLA_FLAGS", ""), results=[])
+             xla_flags=os.environ["XLA_FLAGS"].replace(f" --xla_dump_to={dump_dir}", "")
+             .replace(f"--xla_dump_to={dump_dir}", ""), results=[])
   for mode in modes:
     for text in FLAGS.shapes:
       shape = benchmark.parse_shape(text)
       for impl in impls:
+        before = set(os.listdir(dump_dir))
         hlo = compile_text(impl, shape, mode, config, FLAGS.dtype)
         stem = f"{mode}_{text}_{impl.replace('/', '_')}"
         with open(os.path.join(out_dir, stem + ".hlo"), "w") as f:
           f.write(hlo)
         loops = loop_kernels(hlo)
-        out["results"].append(dict(mode=mode, shape=list(shape), impl=impl, loops=loops))
+        kernels = _kernel_resources(dump_dir, sorted(set(os.listdir(dump_dir)) - before),
+                                    FLAGS.ptxas)
+        out["results"].append(dict(mode=mode, shape=list(shape), impl=impl, loops=loops,
+                                   pallas_kernels=kernels))
         print(f"{mode} {text} {impl}: {summary(loops)}")
         for lp in loops:
           print(f"  {lp['trip_count'] or '?'} × [{', '.join(lp['kernels'])}]")
+        for k in kernels:
+          print(f"  {describe_kernel(k)}")
   with open(os.path.join(out_dir, "gpu_hlo.json"), "w") as f:
     json.dump(out, f, indent=1)
+  shutil.rmtree(dump_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,32 @@ def test_loop_kernels_counts_what_each_iteration_launches():
   assert gpu_hlo.summary([]) == "no while loops"
 
 
+# Lines of XLA's thunk sequence dump for a Pallas forward (H100, unsplit kernel at
+# 64x100x128x128), and ptxas -v's report on that kernel's PTX.
+THUNKS = """
+002: kCustomKernel [source       | next=006 (4)] loop_add_fusion grid: [3, 1, 1] threads: [128, 1, 1]  shared_memory: 0 bytes
+005: kCustomKernel [source       | next=006 (1)] gemm_fusion_dot grid: [19200, 1, 1] threads: [64, 1, 1]  shared_memory: 1024 bytes
+006: kCustomKernel [prev=005 (1) | sink        ] _forward_kernel grid: [4, 1, 1] threads: [256, 1, 1]  shared_memory: 212992 bytes
+"""
+PTXAS = """ptxas info    : Compiling entry function '_forward_kernel' for 'sm_90a'
+ptxas info    : Function properties for _forward_kernel
+    0 bytes stack frame, 16 bytes spill stores, 24 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers
+"""
+
+
+def test_pallas_kernel_resources_are_read_from_xla_and_ptxas_reports():
+  kernels = gpu_hlo.pallas_kernels(THUNKS)
+  assert kernels == [dict(name="_forward_kernel", grid=[4, 1, 1], threads=256,
+                          shared_memory=212992)]
+  res = gpu_hlo.ptxas_resources(PTXAS)
+  assert res == dict(registers=255, spill_stores=16, spill_loads=24)
+  assert gpu_hlo.describe_kernel({**kernels[0], **res}) == (
+      "_forward_kernel: grid 4x1x1, 256 threads, 208 KB shared, 255 registers, spills 16 / 24 B")
+  with pytest.raises(ValueError, match="no register report"):
+    gpu_hlo.ptxas_resources("ptxas fatal: unknown option")
+
+
 def test_target_configs_describe_the_cards():
   text = gpu_hlo.target_config("h100")
   assert "core_count: 132" in text and 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
@@ -112,3 +138,24 @@ def test_packed_stores_cut_the_loop_kernels_on_an_h100(tmp_path):
   hlo = lambda impl: (tmp_path / f"train_16x12x32x32_{impl.replace('/', '_')}.hlo").read_text()
   assert 'custom_call_target="AllocateBuffer"' in hlo("gru_jax/xla/reset_after/packed")
   assert "AllocateBuffer" not in hlo("gru_jax/xla/reset_after")
+
+
+@pytest.mark.skipif(not _plugin_matches_jax(),
+                    reason="no CUDA plugin of this JAX's version in .cuda-plugin/")
+def test_split_kernels_at_h256_fit_an_h100(tmp_path):
+  """Compiled for an H100 without one: at H=256 (bf16 weights, 384 KB in all) a column
+  split of 16 gives each of a batch tile's 16 programs 3·256·16 weights, and XLA
+  accepts both kernels within the card's 227 KB of shared memory a block."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([PLUGIN, ROOT]))
+  subprocess.run([sys.executable, "-m", "experiments.gpu_hlo", "--shapes=16x6x8x256",
+                  "--mode=train", "--dtype=bfloat16", f"--out_dir={tmp_path}",
+                  "--impls=gru_jax/pallas/reset_after/split=16"], env=env, check=True, cwd=ROOT,
+                 capture_output=True, timeout=600)
+  with open(tmp_path / "gpu_hlo.json") as f:
+    (res,) = json.load(f)["results"]
+  assert res["loops"] == []  # the time loops run inside the kernels
+  kernels = {k["name"]: k for k in res["pallas_kernels"]}
+  assert set(kernels) == {"_forward_kernel", "_backward_kernel"}
+  for k in kernels.values():
+    assert k["grid"] == [1, 16, 1] and k["threads"] == 128
+    assert 0 < k["shared_memory"] <= 232448

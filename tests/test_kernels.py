@@ -317,7 +317,7 @@ def test_explicit_split_fits_where_only_a_programs_share_of_the_weights_does(mon
   ok, why = pallas_gru.supported(compute_dtype=f32, **kw)
   assert not ok and "384 KB" in why and "split of 2" in why, why
   monkeypatch.setattr(pallas_gru, "SPLIT", None)
-  assert pallas_gru.plan_split(variant="reset_after", hidden_size=128, batch=64,
+  assert pallas_gru.plan_split(split=None, variant="reset_after", hidden_size=128, batch=64,
                                compute_dtype=f32, has_rm=False, interpret=False,
                                sm_count=132) == 4  # the measured default is unchanged
 
@@ -565,10 +565,9 @@ def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
   assert pallas_gru._split(cfg(interpret=True), 64, 128, None, f32) == 0
   assert pallas_gru._split(cfg(variant="seed"), 64, 128, None, f32) == 0
   assert pallas_gru._split(cfg(), 64, 128, jnp.ones((64, 128)), f32) == 0  # recurrent dropout
-  monkeypatch.setattr(pallas_gru, "SPLIT", 8)
-  assert pallas_gru._split(cfg(), 64, 128, None, f32) == 8
+  assert pallas_gru._split(cfg(split=8), 64, 128, None, f32) == 8  # the setting when traced
   monkeypatch.setattr(pallas_gru, "_sm_count", lambda: None)
-  assert pallas_gru._split(cfg(), 64, 128, None, f32) == 0
+  assert pallas_gru._split(cfg(split=8), 64, 128, None, f32) == 0
   assert fused_rnn.default_primal("cpu") == "loop"
   assert fused_rnn.default_primal("gpu") == "scan"
   monkeypatch.setattr(fused_rnn, "PRIMAL", "scan")

@@ -58,6 +58,9 @@ class Config(NamedTuple):
   # [.., 5H] (seed: 4H) slab row per step and the backward loop its dxp row as
   # one store, instead of one store per array (`default_packed`).
   packed: bool = False
+  # "pallas": the column-split setting (`pallas_gru.SPLIT`) when the call was
+  # traced; the forward and backward kernels both read this one.
+  split: int | None = None
 
 
 # On GPU the forward loop (which writes [B,T,H] buffers) is slower than a scan
@@ -447,6 +450,10 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     raise ValueError(f"primal must be 'loop' or 'scan', got {primal!r}")
   if packed is None:
     packed = default_packed()
+  split = None
+  if impl == "pallas":
+    from gru_jax.kernels import pallas_gru  # imported lazily: Pallas is optional
+    split = pallas_gru.SPLIT
   cfg = Config(variant, bool(reverse), int(time_axis), impl, int(unroll), bool(interpret),
-               primal, bool(packed) and impl == "xla")
+               primal, bool(packed) and impl == "xla", split)
   return _make(cfg)(w_h, b_x, b_hn, xp, h0, mask, rm, resets)

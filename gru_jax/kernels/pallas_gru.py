@@ -92,7 +92,7 @@ def supported(*, hidden_size: int, batch: int, compute_dtype, state_dtype, platf
     return False, f"hidden_size={hidden_size} < 16, the smallest Triton matmul"
   if batch % BATCH_TILE:
     return False, f"batch={batch} is not a multiple of the {BATCH_TILE}-row tile"
-  split = plan_split(variant=variant, hidden_size=hidden_size, batch=batch,
+  split = plan_split(split=SPLIT, variant=variant, hidden_size=hidden_size, batch=batch,
                      compute_dtype=compute_dtype, has_rm=has_rm, interpret=False,
                      sm_count=_sm_count())
   need = weight_bytes(hidden_size, compute_dtype) // max(split, 1)
@@ -109,16 +109,16 @@ def _sm_count() -> int | None:
   return getattr(jax.devices()[0], "core_count", None)
 
 
-def plan_split(*, variant: str, hidden_size: int, batch: int, compute_dtype, has_rm: bool,
-               interpret: bool, sm_count: int | None) -> int:
+def plan_split(*, split: int | None, variant: str, hidden_size: int, batch: int, compute_dtype,
+               has_rm: bool, interpret: bool, sm_count: int | None) -> int:
   """The column split S the kernels run with (0: the one-program-per-tile kernels).
 
-  ``SPLIT`` None: S = H / ``SPLIT_COLUMNS`` where the unsplit kernel's weights
-  fit too (H = 128 in f32, where the split was measured faster); an int: that
-  S wherever the split applies, including H where only its share of the
-  weights fits (H = 256, 512: compiled but not yet timed on a GPU).
+  ``split`` is the setting (`SPLIT`).  None: S = H / ``SPLIT_COLUMNS`` where the
+  unsplit kernel's weights fit too (H = 128 in f32, where the split was
+  measured faster); an int: that S wherever the split applies, including H
+  where only its share of the weights fits (H = 256, 512: compiled but not yet
+  timed on a GPU).
   """
-  split = SPLIT
   if split is None:
     fits = weight_bytes(hidden_size, compute_dtype) <= SMEM_BUDGET_BYTES
     split = hidden_size // SPLIT_COLUMNS if hidden_size >= 128 and fits and not interpret else 0
@@ -129,7 +129,7 @@ def plan_split(*, variant: str, hidden_size: int, batch: int, compute_dtype, has
 
 
 def _split(cfg: Config, batch: int, hsz: int, rm, compute_dtype) -> int:
-  return plan_split(variant=cfg.variant, hidden_size=hsz, batch=batch,
+  return plan_split(split=cfg.split, variant=cfg.variant, hidden_size=hsz, batch=batch,
                     compute_dtype=compute_dtype, has_rm=rm is not None,
                     interpret=cfg.interpret, sm_count=None if cfg.interpret else _sm_count())
 
