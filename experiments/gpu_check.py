@@ -52,6 +52,10 @@ flags.DEFINE_list("runs", [], "mode:BxTxDxH:dtype entries to time instead of the
 flags.DEFINE_integer("max_checks", 99, "Correctness checks to run (after the float64 one).")
 flags.DEFINE_integer("packed_checks", 99, "Checks of the packed \"xla\" loops to run "
                      "(PACKED_CHECKS), after the Pallas ones.")
+flags.DEFINE_list("split_checks", [], "BxTxDxH:dtype:S entries: the Pallas kernels with a "
+                  "column split of S (pallas_gru.SPLIT) checked as in 2, reset_after, reversed, "
+                  "time-major, with resets.  A .../split=S implementation is timed only if a "
+                  "check of that S passed in the same run.")
 flags.DEFINE_bool("train_check", True, "Run the adding experiment end to end (phase 2b).")
 flags.DEFINE_enum("sweep", "default", ["default", "stages", "none"], "Kernel sweep to run.")
 flags.DEFINE_float("budget_s", 420.0, "Wall-clock budget for the whole run; phases past it are skipped.")
@@ -210,6 +214,44 @@ def reference_check() -> dict:
     ref_last, ref_hs = reference.run(p, x, variant=variant)
     out[variant] = float(np.abs(np.asarray(hs) - ref_hs).max())
   return dict(max_abs=out, ok=all(v < 2e-3 for v in out.values()))
+
+
+def split_option(impl: str) -> int | None:
+  """S of an implementation name's /split=S option, else None."""
+  opts = [o for o in impl.split("/")[3:] if o.startswith("split=")]
+  return int(opts[-1][6:]) if opts and opts[-1][6:].isdigit() else None
+
+
+def split_check(entry: str) -> dict:
+  """One --split_checks entry, BxTxDxH:dtype:S: `compare` with pallas_gru.SPLIT = S
+  (reset_after, reversed, time-major, with resets); the setting is restored after."""
+  from gru_jax.kernels import pallas_gru
+  try:
+    shape_text, dtype, split = entry.split(":")
+    shape, split = benchmark.parse_shape(shape_text), int(split)
+  except ValueError:
+    raise ValueError(f"--split_checks entries are BxTxDxH:dtype:S, got {entry!r}") from None
+  import jax
+  import jax.numpy as jnp
+  cd = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  gpu = jax.default_backend() == "gpu"
+  saved = pallas_gru.SPLIT, pallas_gru.SPLIT_WARPS
+  set_split(split, pallas_gru.SPLIT_WARPS)
+  try:
+    # A check that silently ran "xla" or the unsplit kernel would pass for nothing.
+    ok, why = pallas_gru.supported(hidden_size=shape[3], batch=shape[0], compute_dtype=cd,
+                                   state_dtype=jnp.float32, platform=jax.default_backend())
+    runs = pallas_gru.plan_split(split=split, variant="reset_after", hidden_size=shape[3],
+                                 batch=shape[0], compute_dtype=cd, has_rm=False,
+                                 interpret=not gpu, sm_count=pallas_gru._sm_count() if gpu else None)
+    if not ok or runs != split:
+      raise ValueError(f"split {split} does not run at {shape_text} {dtype}: "
+                       f"{why if not ok else f'the kernels would run split {runs}'}")
+    c = compare(shape, "reset_after", dtype, reverse=True, time_major=True, resets=True)
+  finally:
+    set_split(*saved)
+  c["split"] = split
+  return c
 
 
 def kernel_applies(shape, dtype: str) -> bool:
@@ -467,6 +509,11 @@ def main(argv):
       checks.append(c)
       log(f"packed stores {shape_text} {variant} {dtype} reverse={reverse} resets={resets}: "
           f"worst rel err {c['worst']:.2e} {'ok' if c['ok'] else 'FAILED'}")
+  for entry in FLAGS.split_checks:
+    c = guarded(f"split check {entry}", split_check, entry)
+    if c is not None:
+      checks.append(c)
+      log(f"split check {entry}: worst rel err {c['worst']:.2e} {'ok' if c['ok'] else 'FAILED'}")
   all_ok = bool(checks) and all(c["ok"] for c in checks) and not results["errors"]
 
   # 2b. the experiment entrypoint's training loop, end to end
@@ -517,6 +564,12 @@ def main(argv):
   if impls == ["all"]:
     impls = GPU_IMPLS if env["platform"] == "gpu" else [
         "gru_jax", "gru_jax/xla/reset_after", "gru_jax/pallas/reset_after", "flax", "torch"]
+  checked = {c["split"] for c in checks if c.get("split") and c["ok"]}
+  unchecked = [n for n in impls if split_option(n) is not None and split_option(n) not in checked]
+  if unchecked:
+    log("not timed, no passed check of their split in this run (--split_checks):", unchecked)
+    results["not_timed"] = unchecked
+    impls = [n for n in impls if n not in unchecked]
   bench = []
   results["bench"] = bench
   for mode, shape_text, dtype in runs:

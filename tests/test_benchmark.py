@@ -89,7 +89,10 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
   r = subprocess.run(
       [sys.executable, "-m", "experiments.gpu_check", "--tiny", f"--out_dir={out}",
        "--repeats=2", "--max_checks=2", "--sweep=stages",
-       "--runs=train:16x12x16x32:float32,forward:16x12x16x32:bfloat16"],
+       "--runs=train:16x12x16x32:float32,forward:16x12x16x32:bfloat16",
+       "--split_checks=16x12x16x32:float32:1",
+       "--impls=gru_jax,gru_jax/xla/reset_after,gru_jax/pallas/reset_after,"
+       "gru_jax/pallas/reset_after/split=1,gru_jax/pallas/reset_after/split=4,flax,torch"],
       cwd=root, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -103,9 +106,13 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
   assert [(r["split"], r["joint_wait"], "train" in r) for r in split["timings"]] == [
       (0, False, True), (1, False, True), (1, True, True)]
   assert res["errors"] == [] and res["env"]["tensorflow_imported"] == []
-  assert all(c["ok"] for c in res["correctness"]) and len(res["correctness"]) == 4
-  assert [c.get("resets") for c in res["correctness"]] == [None, False, True, True]
-  assert [c.get("packed") for c in res["correctness"]] == [None, False, False, True]
+  assert all(c["ok"] for c in res["correctness"]) and len(res["correctness"]) == 5
+  assert [c.get("resets") for c in res["correctness"]] == [None, False, True, True, True]
+  assert [c.get("packed") for c in res["correctness"]] == [None, False, False, True, False]
+  assert [c.get("split") for c in res["correctness"]] == [None] * 4 + [1]
+  # a split with no passed check in the run is not timed
+  assert res["not_timed"] == ["gru_jax/pallas/reset_after/split=4"]
+  assert "gru_jax/pallas/reset_after/split=1" in res["bench"][0]["timings"]
   assert len(res["sweep"]) == 5 and all("train" in row for row in res["sweep"])
   assert res["kernel_config"] in res["sweep"]
   assert [(b["mode"], b["dtype"]) for b in res["bench"]] == [("train", "float32"),
@@ -203,3 +210,17 @@ def test_split_option_reaches_the_kernels_and_pallas_never_times_xla(tmp_path, m
     benchmark.gru_jax_apply("gru_jax/pallas/reset_after", (2, 5, 4, 6), jnp.float32)
   with pytest.raises(ValueError, match="split=N"):
     benchmark.gru_jax_apply("gru_jax/xla/reset_after/split=x", (2, 5, 4, 8), jnp.float32)
+
+
+def test_split_check_refuses_a_split_that_would_not_run():
+  """--split_checks: a split the kernels would not run (interpret mode runs only S=1)
+  is an error naming it, not a check of the fallback; bad entries name the format."""
+  from experiments import gpu_check
+  from gru_jax.kernels import pallas_gru
+  with pytest.raises(ValueError, match="split 4 does not run at 16x12x16x32 float32"):
+    gpu_check.split_check("16x12x16x32:float32:4")
+  assert pallas_gru.SPLIT is None  # restored
+  with pytest.raises(ValueError, match="BxTxDxH:dtype:S"):
+    gpu_check.split_check("16x12x16x32:float32")
+  assert gpu_check.split_option("gru_jax/pallas/reset_after/split=16") == 16
+  assert gpu_check.split_option("gru_jax/pallas/reset_after") is None
