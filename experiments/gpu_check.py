@@ -12,6 +12,8 @@ r"""One prepared GPU session: Pallas-vs-XLA correctness, then timings of every i
    padding mask, both variants, float32 and bf16 weights, with and without
    segment resets.  Then the "xla" loops with packed stores
    (`gru_jax.kernels.fused_rnn.PACKED`) against the unpacked ones and "scan".
+   Then, for each --split_checks entry, the kernels at that column split
+   (e.g. H=256, where only a split program's share of the weights fits).
    Relative error ‖a−b‖/‖b‖ per output, limits 2e-3 (f32, TF32 dots) and
    3e-2 (bf16).
 2b. End to end: `gru_jax.train.train_and_evaluate` on the adding problem
@@ -54,8 +56,8 @@ flags.DEFINE_integer("packed_checks", 99, "Checks of the packed \"xla\" loops to
                      "(PACKED_CHECKS), after the Pallas ones.")
 flags.DEFINE_list("split_checks", [], "BxTxDxH:dtype:S entries: the Pallas kernels with a "
                   "column split of S (pallas_gru.SPLIT) checked as in 2, reset_after, reversed, "
-                  "time-major, with resets.  A .../split=S implementation is timed only if a "
-                  "check of that S passed in the same run.")
+                  "time-major, with resets.  A .../split=S implementation is timed in a dtype only "
+                  "if a check of that S and dtype passed in the same run.")
 flags.DEFINE_bool("train_check", True, "Run the adding experiment end to end (phase 2b).")
 flags.DEFINE_enum("sweep", "default", ["default", "stages", "none"], "Kernel sweep to run.")
 flags.DEFINE_float("budget_s", 420.0, "Wall-clock budget for the whole run; phases past it are skipped.")
@@ -564,12 +566,7 @@ def main(argv):
   if impls == ["all"]:
     impls = GPU_IMPLS if env["platform"] == "gpu" else [
         "gru_jax", "gru_jax/xla/reset_after", "gru_jax/pallas/reset_after", "flax", "torch"]
-  checked = {c["split"] for c in checks if c.get("split") and c["ok"]}
-  unchecked = [n for n in impls if split_option(n) is not None and split_option(n) not in checked]
-  if unchecked:
-    log("not timed, no passed check of their split in this run (--split_checks):", unchecked)
-    results["not_timed"] = unchecked
-    impls = [n for n in impls if n not in unchecked]
+  checked = {(c["split"], c["dtype"]) for c in checks if c.get("split") and c["ok"]}
   bench = []
   results["bench"] = bench
   for mode, shape_text, dtype in runs:
@@ -578,6 +575,13 @@ def main(argv):
       results.setdefault("skipped", []).append(f"{mode} {shape_text} {dtype}")
       continue
     names = impls if dtype == "float32" else [n for n in impls if n != "gru_jax/pallas/seed"]
+    unchecked = [n for n in names if split_option(n) is not None
+                 and (split_option(n), dtype) not in checked]
+    if unchecked:
+      log(f"not timed in {dtype}, no passed {dtype} check of their split in this run "
+          "(--split_checks):", unchecked)
+      results.setdefault("not_timed", []).extend(f"{n} {dtype}" for n in unchecked)
+      names = [n for n in names if n not in unchecked]
     res = guarded(f"bench {mode} {shape_text} {dtype}", benchmark.run, [shape_text], mode=mode,
                   dtype=dtype, impls=names, repeats=FLAGS.repeats, warmup=2,
                   gap_ms=0.0 if env["platform"] == "gpu" else 10.0, out_dir=out_dir,

@@ -110,8 +110,10 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
   assert [c.get("resets") for c in res["correctness"]] == [None, False, True, True, True]
   assert [c.get("packed") for c in res["correctness"]] == [None, False, False, True, False]
   assert [c.get("split") for c in res["correctness"]] == [None] * 4 + [1]
-  # a split with no passed check in the run is not timed
-  assert res["not_timed"] == ["gru_jax/pallas/reset_after/split=4"]
+  # a split with no passed check of its dtype in the run is not timed in that dtype
+  assert res["not_timed"] == ["gru_jax/pallas/reset_after/split=4 float32",
+                              "gru_jax/pallas/reset_after/split=1 bfloat16",
+                              "gru_jax/pallas/reset_after/split=4 bfloat16"]
   assert "gru_jax/pallas/reset_after/split=1" in res["bench"][0]["timings"]
   assert len(res["sweep"]) == 5 and all("train" in row for row in res["sweep"])
   assert res["kernel_config"] in res["sweep"]
