@@ -246,7 +246,8 @@ def main(argv):
   import tempfile
   # XLA reads its flags once, when the first backend starts: before anything below.
   dump_dir = tempfile.mkdtemp(prefix="gpu_hlo_dump_")
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}").strip()
+  user_flags = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = f"{user_flags} --xla_dump_to={dump_dir}".strip()
   import jax
   jax.config.update("jax_platforms", "cpu")  # compile only: no GPU is looked for
   try:
@@ -266,8 +267,7 @@ def main(argv):
   if FLAGS.ptxas and not os.access(FLAGS.ptxas, os.X_OK):
     raise app.UsageError(f"--ptxas={FLAGS.ptxas} is not an executable file")
   out = dict(device=FLAGS.target_config or FLAGS.device, jax=jax.__version__, dtype=FLAGS.dtype,
-             xla_flags=os.environ["XLA_FLAGS"].replace(f" --xla_dump_to={dump_dir}", "")
-             .replace(f"--xla_dump_to={dump_dir}", ""), results=[])
+             xla_flags=user_flags, results=[])
   for mode in modes:
     for text in FLAGS.shapes:
       shape = benchmark.parse_shape(text)

@@ -305,7 +305,7 @@ def test_explicit_split_fits_where_only_a_programs_share_of_the_weights_does(mon
   f32, bf16 = jnp.float32, jnp.bfloat16
   assert scan.resolve_backend("auto", compute_dtype=f32, **kw) == "xla"  # default: unsplit only
   monkeypatch.setattr(pallas_gru, "SPLIT", 16)
-  ok, why = pallas_gru.supported(compute_dtype=f32, **{k: v for k, v in kw.items()})
+  ok, why = pallas_gru.supported(compute_dtype=f32, **kw)
   assert ok, why
   assert scan.resolve_backend("auto", compute_dtype=f32, **kw) == "pallas"
   assert scan.resolve_backend("pallas", compute_dtype=bf16, **kw) == "pallas"
