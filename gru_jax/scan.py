@@ -12,7 +12,9 @@ does only the recurrent work.  Three implementations of the loop
 * "pallas": the same VJP with the loops as fused Pallas kernels
   (`gru_jax.kernels.pallas_gru`): GPU, or interpret mode on CPU (slow, for tests).
 * "scan": a plain `jax.lax.scan` differentiated by JAX.  The only path with
-  forward-mode AD, ``return_gates`` and ``remat_chunk``.
+  ``return_gates`` and ``remat_chunk``, and the one forward-mode AD (`jax.jvp`,
+  `jax.jacfwd`) runs whatever the backend asked for: the other two have custom
+  VJPs, which JAX cannot differentiate forwards.
 * "auto": "pallas" on GPU when the kernel applies, else "xla".
 
 ``resets`` (segment starts: RL episodes, packed sequences) run on every
@@ -382,6 +384,31 @@ def _cpu(time_major: bool, chunks: int, forward_chunks: int, **static):
   return run
 
 
+def under_forward_mode() -> bool:
+  """Whether this call is being differentiated forwards (`jax.jvp`, `jax.jacfwd`).
+
+  JAX cannot run a `jax.custom_vjp` function forwards, so the fused backends
+  step aside for the plain scan there.  True when the current trace is a
+  forward-mode (JVP) one, seen through any `jax.vmap` (batching) traces above
+  it.  A function staged on its own, such as the body of a `jax.jit`,
+  `lax.scan` or `jax.checkpoint` that the jvp is applied to from outside, is
+  traced once and its program reused under other transformations, so its
+  answer must not depend on them: there it is False, and JAX refuses the
+  custom VJP as before.  So does evaluating the linear function
+  `jax.linearize` returns, which is traced as reverse mode; those need
+  ``backend="scan"``.  Reads JAX internals, so on any surprise it answers False.
+  """
+  try:
+    from jax._src import core
+    from jax._src.interpreters import ad, batching
+    trace = core.trace_ctx.trace
+    while isinstance(trace, batching.BatchTrace):
+      trace = trace.parent_trace
+    return isinstance(trace, ad.JVPTrace)
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
 @functools.partial(jax.named_call, name="gru")
 def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | None = None,
         reverse: bool = False, time_major: bool = False, variant: str = "seed",
@@ -446,8 +473,10 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
                          return_gates=return_gates, remat_chunk=remat_chunk,
                          resets=resets is not None, variant=variant,
                          recurrent_dropout=recurrent_dropout_mask is not None)
-  if t == 0 or b == 0:
-    impl = "scan"  # nothing to fuse; the fused loops need a step (T >= 1) and a batch tile
+  if t == 0 or b == 0 or (impl != "scan" and under_forward_mode()):
+    # T = 0 or B = 0: nothing to fuse (the fused loops need a step and a batch
+    # tile).  Forward-mode AD: the fused paths are custom VJPs, which it cannot run.
+    impl = "scan"
   if h0 is None:
     h0 = jnp.zeros((b, params.hidden_size), state_dtype)
   h0 = h0.astype(state_dtype)

@@ -328,12 +328,78 @@ def test_pallas_request_that_does_not_apply_falls_back_without_error():
                              gru_jax.gru(p, xs, h0, backend="scan")[1], atol=1e-6)
 
 
-def test_forward_mode_ad_needs_the_scan_backend():
-  p, xs, h0, _, _, _ = problem(10)
-  f = lambda backend: lambda xs: gru_jax.gru(p, xs, h0, backend=backend)[1]
-  jax.jvp(f("scan"), (xs,), (xs,))
+@pytest.mark.parametrize("backend", ["auto", "xla", "pallas"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_mode_ad_on_every_backend(backend, variant, reverse):
+  """jax.jvp through the fused backends (custom VJPs, no forward mode of their
+  own) runs the plain scan: tangents against central differences of the float64
+  reference (masks and segment resets), and the adjoint identity <u, J·v> =
+  <Jᵀ·u, v> against the fused path's own VJP."""
+  p, xs, h0, mask, _, _ = problem(10)
+  resets = jnp.zeros(mask.shape, bool).at[0, 3].set(True).at[1, 0].set(True)
+  f = lambda p, xs, h0: gru_jax.gru(p, xs, h0, mask=mask, resets=resets, reverse=reverse,
+                                    variant=variant, backend=backend)
+  k = jax.random.key(7)
+  dirs = jax.tree.map(lambda a: jax.random.normal(jax.random.fold_in(k, a.size), a.shape),
+                      (p, xs, h0))
+  out, tan = jax.jit(lambda *a: jax.jvp(f, a, dirs))(p, xs, h0)
+
+  def ref(eps):
+    pp, xx, hh = jax.tree.map(lambda a, d: np.asarray(a, np.float64) + eps * np.asarray(d),
+                              (p, xs, h0), dirs)
+    return reference.run_segments(pp, xx, hh, mask=np.asarray(mask), resets=np.asarray(resets),
+                                  reverse=reverse, variant=variant)
+  eps = 1e-5
+  fd = [(a - b) / (2 * eps) for a, b in zip(ref(eps), ref(-eps))]
+  for got, want, primal, want_primal in zip(tan, fd, out, ref(0.0)):
+    np.testing.assert_allclose(primal, want_primal, atol=2e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4)
+
+  u = cotangents(xs, p.hidden_size, seed=3)
+  u = (u[1], u[0])  # (h_last, hs), the order gru returns
+  _, vjp = jax.vjp(f, p, xs, h0)
+  lhs = sum(jnp.vdot(a, b) for a, b in zip(u, tan))
+  rhs = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(vjp(u)), jax.tree.leaves(dirs)))
+  np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+
+
+def test_forward_mode_falls_back_only_under_forward_mode(monkeypatch):
+  """Reverse mode (and forward-over-reverse, the Hessian-vector product) keeps
+  the fused path's VJP; jacfwd gets the scan.  Known answers:
+  jacfwd equals jacrev, and the HVP equals the Hessian's product with v."""
+  p, xs, h0, _, _, _ = problem(12, b=2, t=4, d=3, h=4)
+  calls = []
+  scan_loop = scan._recurrence_scan
+  monkeypatch.setattr(scan, "_recurrence_scan", lambda *a, **k: calls.append(1) or scan_loop(*a, **k))
+  f = lambda xs: gru_jax.gru(p, xs, h0, variant="reset_after", backend="xla")[0]
+  loss = lambda xs: jnp.sum(f(xs) ** 2)
+  jac_rev = jax.jacrev(f)(xs)
+  v = jnp.ones_like(xs)
+  hvp = jax.jvp(jax.grad(loss), (xs,), (v,))[1]
+  assert calls == []  # reverse mode and forward-over-reverse stay on the custom VJP
+  np.testing.assert_allclose(jax.jacfwd(f)(xs), jac_rev, rtol=1e-5, atol=1e-6)
+  hess = jax.hessian(loss)(xs).reshape(xs.size, xs.size)
+  np.testing.assert_allclose(hvp.ravel(), hess @ v.ravel(), rtol=1e-4, atol=1e-5)
+  assert calls  # jacfwd ran the scan
+  # Nested: vmap inside jvp, and jit outside jacfwd, trace gru under the JVP too.
+  one = lambda x, h: gru_jax.gru(p, x[None], h[None], variant="reset_after", backend="xla")[0][0]
+  v1 = jax.jvp(lambda xs: jax.vmap(one)(xs, h0), (xs,), (v,))[1]
+  np.testing.assert_allclose(v1, jnp.einsum("bhxtd,xtd->bh", jac_rev, v), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(jax.jacfwd(f))(xs), jac_rev, rtol=1e-5, atol=1e-6)
+  # A jitted function is staged on its own and its program reused under other
+  # transformations, so it keeps the fused path and JAX refuses the jvp, whichever
+  # transformation traced it first.
+  jf = jax.jit(f)
+  jf(xs)
   with pytest.raises(TypeError, match="custom_vjp"):
-    jax.jvp(f("xla"), (xs,), (xs,))
+    jax.block_until_ready(jax.jvp(jf, (xs,), (v,)))
+  jf2 = jax.jit(f)
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.block_until_ready(jax.jvp(jf2, (xs,), (v,)))
+  calls.clear()
+  np.testing.assert_allclose(jax.jacrev(jf2)(xs), jac_rev, rtol=1e-6, atol=1e-7)
+  assert calls == []
 
 
 @pytest.mark.parametrize("time_axis", [0, 1])

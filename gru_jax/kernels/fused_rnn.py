@@ -441,8 +441,8 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
 
   Returns:
     (h_last [B,H], hs [T,B,H] / [B,T,H]).  Differentiable in reverse mode
-    (also twice); forward-mode AD is not supported (the "scan" backend of
-    `gru_jax.gru` supports it).
+    (also twice); not forwards (a custom VJP): `gru_jax.gru` runs its "scan"
+    backend under forward-mode AD (`gru_jax.scan.under_forward_mode`).
   """
   if primal is None:
     primal = default_primal()
