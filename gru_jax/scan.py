@@ -384,29 +384,45 @@ def _cpu(time_major: bool, chunks: int, forward_chunks: int, **static):
   return run
 
 
-def under_forward_mode() -> bool:
-  """Whether this call is being differentiated forwards (`jax.jvp`, `jax.jacfwd`).
+def ad_traces() -> tuple[str, ...]:
+  """The autodiff transformations this call is traced under, innermost first.
 
-  JAX cannot run a `jax.custom_vjp` function forwards, so the fused backends
-  step aside for the plain scan there.  True when the current trace is a
-  forward-mode (JVP) one, seen through any `jax.vmap` (batching) traces above
-  it.  A function staged on its own, such as the body of a `jax.jit`,
-  `lax.scan` or `jax.checkpoint` that the jvp is applied to from outside, is
-  traced once and its program reused under other transformations, so its
-  answer must not depend on them: there it is False, and JAX refuses the
-  custom VJP as before.  So does evaluating the linear function
-  `jax.linearize` returns, which is traced as reverse mode; those need
-  ``backend="scan"``.  Reads JAX internals, so on any surprise it answers False.
+  "jvp" for forward mode (`jax.jvp`, `jax.jacfwd`), "linearize" for reverse
+  mode (`jax.grad`, `jax.vjp`), seen through `jax.vmap` (batching) traces,
+  e.g. ("linearize", "jvp") inside ``jax.jvp(jax.grad(f))``.  The walk stops
+  at a function staged on its own (the body of a `jax.jit`, `lax.scan` or
+  `jax.checkpoint`): JAX traces such a body once and reuses its program under
+  every transformation applied from outside, so its choice of path must not
+  depend on them.  Reads JAX internals; on any surprise it answers ().
   """
   try:
     from jax._src import core
     from jax._src.interpreters import ad, batching
+    found = []
     trace = core.trace_ctx.trace
-    while isinstance(trace, batching.BatchTrace):
+    while True:
+      if isinstance(trace, ad.JVPTrace):
+        found.append("jvp")
+      elif isinstance(trace, ad.LinearizeTrace):
+        found.append("linearize")
+      elif not isinstance(trace, batching.BatchTrace):
+        return tuple(found)
       trace = trace.parent_trace
-    return isinstance(trace, ad.JVPTrace)
   except Exception:  # pylint: disable=broad-except
-    return False
+    return ()
+
+
+def under_forward_mode() -> bool:
+  """Whether this call is differentiated forwards (`jax.jvp`, `jax.jacfwd`; `ad_traces`).
+
+  JAX cannot run a `jax.custom_vjp` function forwards, so the fused backends
+  step aside for the plain scan there.  Not seen (see `ad_traces`): a jvp
+  applied from outside to a staged function, and the linear function
+  `jax.linearize` returns (traced as reverse mode); those need
+  ``backend="scan"``, or JAX refuses the custom VJP.
+  """
+  found = ad_traces()
+  return bool(found) and found[0] == "jvp"
 
 
 @functools.partial(jax.named_call, name="gru")
@@ -477,6 +493,9 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
     # T = 0 or B = 0: nothing to fuse (the fused loops need a step and a batch
     # tile).  Forward-mode AD: the fused paths are custom VJPs, which it cannot run.
     impl = "scan"
+  elif impl == "pallas" and len(ad_traces()) > 1:
+    impl = "xla"  # differentiated twice: the outer AD would differentiate the kernels'
+    # pallas_calls, which have no derivatives; the "xla" loops do
   if h0 is None:
     h0 = jnp.zeros((b, params.hidden_size), state_dtype)
   h0 = h0.astype(state_dtype)

@@ -402,6 +402,31 @@ def test_forward_mode_falls_back_only_under_forward_mode(monkeypatch):
   assert calls == []
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_second_order_derivatives_through_pallas_use_the_xla_loops(variant):
+  """The Pallas kernels have no derivatives of their own, so a call differentiated
+  twice runs the "xla" loops; once, it keeps the kernels.  Against the plain
+  scan's autodiff: grad of grad, the Hessian-vector product (jvp of grad) and
+  the Hessian, under jit, with a mask and segment resets."""
+  p, xs, h0, mask, _, _ = problem(13, b=2, t=4, d=3, h=4)
+  resets = jnp.zeros(mask.shape, bool).at[0, 2].set(True)
+
+  def loss(backend):
+    return lambda xs: jnp.sum(gru_jax.gru(p, xs, h0, mask=mask, resets=resets, variant=variant,
+                                          backend=backend)[1] ** 2)
+
+  def second_orders(backend):
+    f = loss(backend)
+    return (jax.grad(lambda x: jnp.sum(jax.grad(f)(x) ** 2))(xs),
+            jax.jvp(jax.grad(f), (xs,), (jnp.cos(xs),))[1],
+            jax.jit(jax.hessian(f))(xs))
+  for got, want in zip(second_orders("pallas"), second_orders("scan")):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  count = lambda fn: str(jax.make_jaxpr(fn)(xs)).count("pallas_call")
+  assert count(jax.grad(loss("pallas"))) == 2  # the forward and the backward kernel
+  assert count(jax.hessian(loss("pallas"))) == 0
+
+
 @pytest.mark.parametrize("time_axis", [0, 1])
 def test_kernels_lower_to_triton_for_gpu(time_axis):
   """Without a GPU: lowering for CUDA runs the Pallas Triton lowering rules
