@@ -54,6 +54,10 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
   ``mask`` [B,T] and ``resets`` [B,T] (segment starts) as in `gru_jax.gru`.
   """
   cell_lib.check_variant(variant)
+  xs, h0, mask, resets = (None if a is None else jnp.asarray(a) for a in (xs, h0, mask, resets))
+  if not jnp.issubdtype(xs.dtype, jnp.floating):
+    raise ValueError(f"xs must be floating point, got {xs.dtype} (shape {xs.shape}); "
+                     "embed integer tokens first")
   if xs.ndim != 3 or xs.shape[-1] != params.input_size:
     raise ValueError(f"xs must be [B,T,D] with D={params.input_size} (w_x {params.w_x.shape}), "
                      f"got shape {xs.shape}")
@@ -78,14 +82,19 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
   if resets is not None and t > 0:
     rs_tm = scan_lib.effective_resets(jnp.asarray(resets, bool).T, mask_tm, reverse=reverse,
                                       axis=0)
-  w_h, b_h = params.w_h, params.b_h
+  # The loop's invariants enter it in float32 (at least) and are cast inside:
+  # JAX sums their gradients over the steps in the dtype they enter with.
+  acc = jnp.promote_types(xs.dtype, jnp.float32)
+  w_h, b_h, gamma_h, beta_h = (a.astype(acc) for a in (params.w_h, params.b_h, ln.gamma_h,
+                                                        ln.beta_h))
   # Gate-block slices of the weights and LN parameters, taken once outside the loop.
-  w_zr, w_c = w_h[:, :2 * hsz], w_h[:, 2 * hsz:]
-  g_zr, g_c = ln.gamma_h[:2 * hsz], ln.gamma_h[2 * hsz:]
-  be_zr, be_c = ln.beta_h[:2 * hsz], ln.beta_h[2 * hsz:]
+  invariants = (w_h, b_h, gamma_h, beta_h, w_h[:, :2 * hsz], w_h[:, 2 * hsz:],
+                gamma_h[:2 * hsz], gamma_h[2 * hsz:], beta_h[:2 * hsz], beta_h[2 * hsz:])
 
   def body(h, inp):
     ax_t, m_t, r_t = inp
+    w_h, b_h, gamma_h, beta_h, w_zr, w_c, g_zr, g_c, be_zr, be_c = (
+        a.astype(xs.dtype) for a in invariants)
     h = cell_lib.restart(h, r_t)
     if variant == "seed":
       ah = _ln(h @ w_zr, g_zr, be_zr, 2, eps)
@@ -95,7 +104,7 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
       hc = _ln((r * h) @ w_c, g_c, be_c, 1, eps)
       cand = jnp.tanh(ax_t[:, 2 * hsz:] + hc + b_h[2 * hsz:])
     else:
-      ah = _ln(h @ w_h, ln.gamma_h, ln.beta_h, 3, eps) + b_h
+      ah = _ln(h @ w_h, gamma_h, beta_h, 3, eps) + b_h
       z = jax.nn.sigmoid(ax_t[:, :hsz] + ah[:, :hsz])
       r = jax.nn.sigmoid(ax_t[:, hsz:2 * hsz] + ah[:, hsz:2 * hsz])
       cand = jnp.tanh(ax_t[:, 2 * hsz:] + r * ah[:, 2 * hsz:])
