@@ -85,7 +85,16 @@ def _blockwise(init_fn: Callable, key: Array, rows: int, hidden: int, dtype) -> 
   orthogonality of the recurrent blocks.
   """
   keys = jax.random.split(key, 3)
-  return jnp.concatenate([init_fn(k, (rows, hidden), dtype) for k in keys], axis=1)
+  draw = _draw_dtype(dtype)
+  return jnp.concatenate([init_fn(k, (rows, hidden), draw) for k in keys], axis=1).astype(dtype)
+
+
+def _draw_dtype(dtype):
+  """float32 for narrower floats: the orthogonal initialiser's QR has no bf16/f16 kernel."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+    return jnp.dtype(jnp.float32)
+  return dtype
 
 
 def init(key: Array, input_size: int, hidden_size: int, *, variant: str = "seed",
@@ -97,7 +106,8 @@ def init(key: Array, input_size: int, hidden_size: int, *, variant: str = "seed"
 
   Xavier/Glorot-uniform input weights and orthogonal recurrent weights, each
   per gate block; zero biases.  ``variant`` is accepted for symmetry with
-  `step` (both variants use the same layout).
+  `step` (both variants use the same layout).  bf16 and float16 weights are
+  drawn in float32 and rounded.
   """
   check_variant(variant)
   if input_size < 1 or hidden_size < 1:
@@ -106,8 +116,8 @@ def init(key: Array, input_size: int, hidden_size: int, *, variant: str = "seed"
   return GRUParams(
       w_x=_blockwise(kernel_init, kx, input_size, hidden_size, dtype),
       w_h=_blockwise(recurrent_init, kh, hidden_size, hidden_size, dtype),
-      b_x=bias_init(kbx, (3 * hidden_size,), dtype),
-      b_h=bias_init(kbh, (3 * hidden_size,), dtype),
+      b_x=bias_init(kbx, (3 * hidden_size,), _draw_dtype(dtype)).astype(dtype),
+      b_h=bias_init(kbh, (3 * hidden_size,), _draw_dtype(dtype)).astype(dtype),
   )
 
 

@@ -43,6 +43,23 @@ def dropout_multiplier(rng: Array, rate: float, batch: int, shape: tuple[int, ..
   return bits.astype(dtype) / keep
 
 
+def check_rate(name: str, rate: float) -> None:
+  """A dropout rate must be in [0, 1): checked whether or not dropout runs this call."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"{name} must be in [0, 1), got {rate}")
+
+
+def resolve_deterministic(attribute: bool | None, argument: bool | None) -> bool:
+  """The call's ``deterministic`` if given, else the module attribute's, else True.
+
+  The attribute is for Flax's lifted transforms (`nn.vmap`, `nn.remat`,
+  `nn.scan`), which drop or trace call keywords.
+  """
+  if argument is not None:
+    return bool(argument)
+  return True if attribute is None else bool(attribute)
+
+
 def check_sequence_input(name: str, xs: Array, mask: Array | None,
                          resets: Array | None = None) -> None:
   if xs.ndim != 3:
@@ -50,6 +67,11 @@ def check_sequence_input(name: str, xs: Array, mask: Array | None,
   for arg, m in (("mask", mask), ("resets", resets)):
     if m is not None and jnp.shape(m) != xs.shape[:2]:
       raise ValueError(f"{name}: {arg} must have shape [B,T]={xs.shape[:2]}, got {jnp.shape(m)}")
+
+
+def as_arrays(*args):
+  """Nested lists and NumPy arrays as JAX arrays (None stays None)."""
+  return tuple(None if a is None else jnp.asarray(a) for a in args)
 
 
 def check_gru_kwargs(owner: str, kwargs: dict, reserved: tuple[str, ...]) -> None:
@@ -77,6 +99,9 @@ class GRU(nn.Module):
     layer_norm: layer-normalised GRU (`gru_jax.layernorm.ln_gru`), with extra
       params ``gamma_x``, ``beta_x``, ``gamma_h``, ``beta_h`` [3H].
     unroll, compute_dtype, remat_chunk, backend: passed to `gru_jax.gru`.
+    deterministic: no dropout; the call's ``deterministic`` overrides it, and
+      with neither given there is none.  Set it here under `nn.vmap`,
+      `nn.remat` or `nn.scan`, which drop or trace call keywords.
 
   Gates: ``apply(..., mutable=["intermediates"])`` also returns, under
   ``intermediates/<layer path>/gates``, a 1-tuple of `Gates(z, r, candidate)`,
@@ -98,6 +123,7 @@ class GRU(nn.Module):
   remat_chunk: int | None = None
   backend: str = "auto"
   layer_norm: bool = False
+  deterministic: bool | None = None
 
   def _params(self, input_size: int) -> cell_lib.GRUParams:
     def field(name):
@@ -109,10 +135,12 @@ class GRU(nn.Module):
 
   @nn.compact
   def __call__(self, xs: Array, mask: Array | None = None, h0: Array | None = None, *,
-               deterministic: bool = True, example_ids: Array | None = None,
+               deterministic: bool | None = None, example_ids: Array | None = None,
                resets: Array | None = None):
     """xs [B,T,D], mask [B,T] bool, h0 [B,H] -> hs [B,T,H] or h_last [B,H] (see attributes)."""
+    xs, mask, resets = as_arrays(xs, mask, resets)
     check_sequence_input("GRU", xs, mask, resets)
+    deterministic = resolve_deterministic(self.deterministic, deterministic)
     params = self._params(xs.shape[-1])
     ln = None
     if self.layer_norm:
@@ -140,6 +168,8 @@ def gru_dropout_masks(next_key: Callable[[], Array], xs: Array, hidden_size: int
 
   ``next_key()`` is called once per mask that is drawn.
   """
+  check_rate("dropout", rate)
+  check_rate("recurrent_dropout", recurrent_rate)
   b, d = xs.shape[0], xs.shape[-1]
   in_mask = rec_mask = None
   if not deterministic and rate > 0:
@@ -198,9 +228,11 @@ class Bidirectional(nn.Module):
   merge_mode: str = "concat"
   return_sequences: bool = True
   gru_kwargs: dict | None = None
+  deterministic: bool | None = None  # as `GRU.deterministic`
 
   @nn.compact
-  def __call__(self, xs, mask=None, *, deterministic=True, example_ids=None, resets=None):
+  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, resets=None):
+    deterministic = resolve_deterministic(self.deterministic, deterministic)
     if self.merge_mode not in ("concat", "sum"):
       raise ValueError(f"merge_mode must be 'concat' or 'sum', got {self.merge_mode!r}")
     kw = dict(self.gru_kwargs or {})
@@ -224,10 +256,14 @@ class StackedGRU(nn.Module):
   merge_mode: str = "concat"
   dropout_between: float = 0.0
   gru_kwargs: dict | None = None
+  deterministic: bool | None = None  # as `GRU.deterministic`
 
   @nn.compact
-  def __call__(self, xs, mask=None, *, deterministic=True, example_ids=None, resets=None):
+  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, resets=None):
+    xs, mask, resets = as_arrays(xs, mask, resets)
     check_sequence_input("StackedGRU", xs, mask, resets)
+    check_rate("dropout_between", self.dropout_between)
+    deterministic = resolve_deterministic(self.deterministic, deterministic)
     if not self.hidden_sizes:  # else the inputs would come back as if they were outputs
       raise ValueError("StackedGRU needs at least one hidden size")
     kw = dict(self.gru_kwargs or {})
@@ -248,12 +284,17 @@ class StackedGRU(nn.Module):
 
 
 class SequenceDropout(nn.Module):
-  """Element-wise dropout on [B,...] features, per-example reproducible via ``example_ids``."""
+  """Element-wise dropout on [B,...] features, per-example reproducible via ``example_ids``.
+
+  ``deterministic`` as in `GRU`: the call's, else the attribute's, else no dropout.
+  """
   rate: float
+  deterministic: bool | None = None
 
   @nn.compact
-  def __call__(self, x, *, deterministic=True, example_ids=None):
-    if deterministic or self.rate == 0:
+  def __call__(self, x, *, deterministic=None, example_ids=None):
+    check_rate("SequenceDropout rate", self.rate)
+    if resolve_deterministic(self.deterministic, deterministic) or self.rate == 0:
       return x
     return x * dropout_multiplier(self.make_rng("dropout"), self.rate, x.shape[0], x.shape[1:],
                                   example_ids, x.dtype)
@@ -286,10 +327,10 @@ class SequenceBatchNorm(nn.Module):
     if use_ra:
       mean, var = ra_mean.value, ra_var.value
     else:
-      mean, var = masked_moments(x, mask, self.axis_name)
+      mean, var, count = masked_moments(x, mask, self.axis_name, return_count=True)
       if not self.is_initializing():
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        ra_mean.value, ra_var.value = running_averages(
+            (ra_mean.value, ra_var.value), (mean, var), count, self.momentum)
     return normalize(x, mask, mean, var, scale, bias, self.epsilon)
 
 
@@ -301,11 +342,24 @@ def check_batch_norm_input(x: Array, mask: Array | None) -> None:
                      f"inputs {x.shape}, got {mask.shape}")
 
 
-def masked_moments(x: Array, mask: Array | None, axis_name: str | None = None):
+def running_averages(old: tuple[Array, ...], new: tuple[Array, ...], count: Array,
+                     momentum: float) -> tuple[Array, ...]:
+  """momentum·old + (1 − momentum)·new, each in its old dtype; old where count = 0.
+
+  A batch with no valid step has no statistics (`masked_moments` gives 0 and
+  0), and averaging those in would shrink the running variance towards 0.
+  """
+  return tuple(jnp.where(count > 0, momentum * o + (1 - momentum) * n, o).astype(o.dtype)
+               for o, n in zip(old, new))
+
+
+def masked_moments(x: Array, mask: Array | None, axis_name: str | None = None,
+                   return_count: bool = False):
   """Per-feature mean and (biased) variance [F] of x [B,T,F] or [B,F] over valid steps.
 
   With ``axis_name`` the sums are taken across that mapped axis, so every
-  device weighs in by its count of valid steps.
+  device weighs in by its count of valid steps.  ``return_count``: also the
+  number of valid steps (a scalar, across devices with ``axis_name``).
   """
   # At least float32 (bf16 sums drift), but float64 stays float64 under x64.
   dtype = jnp.promote_types(x.dtype, jnp.float32)
@@ -320,7 +374,7 @@ def masked_moments(x: Array, mask: Array | None, axis_name: str | None = None):
   sq = jnp.sum(jnp.square(xf - mean) * w[..., None], axes)
   if axis_name is not None:
     sq = jax.lax.psum(sq, axis_name)
-  return mean, sq / count
+  return (mean, sq / count, sums[0]) if return_count else (mean, sq / count)
 
 
 def normalize(x: Array, mask: Array | None, mean: Array, var: Array, scale: Array,

@@ -154,6 +154,7 @@ class GRU(nnx.Module):
     ``resets`` [B,T] bool: segment starts; the state starts from zero after
     each, in either direction (see `gru_jax.gru`).
     """
+    xs, mask, resets = linen_layers.as_arrays(xs, mask, resets)
     linen_layers.check_sequence_input("GRU", xs, mask, resets)
     det = self.deterministic if deterministic is None else deterministic
     ln = None
@@ -291,8 +292,8 @@ class SequenceBatchNorm(nnx.Module):
     if use_ra:
       mean, var = self.mean[...], self.var[...]
     else:
-      mean, var = linen_layers.masked_moments(x, mask, self.axis_name)
-      self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
-      self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
+      mean, var, count = linen_layers.masked_moments(x, mask, self.axis_name, return_count=True)
+      self.mean[...], self.var[...] = linen_layers.running_averages(
+          (self.mean[...], self.var[...]), (mean, var), count, self.momentum)
     return linen_layers.normalize(x, mask, mean, var, self.scale[...], self.bias[...],
                                   self.epsilon)

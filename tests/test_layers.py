@@ -48,6 +48,54 @@ def test_layer_dropout_is_variational_and_per_example():
   np.testing.assert_allclose(no_drop, gru_jax.gru(p, xs)[1], atol=1e-6)
 
 
+def test_deterministic_attribute_survives_flax_lifted_transforms():
+  """nn.vmap drops call keywords and nn.remat traces them; set on the module,
+  dropout is on under both.  Known answers: the vmapped ensemble member i equals
+  the plain layer applied with member i's params and dropout key; remat equals
+  the plain layer with the same key; the call's keyword still overrides."""
+  xs = _xs(4)
+  rng = {"dropout": jax.random.key(5)}
+  plain = layers.GRU(4, dropout=0.5, recurrent_dropout=0.3)
+  v = plain.init(jax.random.key(0), xs)
+  want = plain.apply(v, xs, deterministic=False, rngs=rng)
+  assert float(jnp.abs(want - plain.apply(v, xs)).max()) > 1e-3  # dropout changes it
+  on = layers.GRU(4, dropout=0.5, recurrent_dropout=0.3, deterministic=False)
+  np.testing.assert_allclose(on.apply(v, xs, rngs=rng), want, atol=1e-6)
+  np.testing.assert_allclose(on.apply(v, xs, deterministic=True), plain.apply(v, xs), atol=1e-6)
+  np.testing.assert_allclose(nn.remat(layers.GRU)(4, dropout=0.5, recurrent_dropout=0.3,
+                                                  deterministic=False).apply(v, xs, rngs=rng),
+                             want, atol=1e-6)
+  ens = nn.vmap(layers.GRU, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                     "dropout": True},
+                in_axes=None, axis_size=2)(4, dropout=0.5, deterministic=False)
+  ve = ens.init(jax.random.key(1), xs)
+  out = ens.apply(ve, xs, rngs=rng)
+  for i in range(2):
+    vi = jax.tree.map(lambda a, i=i: a[i], ve)
+    alone = layers.GRU(4, dropout=0.5).apply(vi, xs)
+    assert float(jnp.abs(out[i] - alone).max()) > 1e-3  # dropout ran in member i
+  for mod in (layers.StackedGRU((4, 4), dropout_between=0.5, deterministic=False),
+              layers.Bidirectional(4, gru_kwargs=dict(dropout=0.5), deterministic=False),
+              layers.SequenceDropout(0.5, deterministic=False)):
+    vm = mod.init(jax.random.key(2), xs)
+    assert float(jnp.abs(mod.apply(vm, xs, rngs=rng)
+                         - mod.apply(vm, xs, deterministic=True)).max()) > 1e-3
+
+
+def test_bad_dropout_rates_and_list_inputs():
+  xs = _xs(6)
+  for mod, msg in ((layers.GRU(4, dropout=-0.1), "dropout must be in"),
+                   (layers.GRU(4, recurrent_dropout=1.0), "recurrent_dropout must be in"),
+                   (layers.StackedGRU((4, 4), dropout_between=-0.5), "dropout_between must be"),
+                   (layers.SequenceDropout(-0.1), "SequenceDropout rate must be in")):
+    with pytest.raises(ValueError, match=msg):
+      mod.init(jax.random.key(0), xs)  # checked even where no dropout runs
+  layer = layers.GRU(4)
+  v = layer.init(jax.random.key(0), xs)
+  np.testing.assert_allclose(layer.apply(v, np.asarray(xs).tolist()), layer.apply(v, xs),
+                             atol=1e-6)
+
+
 def test_dropout_multiplier_statistics():
   m = layers.dropout_multiplier(jax.random.key(0), 0.3, 2000, (50,))
   assert abs(float((m == 0).mean()) - 0.3) < 0.01
@@ -110,6 +158,26 @@ def test_sequence_batchnorm_matches_flax_batchnorm_without_mask():
   v2 = theirs.init(jax.random.key(0), x)
   np.testing.assert_allclose(ours.apply(v1, x, use_running_average=False, mutable=["batch_stats"])[0],
                              theirs.apply(v2, x, mutable=["batch_stats"])[0], atol=1e-5)
+
+
+def test_sequence_batchnorm_running_stats_keep_dtype_and_skip_empty_batches():
+  """Known answers: an all-padding batch leaves the running mean and variance as
+  they were (it has no statistics; averaging in 0 and 0 shrank the variance), and
+  under x64 the float32 statistics stay float32 (they became float64, which broke
+  a lax.scan over training steps)."""
+  x = np.random.RandomState(3).randn(2, 4, 3)
+  bn = layers.SequenceBatchNorm(momentum=0.9)
+  v = bn.init(jax.random.key(0), x, use_running_average=False)
+  _, upd = bn.apply(v, x, jnp.zeros((2, 4), bool), use_running_average=False,
+                    mutable=["batch_stats"])
+  chex_equal = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  jax.tree.map(chex_equal, upd["batch_stats"], v["batch_stats"])
+  with jax.enable_x64(True):
+    _, upd = bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    assert {a.dtype for a in jax.tree.leaves(upd["batch_stats"])} == {jnp.dtype("float32")}
+    valid = x.reshape(-1, 3)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * valid.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * valid.var(0), rtol=1e-6)
 
 
 def test_sequence_batchnorm_keeps_float64_precision_under_x64():
