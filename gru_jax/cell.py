@@ -77,6 +77,36 @@ def check_unroll(unroll) -> int:
   return check_int("unroll", unroll, 1)
 
 
+def vma(*trees) -> frozenset:
+  """The `jax.shard_map` mesh axes any array in ``trees`` varies over; empty outside one."""
+  axes = set()
+  for leaf in jax.tree.leaves(trees):
+    aval = jax.typeof(leaf)
+    mat = getattr(aval, "mat", None)  # JAX >= 0.10: aval.mat.varying; before: aval.vma
+    axes |= set(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+  return frozenset(axes)
+
+
+def vary(tree, axes: frozenset):
+  """Each array in ``tree`` marked as varying over ``axes`` (values unchanged).
+
+  Under `jax.shard_map` with ``check_vma``, a loop's carry must vary over the
+  same axes on entry as on exit, and arrays made inside (zeros, buffers) vary
+  over none; the recurrences mark theirs like their inputs.
+  """
+  if not axes:
+    return tree
+
+  def one(a):
+    missing = tuple(sorted(axes - vma(a)))
+    if not missing:
+      return a
+    if hasattr(jax.lax, "pcast"):  # JAX >= 0.9; pvary before
+      return jax.lax.pcast(a, missing, to="varying")
+    return jax.lax.pvary(a, missing)
+  return jax.tree.map(one, tree)
+
+
 def _blockwise(init_fn: Callable, key: Array, rows: int, hidden: int, dtype) -> Array:
   """Initialises each of the three [rows,H] gate blocks on its own.
 

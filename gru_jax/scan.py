@@ -486,6 +486,12 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
       for a in (xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets))
   b, t = _validate(params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
                    time_major, variant, backend, remat_chunk, resets)
+  # Inside `jax.shard_map` (check_vma): every input varies over the axes any one
+  # does, so the loops' carries and the custom VJPs' cotangents agree; the
+  # transpose of this marking sums an invariant input's gradient over the axes.
+  axes = cell_lib.vma(params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets)
+  params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets = cell_lib.vary(
+      (params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets), axes)
   unroll = cell_lib.check_unroll(unroll)
   remat_chunk = None if remat_chunk is None else operator.index(remat_chunk)
   state_dtype = xs.dtype
@@ -502,11 +508,13 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
     # T = 0 or B = 0: nothing to fuse (the fused loops need a step and a batch
     # tile).  Forward-mode AD: the fused paths are custom VJPs, which it cannot run.
     impl = "scan"
+  elif impl == "pallas" and axes:
+    impl = "xla"  # pallas_call's outputs would need their shard_map axes spelled out
   elif impl == "pallas" and len(ad_traces()) > 1:
     impl = "xla"  # differentiated twice: the outer AD would differentiate the kernels'
     # pallas_calls, which have no derivatives; the "xla" loops do
   if h0 is None:
-    h0 = jnp.zeros((b, params.hidden_size), state_dtype)
+    h0 = cell_lib.vary(jnp.zeros((b, params.hidden_size), state_dtype), axes)
   h0 = h0.astype(state_dtype)
   mask = None if mask is None else mask.astype(bool)
   rs = None

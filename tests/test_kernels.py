@@ -427,6 +427,36 @@ def test_second_order_derivatives_through_pallas_use_the_xla_loops(variant):
   assert count(jax.hessian(loss("pallas"))) == 0
 
 
+@pytest.mark.parametrize("backend", ["auto", "xla", "pallas", "scan"])
+def test_inside_shard_map_with_vma_checks(backend):
+  """Under `jax.shard_map` (check_vma on, the default) the loops' carries and the
+  custom VJPs' cotangents must vary over the mesh axes like the inputs; zero h0
+  and the loops' buffers did not ("carry input and carry output must have equal
+  types").  Against the float64 reference, and gradients of replicated params
+  against the same call without shard_map; both variants, mask, resets, reverse."""
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  p, xs, h0, mask, _, _ = problem(14, b=2, t=5, d=3, h=4)
+  resets = jnp.zeros(mask.shape, bool).at[0, 2].set(True)
+  for variant, reverse, with_h0 in (("seed", False, False), ("reset_after", True, True)):
+    def run(p, xs, mask, resets, h0):
+      return gru_jax.gru(p, xs, h0 if with_h0 else None, mask=mask, resets=resets,
+                         reverse=reverse, variant=variant, backend=backend)
+    sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P("d"), P("d"), P("d"), P("d")),
+                            out_specs=P("d"))
+    h_last, hs = jax.jit(sharded)(p, xs, mask, resets, h0)
+    ref_last, ref_hs = reference.run_segments(
+        p, xs, np.asarray(h0) if with_h0 else None, mask=np.asarray(mask),
+        resets=np.asarray(resets), reverse=reverse, variant=variant)
+    np.testing.assert_allclose(hs, ref_hs, atol=2e-5)
+    np.testing.assert_allclose(h_last, ref_last, atol=2e-5)
+    loss = lambda f: lambda p, h0: jnp.sum(f(p, xs, mask, resets, h0)[1] ** 2)
+    got = jax.jit(jax.grad(loss(sharded), argnums=(0, 1)))(p, h0)
+    want = jax.grad(loss(run), argnums=(0, 1))(p, h0)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("time_axis", [0, 1])
 def test_kernels_lower_to_triton_for_gpu(time_axis):
   """Without a GPU: lowering for CUDA runs the Pallas Triton lowering rules
