@@ -45,11 +45,26 @@ class GRUParams(NamedTuple):
     return self.w_h.shape[0]
 
 
+def register_for_export(cls: type) -> type:
+  """Lets `jax.export` serialise calls whose arguments or results hold ``cls``."""
+  try:
+    jax.export.register_namedtuple_serialization(cls, serialized_name=f"gru_jax.{cls.__name__}")
+  except (AttributeError, ValueError):  # an older JAX, or registered already (a reload)
+    pass
+  return cls
+
+
+register_for_export(GRUParams)
+
+
 class Gates(NamedTuple):
   """Per-step gate activations, each [..., H]."""
   z: Array
   r: Array
   candidate: Array
+
+
+register_for_export(Gates)
 
 
 def check_variant(variant: str) -> None:

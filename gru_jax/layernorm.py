@@ -32,6 +32,9 @@ class LNParams(NamedTuple):
   beta_h: Array
 
 
+cell_lib.register_for_export(LNParams)
+
+
 def init_ln(hidden_size: int, dtype=jnp.float32) -> LNParams:
   one, zero = jnp.ones((3 * hidden_size,), dtype), jnp.zeros((3 * hidden_size,), dtype)
   return LNParams(one, zero, one, zero)

@@ -499,12 +499,17 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
   if not jnp.issubdtype(compute_dtype, jnp.floating):
     raise ValueError(f"compute_dtype must be a floating-point dtype (e.g. jnp.bfloat16), got "
                      f"{compute_dtype}")
+  # Symbolic shapes (`jax.export`): the kernels' tiling and the CPU chunk
+  # counts need concrete B and T, so such calls run the unchunked "xla" loops.
+  symbolic = not all(isinstance(v, int) for v in (b, t))
+  if symbolic and backend in ("auto", "pallas"):
+    backend = "xla"
   impl = resolve_backend(backend, hidden_size=params.hidden_size, batch=b,
                          compute_dtype=compute_dtype, state_dtype=state_dtype,
                          return_gates=return_gates, remat_chunk=remat_chunk,
                          resets=resets is not None, variant=variant,
                          recurrent_dropout=recurrent_dropout_mask is not None)
-  if t == 0 or b == 0 or (impl != "scan" and under_forward_mode()):
+  if (not symbolic and (t == 0 or b == 0)) or (impl != "scan" and under_forward_mode()):
     # T = 0 or B = 0: nothing to fuse (the fused loops need a step and a batch
     # tile).  Forward-mode AD: the fused paths are custom VJPs, which it cannot run.
     impl = "scan"
@@ -529,7 +534,7 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
             cell_lib.folded_bias(params, variant).astype(state_dtype),
             params.b_h[2 * params.hidden_size:].astype(state_dtype), xs, h0, mask, rec_mask, rs)
     static = dict(variant=variant, reverse=bool(reverse), unroll=unroll, impl=impl)
-    if impl == "xla" and jax.default_backend() == "cpu":
+    if impl == "xla" and jax.default_backend() == "cpu" and not symbolic:
       xp_bytes = b * t * 3 * params.hidden_size * jnp.dtype(state_dtype).itemsize
       return _cpu(bool(time_major), cpu_chunks(t), cpu_forward_chunks(t, xp_bytes),
                   **static)(*args)
