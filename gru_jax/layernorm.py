@@ -78,6 +78,8 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
   # inputs) would promote the new state and break the scan's carry type.
   params = GRUParams(*(jnp.asarray(a).astype(xs.dtype) for a in params))
   ln = LNParams(*(jnp.asarray(a).astype(xs.dtype) for a in ln))
+  if mask is not None:  # as in `gru`: NaN or inf padding must not reach the gradients
+    xs = jnp.where(mask.astype(bool)[..., None], xs, jnp.zeros((), xs.dtype))
   ax = _ln(jnp.einsum("btd,dk->tbk", xs, params.w_x), ln.gamma_x, ln.beta_x, 3, eps) + params.b_x
   h0 = jnp.zeros((b, hsz), xs.dtype) if h0 is None else h0.astype(xs.dtype)  # as `gru` does
   mask_tm = None if mask is None else mask.astype(bool).T

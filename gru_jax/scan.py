@@ -522,6 +522,10 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
     h0 = cell_lib.vary(jnp.zeros((b, params.hidden_size), state_dtype), axes)
   h0 = h0.astype(state_dtype)
   mask = None if mask is None else mask.astype(bool)
+  if mask is not None:
+    # A masked step's input is never used, but the weight gradient multiplies it
+    # by a zero cotangent, so NaN or inf padding would make every gradient NaN.
+    xs = jnp.where(mask[..., None], xs, jnp.zeros((), xs.dtype))
   rs = None
   if resets is not None and t > 0:
     rs = effective_resets(resets.astype(bool), mask, reverse=bool(reverse),

@@ -431,9 +431,36 @@ def test_params_of_the_wrong_rank_are_named():
     gru_jax.gru(p._replace(b_h=jnp.ones((1, 12))), jnp.ones((2, 5, 3)))
 
 
-def test_gates_at_masked_steps_come_from_the_carried_state_and_padding_input():
+@pytest.mark.parametrize("backend", ["xla", "pallas", "scan", "layer_norm"])
+def test_nan_padding_does_not_reach_outputs_or_gradients(backend):
+  """NaN and inf at masked steps: outputs and gradients equal those with zero
+  padding (they were all NaN: the weight gradient multiplied the padding by a
+  zero cotangent), against the float64 reference's outputs."""
+  from gru_jax import layernorm
+  p = random_params(jax.random.key(33), 3, 4)
+  ln = layernorm.init_ln(4)
+  xs = jax.random.normal(jax.random.key(34), (2, 5, 3))
+  mask = jnp.arange(5)[None] < jnp.array([5, 3])[:, None]
+  bad = jnp.where(mask[..., None], xs, jnp.array([jnp.nan, jnp.inf, -jnp.inf]))
+  good = jnp.where(mask[..., None], xs, 0.0)
+  if backend == "layer_norm":
+    run = lambda p, x: layernorm.ln_gru(p, ln, x, mask=mask)
+  else:
+    run = lambda p, x: gru_jax.gru(p, x, mask=mask, backend=backend)
+  loss = lambda p, x: jnp.sum(run(p, x)[1] ** 2) + jnp.sum(run(p, x)[0])
+  got, want = jax.grad(loss, argnums=(0, 1))(p, bad), jax.grad(loss, argnums=(0, 1))(p, good)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+  if backend != "layer_norm":
+    np.testing.assert_allclose(run(p, bad)[1], reference.run(p, good, mask=np.asarray(mask))[1],
+                               atol=2e-5)
+
+
+def test_gates_at_masked_steps_come_from_the_carried_state_and_a_zero_input():
   """What the README says of return_gates with a mask: at a masked step the gates are the
-  cell's on the carried state and that step's input (not zeros), while hs is zero there."""
+  cell's on the carried state and a zero input (padding is never read), while hs is zero
+  there."""
   p = random_params(jax.random.key(31), 3, 4)
   rng = np.random.default_rng(32)
   xs = rng.normal(size=(2, 6, 3)).astype(np.float32)
@@ -442,7 +469,7 @@ def test_gates_at_masked_steps_come_from_the_carried_state_and_padding_input():
   ref_last, ref_hs = reference.run(p, xs, mask=mask)
   for t in np.flatnonzero(~mask[0]):
     carried = ref_hs[0, np.flatnonzero(mask[0, :t])[-1]]  # state after the last valid step
-    _, z, r, cand = reference.step(p, carried, xs[0, t].astype(np.float64))
+    _, z, r, cand = reference.step(p, carried, np.zeros(3))
     np.testing.assert_allclose(g.z[0, t], z, atol=1e-5)
     np.testing.assert_allclose(g.r[0, t], r, atol=1e-5)
     np.testing.assert_allclose(g.candidate[0, t], cand, atol=1e-5)
