@@ -269,13 +269,22 @@ def blend(h: Array, g: Gates) -> Array:
   return h + g.z * (g.candidate - h)
 
 
+def not_float_hint(dtype) -> str:
+  """What to do about a non-floating input dtype, for error messages."""
+  if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+    return "; embed integer tokens first"
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return "; the GRU is real-valued: pass real and imaginary parts as features"
+  return ""
+
+
 def _check_step_args(params: GRUParams, h: Array, x: Array) -> None:
   # The projection runs in x's dtype and the recurrent matmul accumulates in h's,
   # so an integer x or h would truncate the weights (or the sums) to integers.
   for name, a in (("x", x), ("h", h)):
     if not jnp.issubdtype(a.dtype, jnp.floating):
       raise ValueError(f"{name} must be floating point, got dtype {a.dtype} (shape {a.shape})"
-                       + ("; embed integer tokens first" if name == "x" else ""))
+                       + (not_float_hint(a.dtype) if name == "x" else ""))
   if x.shape[-1] != params.input_size:
     raise ValueError(f"x has feature size {x.shape[-1]} (shape {x.shape}) but params expect "
                      f"input_size={params.input_size} (w_x {params.w_x.shape})")

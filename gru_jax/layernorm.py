@@ -59,8 +59,8 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
   cell_lib.check_variant(variant)
   xs, h0, mask, resets = (None if a is None else jnp.asarray(a) for a in (xs, h0, mask, resets))
   if not jnp.issubdtype(xs.dtype, jnp.floating):
-    raise ValueError(f"xs must be floating point, got {xs.dtype} (shape {xs.shape}); "
-                     "embed integer tokens first")
+    raise ValueError(f"xs must be floating point, got {xs.dtype} (shape {xs.shape})"
+                     + cell_lib.not_float_hint(xs.dtype))
   if xs.ndim != 3 or xs.shape[-1] != params.input_size:
     raise ValueError(f"xs must be [B,T,D] with D={params.input_size} (w_x {params.w_x.shape}), "
                      f"got shape {xs.shape}")

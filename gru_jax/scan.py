@@ -63,8 +63,8 @@ def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dro
   if getattr(xs, "ndim", None) != 3:
     raise ValueError(f"xs must have rank 3 {layout}, got shape {getattr(xs, 'shape', None)}")
   if not jnp.issubdtype(xs.dtype, jnp.floating):
-    raise ValueError(f"xs must be floating point, got dtype {xs.dtype} (shape {xs.shape}); "
-                     "embed integer tokens first")
+    raise ValueError(f"xs must be floating point, got dtype {xs.dtype} (shape {xs.shape})"
+                     + cell_lib.not_float_hint(xs.dtype))
   if xs.shape[-1] != d:
     raise ValueError(f"xs {layout} has feature size D={xs.shape[-1]} (shape {xs.shape}) but "
                      f"params.w_x has shape {params.w_x.shape} (input_size={d})")
@@ -495,7 +495,11 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
   unroll = cell_lib.check_unroll(unroll)
   remat_chunk = None if remat_chunk is None else operator.index(remat_chunk)
   state_dtype = xs.dtype
-  compute_dtype = jnp.dtype(compute_dtype or state_dtype)
+  try:
+    compute_dtype = jnp.dtype(compute_dtype or state_dtype)
+  except TypeError as e:
+    raise ValueError(f"compute_dtype must be a floating-point dtype (e.g. jnp.bfloat16), got "
+                     f"{compute_dtype!r}") from e
   if not jnp.issubdtype(compute_dtype, jnp.floating):
     raise ValueError(f"compute_dtype must be a floating-point dtype (e.g. jnp.bfloat16), got "
                      f"{compute_dtype}")

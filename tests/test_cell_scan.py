@@ -322,6 +322,8 @@ def _p():
     (dict(unroll=True, backend="scan"), r"unroll must be an int >= 1, got True"),
     (dict(backend="cudnn"), r"backend must be one of"),
     (dict(compute_dtype=jnp.int32), r"compute_dtype must be a floating-point dtype \(e.g. jnp.bfloat16\), got int32"),
+    (dict(compute_dtype="float33"), r"compute_dtype must be a floating-point dtype .*got 'float33'"),
+    (dict(xs=jnp.ones((2, 5, 3), jnp.complex64)), r"got dtype complex64 .*real-valued"),
 ])
 def test_bad_input_errors_name_argument_and_shapes(kwargs, match):
   args = dict(xs=jnp.ones((2, 5, 3)))
