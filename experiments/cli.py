@@ -2,7 +2,11 @@
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+# Flags this module defines for a caller (define_config) are the caller's: --help lists them.
+flags.disclaim_key_flags()
+_CONFIG_FLAGS = []
 
 
 def _fail(message: str, code: int):
@@ -30,14 +34,31 @@ def define_config(name: str, default: str, help_text: str):
   flag is defined (it reads the overrides from sys.argv) or, with --config given, while the
   flags are parsed (`parse_flags`)."""
   from ml_collections import config_flags
+  _CONFIG_FLAGS.append(name)
   try:
     return config_flags.DEFINE_config_file(name, default, help_text, lock_config=True)
   except (AttributeError, KeyError) as e:
     _unknown_key(e, sys.argv)
 
 
+def _check_config_files(argv):
+  """`error: config file X not found` rather than ml_collections' four lines, later."""
+  for name in _CONFIG_FLAGS:
+    for i, arg in enumerate(argv[1:], 1):
+      if arg.startswith(f"--{name}="):
+        path = arg.split("=", 1)[1]
+      elif arg == f"--{name}" and i + 1 < len(argv):
+        path = argv[i + 1]
+      else:
+        continue
+      # ml_collections reads "file.py:args" as the file and an argument for its get_config.
+      if path and not os.path.exists(path) and not os.path.exists(path.split(":")[0]):
+        _fail(f"config file {path} not found", 1)
+
+
 def parse_flags(argv):
   """absl's flag parsing, with its errors (and unknown config keys) as one line."""
+  _check_config_files(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -49,18 +70,24 @@ def parse_flags(argv):
 
 
 def run(main):
-  """app.run(main) with parse_flags, and a ValueError, OSError or TrainingError from main
-  (bad input, an unreadable config file) as one line; GRU_JAX_TRACEBACK=1 shows the
-  traceback."""
+  """app.run(main) with parse_flags, and a ValueError, OSError, TrainingError or
+  DataUnavailableError from main (bad input, an unreadable config file, a dataset that cannot
+  be downloaded) printed once, as one `error:` line; Ctrl-C outside the training loop (which
+  checkpoints first) exits 130 with one line.  GRU_JAX_TRACEBACK=1 shows the traceback."""
   def wrapped(argv):
     try:
       main(argv)
+    except KeyboardInterrupt:
+      if os.environ.get("GRU_JAX_TRACEBACK"):
+        raise
+      _fail("interrupted (SIGINT)", 130)
     except Exception as e:  # noqa: BLE001 - re-raised below unless it is the user's input
       # TrainingError only exists once gru_jax.train is imported; no need to import it here.
       train = sys.modules.get("gru_jax.train")
-      mine = (ValueError, OSError) + ((train.TrainingError,) if train else ())
+      data = sys.modules.get("gru_jax.data.base")
+      mine = ((ValueError, OSError) + ((train.TrainingError,) if train else ())
+              + ((data.DataUnavailableError,) if data else ()))
       if not isinstance(e, mine) or os.environ.get("GRU_JAX_TRACEBACK"):
         raise
-      logging.error("%s", e)
       _fail(str(e), 1)
   app.run(wrapped, flags_parser=parse_flags)

@@ -21,11 +21,29 @@ flags.DEFINE_integer("seed", 0, "Sampling seed (lm).")
 FLAGS = flags.FLAGS
 
 
+def check_flags(workdir: str, prompt: str, length: int, temperature: float) -> None:
+  """One-line errors for bad flags, before the (slow) restore of the checkpoint."""
+  import math
+  import os
+  if not os.path.exists(workdir):
+    raise ValueError(f"--workdir {workdir} does not exist")
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is not a directory")
+  if not prompt:
+    raise ValueError("--prompt must not be empty (the model continues or translates it)")
+  if length < 0:
+    raise ValueError(f"--length must be >= 0, got {length}")
+  if not (temperature > 0 and math.isfinite(temperature)):
+    raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
+
+
 def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed: int) -> str:
   import jax
   import jax.numpy as jnp
+  from absl import logging
   from gru_jax import models, train
 
+  check_flags(workdir, prompt, length, temperature)
   _, model, variables, info = train.restore_for_inference(workdir)
   vocab = info.extras.get("vocab")
   if model.task == "seq2seq":
@@ -34,6 +52,11 @@ def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed
     raise ValueError(f"{workdir} holds a {model.task!r} model on {info.name}, not a character "
                      "LM or a sequence-to-sequence model")
   index = {c: i for i, c in enumerate(vocab)}
+  unknown = sorted({c for c in prompt if c not in index})
+  if unknown:
+    logging.warning("the prompt's characters %s are not in the model's vocabulary (%d "
+                    "characters); the model reads each as the unknown character", unknown,
+                    len(vocab))
   ids = jnp.array([index.get(c, info.extras.get("unk_id", 0)) for c in prompt], jnp.int32)
   out = models.sample_lm(model, variables, ids, length, jax.random.key(seed),
                          temperature=temperature)
@@ -68,6 +91,7 @@ def translate(model, variables, info, source: str) -> str:
 
 def main(argv):
   del argv
+  check_flags(FLAGS.workdir, FLAGS.prompt, FLAGS.length, FLAGS.temperature)
   print(sample_text(FLAGS.workdir, FLAGS.prompt, FLAGS.length, FLAGS.temperature, FLAGS.seed))
 
 

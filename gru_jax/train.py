@@ -482,13 +482,16 @@ def _restore(mngr, template: TrainState, sharding) -> TrainState:
 def restore_for_inference(workdir: str):
   """(config, model, variables, info) of the latest checkpoint in a training workdir.
 
-  The config is the one the run saved in ``<workdir>/config.json``.
+  The config is the one the run last ran with (`stored_config`: the last line of
+  ``<workdir>/config_history.jsonl``, else ``<workdir>/config.json``).
   """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} does not exist" if not os.path.exists(workdir) else
+                     f"workdir {workdir} is not a directory")
+  stored = stored_config(workdir)
+  if stored is None:
     raise ValueError(f"{workdir} holds no config.json: is it a gru_jax training workdir?")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(stored)
   ds_opts = {k: v for k, v in config.dataset.to_dict().items() if k != "name"}
   arrays, info = data_lib.load(config.dataset.name, "train", **ds_opts)
   model = create_model(config, info)
@@ -510,51 +513,190 @@ def _dataset_identity(options: dict | None) -> dict | None:
   return {k: v for k, v in full.items() if k != "data_dir"}
 
 
-def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict):
-  """Refuses to resume a workdir written by a different model or dataset."""
+# Model keys that choose how the network is computed, not what it computes (its weights and
+# outputs are the same): a resumed run may change them like any training setting.
+IMPLEMENTATION_KEYS = ("backend", "unroll")
+
+
+def _flat(d: dict | None, prefix: str = "config.") -> dict:
+  """{"config.model.dropout": 0.5, ...}: nested dicts flattened to dotted keys, JSON values."""
+  out = {}
+  for k, v in (d or {}).items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = json.loads(json.dumps(v))
+  return out
+
+
+_ABSENT = "<absent>"
+
+
+def _differences(old: dict, new: dict) -> dict:
+  """{key: (old value, new value)} over the flattened keys of two configs."""
+  return {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
+          if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
+
+
+def _describe(diff: dict) -> str:
+  return ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+
+
+def stored_config(workdir: str) -> dict | None:
+  """The config a workdir's run last ran with (the last line of config_history.jsonl, else
+  config.json), as a dict; None if it holds neither."""
+  history = os.path.join(workdir, "config_history.jsonl")
+  if os.path.exists(history):
+    with open(history) as f:
+      lines = [l for l in f if l.strip()]
+    for line in reversed(lines):
+      try:
+        return json.loads(line)["config"]
+      except (json.JSONDecodeError, KeyError):  # a torn last line: the one before it
+        continue
   path = os.path.join(workdir, "config.json")
-  fingerprint = {"model": config.model.to_dict(),
-                 "dataset": _dataset_identity(config.dataset.to_dict())}
   if os.path.exists(path):
     with open(path) as f:
-      old = json.load(f)
-    old_fp = {"model": old.get("model"), "dataset": _dataset_identity(old.get("dataset"))}
-    if json.loads(json.dumps(old_fp)) != json.loads(json.dumps(fingerprint)):
-      diff = [k for k in ("model", "dataset") if old_fp[k] != json.loads(json.dumps(fingerprint[k]))]
-      raise TrainingError(f"workdir {workdir} holds a run with a different {' and '.join(diff)} "
-                          f"config ({path}); use a fresh --workdir or the same config")
+      return json.load(f)
+  return None
 
 
-def _write_config(workdir: str, config: ml_collections.ConfigDict):
-  """<workdir>/config.json, written once the workdir is known to accept this config."""
+def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """Refuses to resume a workdir written by a different model or dataset, naming each key
+  that differs; returns the other keys that differ ({key: (stored, now)}), for a warning."""
+  old = stored_config(workdir)
+  if old is None:
+    return {}
+  new = config.to_dict()
+  def identity(c):
+    model = {k: v for k, v in (c.get("model") or {}).items() if k not in IMPLEMENTATION_KEYS}
+    return {**_flat(model, "config.model."),
+            **_flat(_dataset_identity(c.get("dataset")), "config.dataset.")}
+  refused = _differences(identity(old), identity(new))
+  if refused:
+    what = " and ".join(w for w in ("model", "dataset")
+                        if any(k.startswith(f"config.{w}.") for k in refused))
+    raise TrainingError(f"workdir {workdir} holds a run with a different {what} config: "
+                        f"{_describe(refused)}; use a fresh --workdir or the same config")
+  return _differences(_flat(old), _flat(new))
+
+
+def _record_config(workdir: str, config: ml_collections.ConfigDict, start: int,
+                   changed: dict):
+  """config.json is the config the run started with: written when no checkpoint exists,
+  kept as it is on resume.  config_history.jsonl gets a line per start,
+  {"start_step", "changed", "config"}, so every step's settings stay on record."""
+  if jax.process_index() != 0:
+    return
   path = os.path.join(workdir, "config.json")
-  if jax.process_index() == 0:
+  history = os.path.join(workdir, "config_history.jsonl")
+  if start == 0 or not os.path.exists(path):
     with open(path + ".tmp", "w") as f:  # atomic: other processes may be reading it
       f.write(config.to_json(indent=2))
     os.replace(path + ".tmp", path)
+  rec = {"start_step": start, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+         "changed": {k: {"was": a, "now": b} for k, (a, b) in changed.items()},
+         "config": json.loads(config.to_json())}
+  mode = "w" if start == 0 else "a"  # a fresh start: the history of an unfinished attempt goes
+  with open(history, mode) as f:
+    f.write(json.dumps(rec) + "\n")
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag checked between steps, so a checkpoint is written first."""
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag checked between steps, so a checkpoint is
+  written first; the run then exits with 128 + the signal's number (143, 130).  A second
+  Ctrl-C interrupts at once (KeyboardInterrupt), without the checkpoint."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._old = None
+    self.signum = None
+    self._old = {}
 
   def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._old = None
+    for sig in self.SIGNALS:
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.signum).name
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + int(self.signum)
+
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
     self.requested = True
+    self.signum = self.signum or signum
+    if signum == signal.SIGINT:
+      logging.warning("SIGINT: checkpointing after this step (Ctrl-C again to stop at once)")
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+class _Progress:
+  """Steps per second of training alone, for the progress line's rate and ETA: the first
+  step (it compiles) and the time spent evaluating and checkpointing are left out."""
+
+  def __init__(self, clock: Callable[[], float] = time.monotonic):
+    self.clock = clock
+    self.steps, self.seconds = 0, 0.0
+    self._since = None  # (clock, step) while timing
+    self._stopped = None  # clock when timing paused
+    self.pauses = []  # seconds of each evaluation/checkpoint pause
+
+  def restart(self, step: int):
+    """Timing (re)starts at ``step``, with its work done (e.g. after an evaluation)."""
+    now = self.clock()
+    if self._stopped is not None:
+      self.pauses.append(now - self._stopped)
+      self._stopped = None
+    self._since = (now, step)
+
+  def stop(self, step: int):
+    """Timing pauses at ``step``, with its work done (e.g. before an evaluation)."""
+    if self._since is not None:
+      t, s = self._since
+      self.seconds += self.clock() - t
+      self.steps += step - s
+      self._since = None
+      self._stopped = self.clock()
+
+  def rate(self, step: int) -> float | None:
+    """Steps per second timed so far (to ``step``, done), or None before any was timed."""
+    steps, seconds = self.steps, self.seconds
+    if self._since is not None:
+      t, s = self._since
+      steps, seconds = steps + step - s, seconds + self.clock() - t
+    return steps / seconds if steps > 0 and seconds > 0 else None
+
+  def eta(self, step: int, total: int, pauses_left: int) -> float | None:
+    """Seconds to ``total``: the steps left at `rate`, plus ``pauses_left`` evaluations or
+    checkpoints at the mean of those timed after the first (which compiles)."""
+    rate = self.rate(step)
+    if rate is None:
+      return None
+    later = self.pauses[1:]
+    return (total - step) / rate + (pauses_left * sum(later) / len(later) if later else 0.0)
+
+
+def _pauses_between(step: int, total: int, eval_every: int, ckpt_every: int) -> int:
+  """Steps in (step, total] that evaluate or checkpoint (multiples of either, and the last)."""
+  def count(n):  # multiples of eval_every or ckpt_every in [1, n]
+    return n // eval_every + n // ckpt_every - n // math.lcm(eval_every, ckpt_every)
+  n = count(total) - count(step)
+  last = total > step and (total % eval_every == 0 or total % ckpt_every == 0)
+  return n + (0 if last or total <= step else 1)
 
 
 def _fmt_time(s: float) -> str:
@@ -641,7 +783,18 @@ class _TrainData:
 
 _COUNTS = {"batch_size": 1, "log_every_steps": 1, "num_epochs": 0, "num_train_steps": 0,
            "eval_every_steps": 0, "checkpoint_every_steps": 0, "eval_batch_size": 0,
-           "bn_recalibrate_batches": 0, "remat": 0, "trim_to_multiple": 0, "data_shards": 0}
+           "bn_recalibrate_batches": 0, "remat": 0, "trim_to_multiple": 0, "data_shards": 0,
+           "seed": 0}
+_RATES = ("dropout", "recurrent_dropout", "input_dropout")  # config.model keys, in [0, 1)
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _one_of(key: str, value, choices):
+  if value not in choices:
+    raise ValueError(f"{key} must be one of {tuple(choices)}, got {value!r}")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -662,6 +815,48 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in sizes)):
     raise ValueError(f"config.model.hidden_sizes must be a non-empty tuple of ints >= 1, "
                      f"e.g. '(128,)', got {sizes!r}")
+  lr = config.get("learning_rate")
+  # lr <= 0 trains by gradient ascent (or not at all); NaN fails the comparison too.
+  if not _is_number(lr) or not lr > 0:
+    raise ValueError(f"config.learning_rate must be > 0, got {lr!r}")
+  m = config.model
+  for key in _RATES:
+    if key in m and (not _is_number(m[key]) or not 0 <= m[key] < 1):
+      # A negative rate silently meant no dropout; 1 or more drops everything.
+      raise ValueError(f"config.model.{key} must be in [0, 1), got {m[key]!r}")
+  from gru_jax import cell, scan  # pylint: disable=import-outside-toplevel
+  _one_of("config.model.variant", m.variant, cell.VARIANTS)
+  _one_of("config.model.backend", m.backend, scan.BACKENDS)
+  if "unroll" in m:
+    data_lib.base.check_int("config.model.unroll", m.unroll, 1)
+  _one_of("config.parallel", config.parallel, PARALLEL_MODES)
+  if config.get("class_weights") not in ("", None, "balanced"):
+    raise ValueError(f"config.class_weights must be '' or 'balanced', got "
+                     f"{config.class_weights!r}")
+  o = config.optimizer
+  _one_of("config.optimizer.name", o.name, ("adam", "adamw"))
+  _one_of("config.optimizer.schedule", o.schedule, ("constant", "warmup_cosine"))
+  if not _is_number(o.clip_norm) or not o.clip_norm >= 0:
+    raise ValueError(f"config.optimizer.clip_norm must be a number >= 0 (0: no clipping), "
+                     f"got {o.clip_norm!r}")
+  if o.schedule == "warmup_cosine":
+    data_lib.base.check_int("config.optimizer.warmup_steps", o.warmup_steps, 0)
+    if config.num_train_steps:
+      _check_warmup(config, config.num_train_steps)
+
+
+def _check_warmup(config: ml_collections.ConfigDict, total_steps: int):
+  o = config.optimizer
+  # (A run with no steps only evaluates: its schedule does not matter.)
+  if o.schedule == "warmup_cosine" and o.warmup_steps > total_steps > 0:
+    raise ValueError(f"config.optimizer.warmup_steps={o.warmup_steps} exceeds the run's "
+                     f"{total_steps} training steps (the learning rate would never reach "
+                     "config.learning_rate)")
+
+
+def _check_workdir_path(workdir: str):
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file, not a directory")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -670,7 +865,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the final metrics per split, e.g. ``{"validation": {...}, "test": {...}}``.
   """
   check_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  _check_workdir_path(workdir)
+  changed = _check_workdir_config(workdir, config)  # refuses another model before loading
   runtime = make_runtime(config.parallel)
   runtime.check_batch(config.batch_size, "config.batch_size")
   eval_bs = config.eval_batch_size or config.batch_size
@@ -684,6 +880,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = info or train_data.info
   steps_per_epoch = train_data.steps_per_epoch
   total_steps = config.num_train_steps or steps_per_epoch * config.num_epochs
+  _check_warmup(config, total_steps)
   eval_every = config.eval_every_steps or steps_per_epoch
   ckpt_every = config.checkpoint_every_steps or eval_every
 
@@ -706,13 +903,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init_rng, train_rng = jax.random.split(rng)
   state = init_state(model, tx, init_rng, train_data.first_batch())
 
-  _check_workdir_config(workdir, config)
+  # Created only now, with the data loaded: a run that cannot start leaves no empty workdir.
+  os.makedirs(workdir, exist_ok=True)
   mngr = _checkpoint_manager(workdir)
   if mngr.latest_step() is not None:
     state = _restore(mngr, state, runtime.replicated)
     logging.info("Resumed from %s at step %d", mngr.directory, int(state.step))
-  _write_config(workdir, config)
   start = int(state.step)
+  if start and changed:
+    logging.warning("resuming %s at step %d with settings that differ from its last run's: %s "
+                    "(each start's config is in %s)", workdir, start, _describe(changed),
+                    os.path.join(workdir, "config_history.jsonl"))
+  if start > total_steps:
+    asked = (f"config.num_train_steps={config.num_train_steps}" if config.num_train_steps else
+             f"config.num_epochs={config.num_epochs} ({total_steps} steps)")
+    logging.warning("%s is below step %d, which %s has already reached: no training, only an "
+                    "evaluation of its checkpoint", asked, start, workdir)
+  _record_config(workdir, config, start, changed if start else {})
   # Without a checkpoint nothing logged before belongs to this run (a rerun of a run with no
   # steps logged its evaluation a second time): start the log afresh.
   writer = MetricsWriter(workdir, start if mngr.latest_step() is not None else -1)
@@ -743,7 +950,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return dstate, results
 
   results = {}
-  t0, last_log = time.time(), start
+  progress = _Progress()
   step = start
   # Every step's (loss, parameter norm), left on device until the next check, so that a
   # divergence is reported at the step where it happened, not at the next log or save.
@@ -754,6 +961,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for batch in train_data.batches(epoch, offset, config.seed):
         dstate, m = p_train(dstate, runtime.put_batch(batch), train_rng)
         step += 1
+        if step == start + 1:  # the first step compiles: the rate starts after it
+          jax.block_until_ready(m["loss"])
+          progress.restart(step)
         unchecked.append((step, m["loss"], m["param_norm"]))
         log_now = step % config.log_every_steps == 0 or step == total_steps
         save_now = step % ckpt_every == 0 or step == total_steps or preempt.requested
@@ -770,23 +980,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   "learning_rate or optimizer.clip_norm")
           unchecked.clear()
         if log_now:
-          rate = (step - last_log) / max(time.time() - t0, 1e-9)
-          t0, last_log = time.time(), step
-          logging.info("step %d/%d epoch %d loss %.4f %.1f steps/s ETA %s", step, total_steps,
-                       epoch, loss, rate, _fmt_time((total_steps - step) / max(rate, 1e-9)))
+          rate = progress.rate(step)
+          eta = progress.eta(step, total_steps,
+                             _pauses_between(step, total_steps, eval_every, ckpt_every))
+          logging.info("step %d/%d epoch %d loss %.4f%s", step, total_steps, epoch, loss,
+                       "" if rate is None else f" {rate:.1f} steps/s ETA {_fmt_time(eta)}")
           writer.write(step, "train", {"loss": loss,
                                        "grad_norm": float(runtime.scalar(m["grad_norm"]))})
-        if step % eval_every == 0 or step == total_steps:
+        eval_now = step % eval_every == 0 or step == total_steps
+        if eval_now or save_now:  # not training time: out of the rate
+          jax.block_until_ready(m["loss"])
+          progress.stop(step)
+        if eval_now:
           dstate, results = run_eval(step, dstate)
         if save_now:
           _save(mngr, step, runtime.host_state(dstate))
           logging.info("checkpoint saved at step %d", step)
+        if eval_now or save_now:
+          progress.restart(step)
         if step == config.get("debug_kill_at_step", 0):
           os.kill(os.getpid(), signal.SIGKILL)  # fault injection for crash-recovery tests
         if preempt.requested:
           mngr.wait_until_finished()
-          logging.warning("SIGTERM: checkpoint written at step %d; exiting", step)
-          raise SystemExit(143)
+          logging.warning("%s: checkpoint written at step %d; exiting", preempt.name, step)
+          raise SystemExit(preempt.exit_code)
         if step >= total_steps:
           break
   mngr.wait_until_finished()

@@ -3,13 +3,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small, fast variant of the default digits run.
 FAST = ["--config.model.hidden_sizes=(16,16)", "--config.num_train_steps=24",
         "--config.eval_every_steps=8", "--config.checkpoint_every_steps=8",
         "--config.log_every_steps=1", "--config.bn_recalibrate_batches=2",
-        "--config.batch_size=32"]
+        "--config.batch_size=32",
+        # digits warms up for 50 steps; a warmup longer than the run is refused.
+        "--config.optimizer.warmup_steps=1"]
 # JAX's own persistent compilation cache, shared by every test and training
 # subprocess: a FAST run spends about 10 of its 20 s compiling the same train and
 # eval steps.  No size limit: a limit turns on LRU eviction, which rereads every
@@ -59,3 +62,14 @@ def restore_params(workdir, step=None):
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
                           ckptr.metadata(path).item_metadata.tree)
   return ckptr.restore(path, abstract)
+
+
+def signal_after_a_checkpoint(workdir, signum, *overrides):
+  """A long FAST run, sent ``signum`` once it has written a checkpoint: (returncode, output)."""
+  proc = run_train(workdir, *FAST, "--config.num_train_steps=2000", *overrides, wait=False)
+  deadline = time.time() + 240
+  while not checkpoint_steps(workdir) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.2)
+  proc.send_signal(signum)
+  out, _ = proc.communicate(timeout=120)
+  return proc.returncode, out

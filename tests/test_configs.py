@@ -54,6 +54,7 @@ def test_config_trains_a_few_steps(name, tmp_path, request):
   assert set(c.dataset) == {"name"} | set(data.options(c.dataset.name))
   c.num_train_steps = 3
   c.eval_every_steps = 3
+  c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 3)  # longer than the run: refused
   c.batch_size = 8
   c.bn_recalibrate_batches = min(c.bn_recalibrate_batches, 1)
   c.model.hidden_sizes = tuple(8 for _ in c.model.hidden_sizes)
@@ -73,7 +74,7 @@ def test_config_trains_a_few_steps(name, tmp_path, request):
     assert ("rmse" in results[split]) == (c.dataset.name in ("adding", "sunspots"))
 
 
-def test_shakespeare_train_then_sample(tmp_path):
+def test_shakespeare_train_then_sample(tmp_path, caplog):
   """The LM path end to end: train on mocked text, then sample from the workdir."""
   import tensorflow_datasets as tfds
   from experiments import sample
@@ -87,6 +88,14 @@ def test_shakespeare_train_then_sample(tmp_path):
     text = sample.sample_text(str(tmp_path / "wd"), "ab", 15, 1.0, 0)
   assert text.startswith("ab") and len(text) == 17
   assert set(text[2:]) <= set(info.extras["vocab"])
+  # Prompt characters outside the vocabulary are named (the model reads them as unknown).
+  odd = "\u2603\u2604"
+  assert not set(odd) & set(info.extras["vocab"])
+  with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path / "meta")):
+    with caplog.at_level("WARNING"):
+      sample.sample_text(str(tmp_path / "wd"), "a" + odd, 3, 1.0, 0)
+  warned = [r.getMessage() for r in caplog.records if "not in the model's vocabulary" in r.getMessage()]
+  assert len(warned) == 1 and repr(sorted(odd)) in warned[0]
   with pytest.raises(ValueError, match="no config.json"):
     train.restore_for_inference(str(tmp_path))
 

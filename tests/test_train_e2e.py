@@ -1,14 +1,14 @@
 """The experiment entrypoint end to end: resume after SIGKILL/SIGTERM, errors, parallel modes."""
 import os
 import signal
-import time
 
 import chex
 import jax
 import numpy as np
 import pytest
 
-from tests.e2e_util import FAST, checkpoint_steps, metrics, restore_params, run_train
+from tests.e2e_util import (FAST, checkpoint_steps, metrics, restore_params, run_train,
+                            signal_after_a_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +61,8 @@ def test_sigkill_then_resume_equals_uninterrupted(reference_run, tmp_path):
 def test_sigterm_checkpoints_then_resume_equals_uninterrupted(reference_run, tmp_path):
   ref_wd, _ = reference_run
   wd = str(tmp_path)
-  proc = run_train(wd, *FAST, "--config.num_train_steps=2000", wait=False)
-  deadline = time.time() + 240
-  while not checkpoint_steps(wd) and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 143, out
+  rc, out = signal_after_a_checkpoint(wd, signal.SIGTERM)
+  assert rc == 143, out
   stopped = max(checkpoint_steps(wd))
   assert 8 <= stopped < 2000 and "SIGTERM" in out
   # Finish with the reference's step budget: only resumable if stopped before 24.

@@ -194,6 +194,7 @@ def _tiny_digits(steps=2):
   c.num_train_steps, c.eval_every_steps, c.batch_size = steps, steps, 16
   c.model.hidden_sizes = (8, 8)
   c.bn_recalibrate_batches = 1
+  c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, steps)  # longer is refused
   return c
 
 

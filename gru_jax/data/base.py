@@ -19,6 +19,10 @@ DATA_DIR_ENV = "GRU_JAX_DATA_DIR"
 UNK_CHAR = "\ufffd"  # id 0 of a character vocabulary: characters not seen in training
 
 
+class DataUnavailableError(RuntimeError):
+  """A public dataset is not prepared under its data_dir and cannot be downloaded now."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What a model and trainer need to know about a loaded dataset.

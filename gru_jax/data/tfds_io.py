@@ -1,28 +1,62 @@
 """Preparing TFDS builders and reading a whole split into NumPy arrays."""
 from __future__ import annotations
 
+import inspect
+import socket
+
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gru_jax.data.base import DataUnavailableError
 from gru_jax.data.pipeline import shard_bounds
 
 # Rows per tf.data batch while reading; any size works, this one keeps few Python steps.
 _READ_CHUNK = 8192
 
 
-def prepare(builder, *, local: bool):
-  """Runs `download_and_prepare` once per data_dir; local builders never touch the network."""
+# The real `download_and_prepare`, to tell it from tfds.testing.mock_data's stand-in (which
+# needs no network).
+# (Read with getattr_static: the attribute is a wrapper that binds anew on each access.)
+_REAL_DOWNLOAD_AND_PREPARE = inspect.getattr_static(tfds.core.DatasetBuilder,
+                                                    "download_and_prepare")
+PROBE_TIMEOUT_S = 10
+
+
+def _unreachable(host: tuple[str, int]) -> str | None:
+  """Why ``(name, port)`` cannot be reached now (a failed DNS lookup fails at once), or None."""
+  try:
+    socket.create_connection(host, timeout=PROBE_TIMEOUT_S).close()
+    return None
+  except OSError as e:
+    return f"{type(e).__name__}: {e}"
+
+
+def prepare(builder, *, local: bool, host: tuple[str, int] | None = None):
+  """Runs `download_and_prepare` once per data_dir; local builders never touch the network.
+
+  A public dataset not yet prepared under its data_dir is downloaded from ``host``
+  ((name, port)); when that host cannot be reached this fails at once, instead of after
+  TFDS's minutes of retries.
+  """
   config = tfds.download.DownloadConfig(try_download_gcs=False) if local else None
+  def unavailable(why):
+    return DataUnavailableError(
+        f"could not prepare TFDS dataset {builder.name!r} in data_dir={str(builder.data_dir_root)!r}: "
+        f"{why}. It needs internet the first time; prepare it on a connected "
+        "machine (tfds build, or gru_jax.data.load there) and point data_dir or "
+        "$GRU_JAX_DATA_DIR at the copy.")
+  if (not local and host is not None and not builder.is_prepared()
+      and inspect.getattr_static(tfds.core.DatasetBuilder, "download_and_prepare")
+      is _REAL_DOWNLOAD_AND_PREPARE):
+    why = _unreachable(host)
+    if why is not None:
+      raise unavailable(f"it is not prepared there and {host[0]} is unreachable ({why})")
   try:
     builder.download_and_prepare(download_config=config)
   except Exception as e:  # noqa: BLE001 -- re-raised with the fix the user needs.
     if local:
       raise
-    raise RuntimeError(
-        f"could not prepare TFDS dataset {builder.name!r} in data_dir={builder.data_dir_root!r}: "
-        f"{type(e).__name__}: {e}. It needs internet the first time; prepare it on a connected "
-        "machine (tfds build, or gru_jax.data.load there) and point data_dir or "
-        "$GRU_JAX_DATA_DIR at the copy.") from e
+    raise unavailable(f"{type(e).__name__}: {e}") from e
   return builder
 
 
