@@ -966,7 +966,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           progress.restart(step)
         unchecked.append((step, m["loss"], m["param_norm"]))
         log_now = step % config.log_every_steps == 0 or step == total_steps
-        save_now = step % ckpt_every == 0 or step == total_steps or preempt.requested
+        # Read once per step: a signal arriving after this step's save is handled with the next
+        # step's (it used to exit claiming a checkpoint at a step it had not saved).
+        stopping = preempt.requested
+        save_now = step % ckpt_every == 0 or step == total_steps or stopping
         if log_now or save_now:  # never checkpoint a diverged state
           for at, step_loss, param_norm in unchecked:
             loss = float(runtime.scalar(step_loss))
@@ -1000,7 +1003,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           progress.restart(step)
         if step == config.get("debug_kill_at_step", 0):
           os.kill(os.getpid(), signal.SIGKILL)  # fault injection for crash-recovery tests
-        if preempt.requested:
+        if stopping:
           mngr.wait_until_finished()
           logging.warning("%s: checkpoint written at step %d; exiting", preempt.name, step)
           raise SystemExit(preempt.exit_code)

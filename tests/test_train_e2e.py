@@ -64,7 +64,8 @@ def test_sigterm_checkpoints_then_resume_equals_uninterrupted(reference_run, tmp
   rc, out = signal_after_a_checkpoint(wd, signal.SIGTERM)
   assert rc == 143, out
   stopped = max(checkpoint_steps(wd))
-  assert 8 <= stopped < 2000 and "SIGTERM" in out
+  assert 8 <= stopped < 2000
+  assert f"SIGTERM: checkpoint written at step {stopped}; exiting" in out, out
   # Finish with the reference's step budget: only resumable if stopped before 24.
   if stopped < 24:
     r = run_train(wd, *FAST)
