@@ -76,6 +76,11 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
       raise ValueError(f"ln.{name} must have shape [3H]=({3 * hsz},), got {v.shape}")
   # Run in the inputs' dtype, as `gru` does: weights of another dtype (float32 on bf16
   # inputs) would promote the new state and break the scan's carry type.
+  # The loop's invariants enter it in float32 (at least) and are cast inside:
+  # JAX sums their gradients over the steps in the dtype they enter with.
+  acc = jnp.promote_types(xs.dtype, jnp.float32)
+  w_h, b_h, gamma_h, beta_h = (jnp.asarray(a).astype(acc) for a in (params.w_h, params.b_h,
+                                                                      ln.gamma_h, ln.beta_h))
   params = GRUParams(*(jnp.asarray(a).astype(xs.dtype) for a in params))
   ln = LNParams(*(jnp.asarray(a).astype(xs.dtype) for a in ln))
   if mask is not None:  # as in `gru`: NaN or inf padding must not reach the gradients
@@ -87,11 +92,6 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
   if resets is not None and t > 0:
     rs_tm = scan_lib.effective_resets(jnp.asarray(resets, bool).T, mask_tm, reverse=reverse,
                                       axis=0)
-  # The loop's invariants enter it in float32 (at least) and are cast inside:
-  # JAX sums their gradients over the steps in the dtype they enter with.
-  acc = jnp.promote_types(xs.dtype, jnp.float32)
-  w_h, b_h, gamma_h, beta_h = (a.astype(acc) for a in (params.w_h, params.b_h, ln.gamma_h,
-                                                        ln.beta_h))
   # Gate-block slices of the weights and LN parameters, taken once outside the loop.
   invariants = (w_h, b_h, gamma_h, beta_h, w_h[:, :2 * hsz], w_h[:, 2 * hsz:],
                 gamma_h[:2 * hsz], gamma_h[2 * hsz:], beta_h[:2 * hsz], beta_h[2 * hsz:])

@@ -421,16 +421,17 @@ def ad_traces() -> tuple[str, ...]:
     return ()
 
 
-def under_forward_mode() -> bool:
+def under_forward_mode(traces: tuple[str, ...] | None = None) -> bool:
   """Whether this call is differentiated forwards (`jax.jvp`, `jax.jacfwd`; `ad_traces`).
 
   JAX cannot run a `jax.custom_vjp` function forwards, so the fused backends
   step aside for the plain scan there.  Not seen (see `ad_traces`): a jvp
   applied from outside to a staged function, and the linear function
   `jax.linearize` returns (traced as reverse mode); those need
-  ``backend="scan"``, or JAX refuses the custom VJP.
+  ``backend="scan"``, or JAX refuses the custom VJP.  ``traces``: `ad_traces`,
+  if the caller has read them already.
   """
-  found = ad_traces()
+  found = ad_traces() if traces is None else traces
   return bool(found) and found[0] == "jvp"
 
 
@@ -513,13 +514,14 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
                          return_gates=return_gates, remat_chunk=remat_chunk,
                          resets=resets is not None, variant=variant,
                          recurrent_dropout=recurrent_dropout_mask is not None)
-  if (not symbolic and (t == 0 or b == 0)) or (impl != "scan" and under_forward_mode()):
+  traces = ad_traces()
+  if (not symbolic and (t == 0 or b == 0)) or (impl != "scan" and under_forward_mode(traces)):
     # T = 0 or B = 0: nothing to fuse (the fused loops need a step and a batch
     # tile).  Forward-mode AD: the fused paths are custom VJPs, which it cannot run.
     impl = "scan"
   elif impl == "pallas" and axes:
     impl = "xla"  # pallas_call's outputs would need their shard_map axes spelled out
-  elif impl == "pallas" and len(ad_traces()) > 1:
+  elif impl == "pallas" and len(traces) > 1:
     impl = "xla"  # differentiated twice: the outer AD would differentiate the kernels'
     # pallas_calls, which have no derivatives; the "xla" loops do
   if h0 is None:
