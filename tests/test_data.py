@@ -605,3 +605,69 @@ def test_trimming_keeps_every_valid_step_of_left_padded_and_holey_masks():
   # The last valid step of the batch is step 5: steps 0-5 stay, 6-7 (all padding) go.
   np.testing.assert_array_equal(b["mask"], mask[:, :6])
   np.testing.assert_array_equal(b["inputs"], inputs[:, :6])
+
+
+def test_trimming_keeps_the_valid_steps_of_padding_rows_too():
+  # Padding rows copy examples from the epoch's start; cut to the real rows' last valid
+  # step, a left-padded copy lost every valid step (an empty mask row, which `batches`
+  # promises never to give: a masked mean over it is 0/0).
+  mask = np.zeros((5, 8), bool)
+  for row, end in enumerate([8, 8, 2, 2, 2]):
+    mask[row, end - 1] = True  # one valid step, at the row's end
+  inputs = np.arange(40).reshape(5, 8)
+  last = collect({"inputs": inputs, "mask": mask}, 4, seed=0, epoch=0, shuffle=False,
+                 drop_remainder=False, trim_to_multiple=1)[-1]
+  np.testing.assert_array_equal(last["weight"], [1, 0, 0, 0])
+  rows = [4, 0, 1, 2]  # example 4, then cyclic copies of examples 0, 1, 2
+  t = last["mask"].shape[1]
+  np.testing.assert_array_equal(last["mask"], mask[rows, :t])
+  assert last["mask"].any(axis=1).all()
+  assert mask[rows, t:].sum() == 0  # nothing valid was cut
+
+
+@pytest.mark.parametrize("n,b,p", [(1, 1, 1), (1, 4, 2), (3, 8, 4), (5, 8, 8), (7, 2, 2),
+                                   (17, 6, 3), (0, 4, 2)])
+@pytest.mark.parametrize("bucket", [False, True])
+def test_processes_see_every_example_once_and_resume_anywhere(n, b, p, bucket):
+  """Edge sizes (a batch larger than the split, one example, more processes than
+  examples, an empty split): the processes' real rows over an epoch are range(N), each
+  once; resuming at any batch gives the rest of the uninterrupted run."""
+  arrays = toy(n=n) if n else {k: v[:0] for k, v in toy(n=1).items()}
+  kw = dict(seed=5, epoch=2, shuffle=True, drop_remainder=False, bucket_by_length=bucket,
+            bucket_window=2)
+  runs = [collect(arrays, b, process_index=i, process_count=p, **kw) for i in range(p)]
+  assert all(len(r) == -(-n // b) for r in runs)
+  seen = [x["labels"][x["weight"] == 1] for r in runs for x in r]
+  np.testing.assert_array_equal(np.sort(np.concatenate(seen or [np.zeros(0, int)])),
+                                np.arange(n))
+  for i, r in enumerate(runs):
+    for start in range(len(r) + 1):
+      rest = collect(arrays, b, process_index=i, process_count=p, start_batch=start, **kw)
+      assert len(rest) == len(r) - start
+      for x, y in zip(rest, r[start:]):
+        for key in x:
+          np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_epoch_order_stream_error_names_the_allowed_values():
+  with pytest.raises(ValueError, match=r"stream must be an int >= 0, got -1"):
+    data.epoch_order(4, 2, seed=0, epoch=0, shuffle=True, stream=-1)
+  a = data.epoch_order(50, 5, seed=0, epoch=0, shuffle=True, stream=0)
+  np.testing.assert_array_equal(a, np.random.default_rng([0, 0]).permutation(50))
+  b = data.epoch_order(50, 5, seed=0, epoch=0, shuffle=True, stream=np.int64(2))
+  np.testing.assert_array_equal(b, np.random.default_rng([0, 0, 2]).permutation(50))
+
+
+def test_public_sets_load_when_first_imported_inside_mock_data(tmp_path):
+  # tfds_io used to keep the download_and_prepare it saw at import as "the real one": first
+  # imported inside mock_data, it took the stand-in for TFDS's own, probed the network and
+  # failed offline (this file's mnist test failed when run alone).
+  code = ("import sys, tensorflow_datasets as tfds\n"
+          "from gru_jax import data\n"
+          "assert 'gru_jax.data.tfds_io' not in sys.modules\n"
+          f"with tfds.testing.mock_data(num_examples=6, data_dir={str(tmp_path / 'm')!r}):\n"
+          f"  a, info = data.load('mnist', 'test', data_dir={str(tmp_path / 'd')!r})\n"
+          "print(a['inputs'].shape, info.num_examples['test'])\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.split("\n")[-2] == "(6, 784, 1) 6"

@@ -68,8 +68,8 @@ def epoch_order(num_examples: int, batch_size: int, *, seed: int, epoch: int, sh
   """
   n = check_int("num_examples", num_examples, 0)
   b = check_int("batch_size", batch_size, 1)
-  key = [check_int("seed", seed, 0), check_int("epoch", epoch, 0)]
-  rng = np.random.default_rng(key + ([check_int("stream", stream, 1)] if stream else []))
+  key = [check_int("seed", seed, 0), check_int("epoch", epoch, 0), check_int("stream", stream, 0)]
+  rng = np.random.default_rng(key if key[2] else key[:2])  # stream 0: the unsharded order
   order = rng.permutation(n) if shuffle else np.arange(n)
   if lengths is None:
     return order
@@ -114,7 +114,7 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
     trim_to_multiple: if set, cut the time axis of every array whose leading
       dims equal the mask's [N,T] after the global batch's last valid step,
       rounded up to this multiple (fewer padded steps, few distinct shapes).
-      Any mask pattern keeps all its valid steps.
+      Any mask pattern keeps all its valid steps (padding rows' too).
     stream: selects an independent epoch order (see `epoch_order`).
 
   Yields:
@@ -172,7 +172,9 @@ def _iterate(arrays, order, b, pi, pc, start, total, lengths, timed, multiple):
     out = {}
     keep_t = None
     if multiple is not None:
-      longest = max(int(lengths[idx[:real]].max()), 1)
+      # Over the padding rows too: cut to the real rows' length, a padding row's
+      # mask could end up empty (left padding, holes), which `batches` promises not.
+      longest = max(int(lengths[idx].max()), 1)
       keep_t = -(-longest // multiple) * multiple
     for key, v in arrays.items():
       part = v[idx[rows]]

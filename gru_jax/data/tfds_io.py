@@ -14,12 +14,16 @@ from gru_jax.data.pipeline import shard_bounds
 _READ_CHUNK = 8192
 
 
-# The real `download_and_prepare`, to tell it from tfds.testing.mock_data's stand-in (which
-# needs no network).
-# (Read with getattr_static: the attribute is a wrapper that binds anew on each access.)
-_REAL_DOWNLOAD_AND_PREPARE = inspect.getattr_static(tfds.core.DatasetBuilder,
-                                                    "download_and_prepare")
 PROBE_TIMEOUT_S = 10
+
+
+def _downloads_for_real() -> bool:
+  """Whether `download_and_prepare` is TFDS's own, not tfds.testing.mock_data's stand-in
+  (which needs no network).  Told by the defining module, not by identity with a copy
+  taken at import: this module may first be imported inside a mock_data block."""
+  # getattr_static: the attribute is a wrapper that binds anew on each access.
+  method = inspect.getattr_static(tfds.core.DatasetBuilder, "download_and_prepare")
+  return getattr(method, "__module__", None) == tfds.core.DatasetBuilder.__module__
 
 
 def _unreachable(host: tuple[str, int]) -> str | None:
@@ -45,9 +49,7 @@ def prepare(builder, *, local: bool, host: tuple[str, int] | None = None):
         f"{why}. It needs internet the first time; prepare it on a connected "
         "machine (tfds build, or gru_jax.data.load there) and point data_dir or "
         "$GRU_JAX_DATA_DIR at the copy.")
-  if (not local and host is not None and not builder.is_prepared()
-      and inspect.getattr_static(tfds.core.DatasetBuilder, "download_and_prepare")
-      is _REAL_DOWNLOAD_AND_PREPARE):
+  if not local and host is not None and not builder.is_prepared() and _downloads_for_real():
     why = _unreachable(host)
     if why is not None:
       raise unavailable(f"it is not prepared there and {host[0]} is unreachable ({why})")
