@@ -95,3 +95,34 @@ def test_auto_initialises_only_in_a_multi_task_srun_step_or_tpu_pod(monkeypatch,
   monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
   distributed.initialize("auto")
   assert calls == ([{}] if expected else [])
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(mode="yes"), "mode (--distributed) must be one of ('auto', 'on', 'off'), got 'yes'"),
+    (dict(coordinator_address="localhost", num_processes=2, process_id=0),
+     "--coordinator_address must be HOST:PORT (e.g. localhost:1234), got 'localhost'"),
+    (dict(coordinator_address="localhost:99999", num_processes=2, process_id=0),
+     "got 'localhost:99999'"),
+    (dict(coordinator_address="localhost:1234", num_processes=0, process_id=0),
+     "--num_processes must be an int >= 1, got 0"),
+    (dict(coordinator_address="localhost:1234", num_processes=2, process_id=2),
+     "--process_id must be an int in [0, 2) (--num_processes=2), got 2"),
+    (dict(coordinator_address="localhost:1234", num_processes=2), "must be given together"),
+])
+def test_bad_arguments_fail_before_jax_is_asked(monkeypatch, args, message):
+  # JAX fails on a missing port with an IndexError, and an unknown mode was a silent no-op.
+  from gru_jax import distributed
+  calls = []
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  with pytest.raises(ValueError) as e:
+    distributed.initialize(**args)
+  assert message in str(e.value) and calls == []
+
+
+def test_explicit_arguments_reach_jax(monkeypatch):
+  from gru_jax import distributed
+  calls = []
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  distributed.initialize("off", "[::1]:1234", 2, 1)  # explicit arguments win over the mode
+  distributed.initialize("off")
+  assert calls == [dict(coordinator_address="[::1]:1234", num_processes=2, process_id=1)]
