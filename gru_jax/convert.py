@@ -30,18 +30,22 @@ def _np(a) -> np.ndarray:
   """A torch tensor, Keras variable or JAX/NumPy array as a NumPy array."""
   if hasattr(a, "detach"):  # torch.Tensor: leave the autograd graph and the device
     a = a.detach().cpu()
-    # NumPy has no bfloat16 (torch refuses .numpy()); float32 holds every bf16 value exactly.
-    return a.float().numpy() if str(a.dtype) == "torch.bfloat16" else a.numpy()
+    # torch refuses .numpy() for bfloat16; via float32 (which holds every bf16 value
+    # exactly) to JAX's NumPy bfloat16, so the dtype is kept as float16's is.
+    if str(a.dtype) == "torch.bfloat16":
+      return a.float().numpy().astype(jnp.bfloat16)
+    return a.numpy()
   return np.asarray(a)
 
 
-def _check_shapes(arg: str, got: dict, want: dict) -> None:
+def _check_shapes(arg: str, got: dict, want: dict, hint: str = "",
+                  what: str = "has inconsistent GRU shapes") -> None:
   """Raises ValueError naming ``arg`` and every shape if any got[k] != want[k]."""
   got = {k: tuple(np.shape(a)) for k, a in got.items()}
   if any(got[k] != want[k] for k in want):
-    raise ValueError(f"{arg} has inconsistent GRU shapes: got "
+    raise ValueError(f"{arg} {what}: got "
                      + ", ".join(f"{k} {got[k]}" for k in want) + "; expected "
-                     + ", ".join(f"{k} {want[k]}" for k in want))
+                     + ", ".join(f"{k} {want[k]}" for k in want) + hint)
 
 
 def _params(w_x, w_h, b_x, b_h) -> GRUParams:
@@ -73,7 +77,10 @@ def _from_rzn(arg: str, names, w_ih, w_hh, b_ih, b_hh) -> GRUParams:
   """
   hsz, d = np.shape(w_hh)[-1], np.shape(w_ih)[-1]
   want = ((3 * hsz, d), (3 * hsz, hsz), (3 * hsz,), (3 * hsz,))
-  _check_shapes(arg, dict(zip(names, (w_ih, w_hh, b_ih, b_hh))), dict(zip(names, want)))
+  rows = np.shape(w_hh)[0] if np.ndim(w_hh) == 2 else None
+  hint = {4 * hsz: " (4H rows: an LSTM's weights, not a GRU's)",
+          hsz: " (H rows: a plain RNN's weights, not a GRU's)"}.get(rows, "")
+  _check_shapes(arg, dict(zip(names, (w_ih, w_hh, b_ih, b_hh))), dict(zip(names, want)), hint)
   w_ih, w_hh, b_ih, b_hh = (_rzn_to_zrh(_np(a)) for a in (w_ih, w_hh, b_ih, b_hh))
   return _params(w_ih.T, w_hh.T, b_ih, b_hh)
 
@@ -124,7 +131,9 @@ def from_torch(module_or_state_dict, layer: int = 0, direction: int = 0) -> GRUP
   (r, z, n), with h' = (1−z)⊙n + z⊙h.  Converted by transposing, reordering
   the gates to (z, r, h) and negating z's rows (z moves to the candidate).
   PyTorch's b_hn sits inside the reset product, as b_h's candidate block does
-  here.  A GRU with ``bias=False`` gives zero biases.
+  here.  A GRU with ``bias=False`` gives zero biases.  The params keep the
+  module's dtype (float16 and bfloat16 too; float64 needs ``jax_enable_x64``,
+  else JAX makes it float32).
 
   Args:
     module_or_state_dict: a `torch.nn.GRU` or `torch.nn.GRUCell`, or its
@@ -136,11 +145,18 @@ def from_torch(module_or_state_dict, layer: int = 0, direction: int = 0) -> GRUP
   arg = "module_or_state_dict"
   obj = module_or_state_dict
   suffix = _torch_suffix(obj, layer, direction, arg)
-  sd = obj if isinstance(obj, Mapping) else obj.state_dict()
   names = [f"{k}{suffix}" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+  if isinstance(obj, Mapping):
+    sd = obj
+  else:  # attributes, not state_dict(): a parametrized weight (weight_norm) reads as its value
+    sd = {k: getattr(obj, k) for k in names if obj.bias or k.startswith("weight")}
   for k in names[:2]:
     if k not in sd:
       raise ValueError(f"{arg} has no key {k!r} (keys: {sorted(sd)[:8]})")
+  if (names[2] in sd) != (names[3] in sd):
+    have, lack = (names[2], names[3]) if names[2] in sd else (names[3], names[2])
+    raise ValueError(f"{arg} has {have!r} but no {lack!r}: a GRU has both biases or, with "
+                     "bias=False, neither")
   w_ih, w_hh = sd[names[0]], sd[names[1]]
   zeros = np.zeros(3 * np.shape(w_hh)[-1], _np(w_hh).dtype)  # bias=False
   return _from_rzn(arg, names, w_ih, w_hh, sd.get(names[2], zeros), sd.get(names[3], zeros))
@@ -171,7 +187,8 @@ def to_torch(params: GRUParams, module=None, layer: int = 0, direction: int = 0)
   Returns:
     ``module`` if given, else a dict of float torch tensors under the
     state-dict keys ``weight_ih_l{layer}[_reverse]`` etc., ready for
-    ``load_state_dict`` (one dict per layer and direction; merge them).
+    ``load_state_dict`` (one dict per layer and direction; merge them).  For a
+    ``GRUCell``, whose keys have no ``_l0``, pass the cell as ``module``.
   """
   import torch
   _check_params(params)
@@ -195,9 +212,19 @@ def to_torch(params: GRUParams, module=None, layer: int = 0, direction: int = 0)
       raise ValueError("module has bias=False but params have non-zero b_x or b_h, which "
                        "it cannot hold")
     names, arrays = names[:2], arrays[:2]
-  targets = [getattr(module, k) for k in names]
-  _check_shapes("params (in PyTorch layout)", dict(zip(names, arrays)),
-                {k: tuple(t.shape) for k, t in zip(names, targets)})
+  own = dict(module.named_parameters(recurse=False))
+  if any(k not in own for k in names):
+    raise ValueError(f"module's {[k for k in names if k not in own]} are not plain parameters "
+                     "(a parametrization such as weight_norm computes them), so writing them "
+                     "would change nothing; remove the parametrization first")
+  targets = [own[k] for k in names]
+  _check_shapes("params", dict(zip(names, arrays)),
+                {k: tuple(t.shape) for k, t in zip(names, targets)},
+                f" in PyTorch's layout (params are D={params.input_size}, "
+                f"H={params.hidden_size}: w_x {tuple(params.w_x.shape)}, w_h "
+                f"{tuple(params.w_h.shape)}; the module's weights take D={targets[0].shape[1]}, "
+                f"H={targets[1].shape[1]})",
+                what=f"do not fit module at layer={layer}, direction={direction}")
   with torch.no_grad():
     for t, a in zip(targets, arrays):
       t.copy_(torch.from_numpy(np.ascontiguousarray(a)))  # copy_ casts to t's dtype
@@ -217,10 +244,19 @@ def _to_tensor(a: np.ndarray, dtype):
   return t.to(torch.bfloat16) if dtype == jnp.bfloat16 else t
 
 
+def _check_activations(arg: str, **fns) -> None:
+  """Refuses a peer GRU whose candidate activation (first of ``fns``) is not tanh or whose
+  gate activation (second) is not sigmoid, by the functions' names."""
+  names = {k: getattr(f, "__name__", repr(f)) for k, f in fns.items()}
+  if tuple(names.values()) != ("tanh", "sigmoid"):
+    raise ValueError(f"{arg} uses " + ", ".join(f"{k}={v!r}" for k, v in names.items())
+                     + "; gru_jax's GRU computes only tanh and sigmoid there")
+
+
 # --- Keras 3 -----------------------------------------------------------------
 
 def from_keras(keras_gru_layer) -> tuple[GRUParams, str]:
-  """Reads a built Keras 3 ``GRU`` (or ``GRUCell``); returns ``(params, variant)``.
+  """Reads a built Keras 3 ``GRU``, ``GRUCell`` or ``RNN(GRUCell)``: ``(params, variant)``.
 
   Keras' layout: kernel [D,3H], recurrent_kernel [H,3H], gates (z, r, h) as
   ours, with h = z⊙h + (1−z)⊙h̃.  Only z's columns and bias entries are
@@ -236,17 +272,16 @@ def from_keras(keras_gru_layer) -> tuple[GRUParams, str]:
   if isinstance(layer, keras.layers.Bidirectional):
     raise TypeError(f"{arg} is a Bidirectional wrapper; convert its .forward_layer and "
                     ".backward_layer separately")
-  cell = layer.cell if isinstance(layer, keras.layers.GRU) else layer
+  cell = layer.cell if isinstance(layer, keras.layers.RNN) else layer  # GRU is an RNN
   if not isinstance(cell, keras.layers.GRUCell):
-    raise TypeError(f"{arg} must be a keras.layers.GRU or GRUCell, got {type(layer).__name__}")
+    of = f" of {type(cell).__name__}" if cell is not layer else ""
+    raise TypeError(f"{arg} must be a keras.layers.GRU, GRUCell or RNN(GRUCell), got "
+                    f"{type(layer).__name__}{of}")
   if not cell.built:
     raise ValueError(f"{arg} is not built, so it has no weights yet: call it on an input or "
                      "call .build((batch, time, features)) first")
-  acts = (getattr(cell.activation, "__name__", None),
-          getattr(cell.recurrent_activation, "__name__", None))
-  if acts != ("tanh", "sigmoid"):
-    raise ValueError(f"{arg} uses activation={acts[0]!r}, recurrent_activation={acts[1]!r}; "
-                     "gru_jax's GRU needs 'tanh' and 'sigmoid'")
+  _check_activations(arg, activation=cell.activation,
+                     recurrent_activation=cell.recurrent_activation)
   kernel, rec = _np(cell.kernel), _np(cell.recurrent_kernel)
   hsz, d = rec.shape[0], kernel.shape[0]
   bias_shape = (2, 3 * hsz) if cell.reset_after else (3 * hsz,)
@@ -265,7 +300,19 @@ def from_keras(keras_gru_layer) -> tuple[GRUParams, str]:
 _FLAX_DENSES = ("iz", "ir", "in", "hz", "hr", "hn")
 
 
-def from_flax_linen(variables_or_params) -> GRUParams:
+def _flax_cell(module, arg: str):
+  """The ``nn.GRUCell`` of ``module`` (itself or an ``nn.RNN``'s cell), activations checked."""
+  import flax.linen as nn
+  cell = module.cell if isinstance(module, nn.RNN) else module
+  if not isinstance(cell, nn.GRUCell):
+    of = f" of {type(cell).__name__}" if cell is not module else ""
+    raise TypeError(f"{arg} must be a flax.linen GRUCell or RNN(GRUCell), got "
+                    f"{type(module).__name__}{of}")
+  _check_activations(arg, activation_fn=cell.activation_fn, gate_fn=cell.gate_fn)
+  return cell
+
+
+def from_flax_linen(variables_or_params, module=None) -> GRUParams:
   """Reads Flax Linen ``nn.RNN(nn.GRUCell)`` (or bare ``nn.GRUCell``) variables as "reset_after".
 
   Flax's layout: one Dense per gate and side, each kernel [in,H]: ir, iz, in
@@ -273,12 +320,19 @@ def from_flax_linen(variables_or_params) -> GRUParams:
   product) on h; h' = (1−z)⊙n + z⊙h.  The kernels are concatenated in our
   (z, r, h) order with z's kernels and bias negated; b_h is (0, 0, hn.bias).
 
+  The variables do not say which ``gate_fn`` / ``activation_fn`` the cell
+  used; gru_jax computes sigmoid and tanh (Flax's defaults).  Pass the module
+  to have that checked: a cell with other functions is refused.
+
   Args:
     variables_or_params: ``module.init(...)`` output, with or without the
       top-level 'params' key and with or without nn.RNN's 'cell' level.
+    module: optional, the ``nn.RNN(nn.GRUCell)`` or ``nn.GRUCell`` the
+      variables belong to; its activations and feature count are checked.
   """
   arg = "variables_or_params"
   tree = variables_or_params
+  cell = None if module is None else _flax_cell(module, "module")
   if not isinstance(tree, Mapping):
     raise TypeError(f"{arg} must be a dict of Flax variables, got {type(tree).__name__}")
   for level in ("params", "cell"):
@@ -289,18 +343,30 @@ def from_flax_linen(variables_or_params) -> GRUParams:
     raise ValueError(f"{arg} is not nn.GRUCell params: missing {missing}, found keys "
                      f"{sorted(tree)}; pass the GRU's own subtree, e.g. "
                      "variables['params']['RNN_0']")
-  iz, ir, in_, hz, hr, hn = (tree[k] for k in _FLAX_DENSES)
-  hsz, d = np.shape(hz["kernel"])[0], np.shape(iz["kernel"])[0]
+  for k in _FLAX_DENSES:
+    needs = ("kernel", "bias") if k[0] == "i" or k == "hn" else ("kernel",)
+    if not isinstance(tree[k], Mapping) or any(n not in tree[k] for n in needs):
+      found = sorted(tree[k]) if isinstance(tree[k], Mapping) else type(tree[k]).__name__
+      raise ValueError(f"{arg}[{k!r}] must hold {' and '.join(map(repr, needs))} "
+                       f"(an nn.GRUCell's Dense), found {found}")
+  hsz, d = np.shape(tree["hz"]["kernel"])[0], np.shape(tree["iz"]["kernel"])[0]
+  biased = [k for k in _FLAX_DENSES if "bias" in tree[k]]  # hz, hr: only a custom cell's
   _check_shapes(arg, {f"{k}.kernel": tree[k]["kernel"] for k in _FLAX_DENSES}
-                | {f"{k}.bias": tree[k]["bias"] for k in ("iz", "ir", "in", "hn")},
+                | {f"{k}.bias": tree[k]["bias"] for k in biased},
                 {f"{k}.kernel": (d if k[0] == "i" else hsz, hsz) for k in _FLAX_DENSES}
-                | {f"{k}.bias": (hsz,) for k in ("iz", "ir", "in", "hn")})
-  k = lambda m: _np(m["kernel"])
-  b = lambda m: _np(m["bias"])
-  return _params(np.concatenate([-k(iz), k(ir), k(in_)], axis=1),
-                 np.concatenate([-k(hz), k(hr), k(hn)], axis=1),
-                 np.concatenate([-b(iz), b(ir), b(in_)]),
-                 np.concatenate([np.zeros(2 * hsz, b(hn).dtype), b(hn)]))
+                | {f"{k}.bias": (hsz,) for k in biased})
+  if cell is not None and cell.features != hsz:
+    raise ValueError(f"module has features={cell.features} but {arg} are for H={hsz} "
+                     f"(hz.kernel {np.shape(tree['hz']['kernel'])})")
+  k = lambda m: _np(tree[m]["kernel"])
+  dtype = k("hn").dtype
+  # A bias on hz or hr (not nn.GRUCell's, but a cell built like it) adds to its gate outside
+  # the reset product, as b_h's first two blocks do.
+  b = lambda m: _np(tree[m]["bias"]) if "bias" in tree[m] else np.zeros(hsz, dtype)
+  return _params(np.concatenate([-k("iz"), k("ir"), k("in")], axis=1),
+                 np.concatenate([-k("hz"), k("hr"), k("hn")], axis=1),
+                 np.concatenate([-b("iz"), b("ir"), b("in")]),
+                 np.concatenate([-b("hz"), b("hr"), b("hn")]))
 
 
 # --- Haiku ---------------------------------------------------------------------
@@ -335,7 +401,10 @@ def from_haiku(params_dict, module_name: str | None = None) -> GRUParams:
     mod = params_dict
   else:
     grus = [k for k, v in params_dict.items() if is_gru(v)]
-    if len(grus) != 1:
+    if not grus:
+      raise ValueError(f"{arg} holds no hk.GRU params (a module dict with keys "
+                       f"{list(_HAIKU_NAMES)}); its keys: {sorted(params_dict)}")
+    if len(grus) > 1:
       raise ValueError(f"{arg} has {len(grus)} hk.GRU modules {grus} (keys: "
                        f"{sorted(params_dict)}); pass module_name= to pick one")
     mod = params_dict[grus[0]]

@@ -165,15 +165,18 @@ def test_torch_export_of_bfloat16_params():
 
 
 def test_torch_import_of_bfloat16_modules():
-  """NumPy has no bfloat16, so torch refuses .numpy(); float32 holds every bf16 value.
-  float16, which NumPy has, keeps its dtype."""
+  """torch refuses .numpy() for bfloat16; the params still come back bfloat16, as float16's
+  come back float16 (they came back float32), holding the same values."""
   torch = pytest.importorskip("torch")
   m = _torch_gru().to(torch.bfloat16)
   want = convert.from_torch(_torch_gru().to(torch.bfloat16).float())
   for got in (convert.from_torch(m), convert.from_torch(m.state_dict())):
     for a, b in zip(got, want):
-      np.testing.assert_array_equal(a, b)
-      assert a.dtype == jnp.float32
+      assert a.dtype == jnp.bfloat16
+      np.testing.assert_array_equal(np.asarray(a, np.float32), b)
+  # And back: to_torch gives bfloat16 tensors equal to the module's, bit for bit.
+  for k, v in convert.to_torch(convert.from_torch(m)).items():
+    assert v.dtype == torch.bfloat16 and torch.equal(v, m.state_dict()[k])
   half = _torch_gru().half()
   # Negating and reordering the gate blocks is exact, so the float32 path cast back agrees.
   want = convert.from_torch(_torch_gru().half().float())
@@ -215,8 +218,12 @@ def test_torch_errors():
   p = convert.from_torch(m)
   with pytest.raises(ValueError, match="module has bias=False"):
     convert.to_torch(p, _torch_gru(bias=False))
-  with pytest.raises(ValueError, match=r"params \(in PyTorch layout\).*weight_hh_l0"):
+  with pytest.raises(ValueError, match=r"params do not fit module at layer=0, direction=0: got "
+                     r"weight_ih_l0 \(18, 4\).*expected weight_ih_l0 \(21, 4\).*params are D=4, "
+                     r"H=6.*the module's weights take D=4, H=7"):
     convert.to_torch(p, torch.nn.GRU(D, H + 1))
+  with pytest.raises(ValueError, match=r"layer=1.*expected weight_ih_l1 \(18, 6\).*take D=6"):
+    convert.to_torch(p, torch.nn.GRU(D, H, num_layers=2), layer=1)
   with pytest.raises(ValueError, match="direction=1"):
     convert.to_torch(p, m, direction=1)
   with pytest.raises(TypeError, match="params must be a GRUParams"):
