@@ -265,6 +265,8 @@ def from_keras(keras_gru_layer) -> tuple[GRUParams, str]:
   -> b_x with b_h zero, variant "seed".  ``use_bias=False`` gives zeros.
   A layer with ``go_backwards=True`` matches ``gru(..., reverse=True)`` with
   the time axis of hs flipped (Keras returns outputs in processing order).
+  With a mask, h_last and the valid steps agree; at masked steps Keras
+  repeats the last valid output where `gru_jax.gru` gives zeros.
   """
   import keras
   arg = "keras_gru_layer"

@@ -83,6 +83,42 @@ def test_torch_gradients_match_autograd():
   np.testing.assert_allclose(gh, ht.grad.numpy(), atol=2e-5, rtol=1e-5)
 
 
+def test_torch_weight_gradients_map_through_to_torch():
+  """The conversion is linear (sign flips, reordering, transposes), so to_torch of jax.grad's
+  GRUParams is torch's .grad of each parameter."""
+  torch = pytest.importorskip("torch")
+  m = _torch_gru(batch_first=True)
+  xs, h0 = _data()
+  g = np.random.default_rng(8).normal(size=(B, T, H)).astype(np.float32)
+  out, _ = m(torch.from_numpy(xs), torch.from_numpy(h0)[None])
+  (out * torch.from_numpy(g)).sum().backward()
+  grads = jax.grad(lambda p: jnp.sum(gru_jax.gru(p, jnp.asarray(xs), h0,
+                                                 variant="reset_after")[1] * g))(
+      convert.from_torch(m))
+  for k, v in convert.to_torch(grads).items():
+    np.testing.assert_allclose(v.numpy(), getattr(m, k).grad.numpy(), atol=2e-5, rtol=1e-5)
+
+
+def test_torch_packed_sequences_are_mask():
+  """pack_padded_sequence in both directions is gru's mask: zero outputs past each length,
+  h_n the state after the last valid step, the reverse direction starting at that step."""
+  torch = pytest.importorskip("torch")
+  from torch.nn.utils import rnn
+  m = _torch_gru(bidirectional=True, batch_first=True)
+  xs, _ = _data()
+  lengths = np.array([T, 2, 3])
+  mask = np.arange(T)[None] < lengths[:, None]
+  with torch.no_grad():
+    packed = rnn.pack_padded_sequence(torch.from_numpy(xs), torch.from_numpy(lengths),
+                                      batch_first=True, enforce_sorted=False)
+    out, h_n = m(packed)
+    out, _ = rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
+  fwd, bwd = (gru_jax.gru(convert.from_torch(m, direction=d), jnp.asarray(xs), mask=mask,
+                          variant="reset_after", reverse=bool(d)) for d in (0, 1))
+  _close(jnp.concatenate([fwd[1], bwd[1]], -1), out.numpy())
+  _close(jnp.stack([fwd[0], bwd[0]]), h_n.numpy())
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_torch_half_precision_modules_keep_dtype_and_run(dtype):
   """The params keep the module's dtype and, run in it, agree with torch to its precision."""
@@ -186,6 +222,24 @@ def test_keras_rnn_of_gru_cell_and_bidirectional_halves():
   hs = jnp.concatenate([gru_jax.gru(fwd, jnp.asarray(xs), variant=variant)[1],
                         gru_jax.gru(bwd, jnp.asarray(xs), variant=variant, reverse=True)[1]], -1)
   _close(hs, keras.ops.convert_to_numpy(bi(xs)))
+
+
+def test_keras_mask_differs_only_at_masked_steps():
+  """With a mask, h_last and the valid steps' outputs agree; at masked steps Keras repeats the
+  last valid output where gru gives zeros (the docstring says so)."""
+  keras = pytest.importorskip("keras")
+  layer = keras.layers.GRU(H, return_sequences=True, return_state=True)
+  xs, h0 = _data()
+  layer(xs)
+  layer.set_weights(_random_like([w.shape for w in layer.get_weights()], seed=5))
+  mask = np.arange(T)[None] < np.array([T, 2, 3])[:, None]
+  out, h_n = (keras.ops.convert_to_numpy(a) for a in layer(xs, initial_state=[h0], mask=mask))
+  params, variant = convert.from_keras(layer)
+  h_last, hs = gru_jax.gru(params, jnp.asarray(xs), h0, mask=mask, variant=variant)
+  _close(h_last, h_n)
+  _close(np.where(mask[..., None], hs, 0), np.where(mask[..., None], out, 0))
+  assert not np.any(np.asarray(hs)[~mask])
+  _close(out[1, 2:], np.broadcast_to(out[1, 1], (T - 2, H)))  # Keras: step 1's output again
 
 
 def test_keras_refusals():
