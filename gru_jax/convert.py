@@ -20,14 +20,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gru_jax.cell import GRUParams, check_int
 
 
-def _np(a) -> np.ndarray:
-  """A torch tensor, Keras variable or JAX/NumPy array as a NumPy array."""
+def _np(a):
+  """A torch tensor, Keras variable or NumPy array as a NumPy array; a JAX array (or a tracer,
+  so a conversion can run under `jax.jit` and `jax.grad`) as it is."""
   if hasattr(a, "detach"):  # torch.Tensor: leave the autograd graph and the device
     a = a.detach().cpu()
     # torch refuses .numpy() for bfloat16; via float32 (which holds every bf16 value
@@ -35,7 +37,7 @@ def _np(a) -> np.ndarray:
     if str(a.dtype) == "torch.bfloat16":
       return a.float().numpy().astype(jnp.bfloat16)
     return a.numpy()
-  return np.asarray(a)
+  return a if isinstance(a, jax.Array) else np.asarray(a)
 
 
 def _check_shapes(arg: str, got: dict, want: dict, hint: str = "",
@@ -52,10 +54,10 @@ def _params(w_x, w_h, b_x, b_h) -> GRUParams:
   return GRUParams(*(jnp.asarray(a) for a in (w_x, w_h, b_x, b_h)))
 
 
-def _rzn_to_zrh(a: np.ndarray) -> np.ndarray:
+def _rzn_to_zrh(a):
   """Blocks (r, z, n) along axis 0, z on the old state -> ours (z, r, h), z negated."""
-  r, z, n = np.split(a, 3, axis=0)
-  return np.concatenate([-z, r, n], axis=0)
+  r, z, n = jnp.split(a, 3, axis=0)
+  return jnp.concatenate([-z, r, n], axis=0)
 
 
 def _zrh_to_rzn(a: np.ndarray) -> np.ndarray:
@@ -64,10 +66,10 @@ def _zrh_to_rzn(a: np.ndarray) -> np.ndarray:
   return np.concatenate([r, -z, n], axis=0)
 
 
-def _flip_z(a: np.ndarray) -> np.ndarray:
+def _flip_z(a):
   """Negates the z block (the first third of the last axis) of a (z, r, h) array."""
-  z, r, h = np.split(a, 3, axis=-1)
-  return np.concatenate([-z, r, h], axis=-1)
+  z, r, h = jnp.split(a, 3, axis=-1)
+  return jnp.concatenate([-z, r, h], axis=-1)
 
 
 def _from_rzn(arg: str, names, w_ih, w_hh, b_ih, b_hh) -> GRUParams:
@@ -364,11 +366,11 @@ def from_flax_linen(variables_or_params, module=None) -> GRUParams:
   dtype = k("hn").dtype
   # A bias on hz or hr (not nn.GRUCell's, but a cell built like it) adds to its gate outside
   # the reset product, as b_h's first two blocks do.
-  b = lambda m: _np(tree[m]["bias"]) if "bias" in tree[m] else np.zeros(hsz, dtype)
-  return _params(np.concatenate([-k("iz"), k("ir"), k("in")], axis=1),
-                 np.concatenate([-k("hz"), k("hr"), k("hn")], axis=1),
-                 np.concatenate([-b("iz"), b("ir"), b("in")]),
-                 np.concatenate([-b("hz"), b("hr"), b("hn")]))
+  b = lambda m: _np(tree[m]["bias"]) if "bias" in tree[m] else jnp.zeros(hsz, dtype)
+  return _params(jnp.concatenate([-k("iz"), k("ir"), k("in")], axis=1),
+                 jnp.concatenate([-k("hz"), k("hr"), k("hn")], axis=1),
+                 jnp.concatenate([-b("iz"), b("ir"), b("in")]),
+                 jnp.concatenate([-b("hz"), b("hr"), b("hn")]))
 
 
 # --- Haiku ---------------------------------------------------------------------
@@ -414,7 +416,7 @@ def from_haiku(params_dict, module_name: str | None = None) -> GRUParams:
   hsz, d = np.shape(w_h)[0], np.shape(w_i)[0]
   _check_shapes(arg, dict(zip(_HAIKU_NAMES, (w_i, w_h, b))),
                 dict(zip(_HAIKU_NAMES, ((d, 3 * hsz), (hsz, 3 * hsz), (3 * hsz,)))))
-  return _params(w_i, w_h, b, np.zeros_like(b))
+  return _params(w_i, w_h, b, jnp.zeros_like(b))
 
 
 # --- Equinox -------------------------------------------------------------------
@@ -433,11 +435,11 @@ def from_equinox(cell) -> GRUParams:
     raise TypeError(f"cell must be an equinox.nn.GRUCell, got {type(cell).__name__}")
   hsz = cell.hidden_size
   dtype = _np(cell.weight_hh).dtype
-  bias = _np(cell.bias) if cell.use_bias else np.zeros(3 * hsz, dtype)
-  bias_n = _np(cell.bias_n) if cell.use_bias else np.zeros(hsz, dtype)
+  bias = _np(cell.bias) if cell.use_bias else jnp.zeros(3 * hsz, dtype)
+  bias_n = _np(cell.bias_n) if cell.use_bias else jnp.zeros(hsz, dtype)
   if bias_n.shape != (hsz,):
     raise ValueError(f"cell has inconsistent GRU shapes: bias_n {bias_n.shape}, expected {(hsz,)}")
   # bias_n becomes b_h's candidate block; _rzn_to_zrh leaves that block unchanged.
-  b_h = np.concatenate([np.zeros(2 * hsz, dtype), bias_n])
+  b_h = jnp.concatenate([jnp.zeros(2 * hsz, dtype), bias_n])
   return _from_rzn("cell", ("weight_ih", "weight_hh", "bias", "bias_n (padded)"),
                    cell.weight_ih, cell.weight_hh, bias, b_h)

@@ -382,3 +382,45 @@ def test_equinox_float16_keeps_dtype():
                              atol=4e-3)
   np.testing.assert_allclose(np.asarray(h_last, np.float32), np.asarray(want_last, np.float32),
                              atol=4e-3)
+
+
+# --- Under jax.jit and jax.grad --------------------------------------------------
+
+def test_jax_native_peers_convert_under_jit_and_grad():
+  """from_flax_linen / from_haiku / from_equinox are linear maps of JAX arrays, so they run
+  inside jax.jit and jax.grad (they raised TracerArrayConversionError): the gradient with
+  respect to the peer's own params through gru_jax equals the peer's own gradient."""
+  nn = pytest.importorskip("flax.linen")
+  hk = pytest.importorskip("haiku")
+  eqx = pytest.importorskip("equinox")
+  xs, h0 = (jnp.asarray(a) for a in _data())
+  g = jnp.asarray(np.random.default_rng(9).normal(size=(B, T, H)).astype(np.float32))
+
+  def check(peer_loss, ours_loss, tree):
+    want = jax.grad(peer_loss)(tree)
+    got = jax.jit(jax.grad(ours_loss))(tree)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5), got, want)
+
+  model = nn.RNN(nn.GRUCell(H))
+  check(lambda v: jnp.sum(model.apply(v, xs, initial_carry=h0) * g),
+        lambda v: jnp.sum(gru_jax.gru(convert.from_flax_linen(v, module=model), xs, h0,
+                                      variant="reset_after")[1] * g),
+        _randomize(model.init(jax.random.key(0), xs), seed=10))
+
+  fn = hk.without_apply_rng(hk.transform(
+      lambda x: hk.dynamic_unroll(hk.GRU(H), jnp.swapaxes(x, 0, 1), h0)[0]))
+  check(lambda p: jnp.sum(jnp.swapaxes(fn.apply(p, xs), 0, 1) * g),
+        lambda p: jnp.sum(gru_jax.gru(convert.from_haiku(p), xs, h0)[1] * g),
+        _randomize(fn.init(jax.random.key(0), xs), seed=11))
+
+  def eqx_run(cell):
+    hs = jax.vmap(lambda x, h: jax.lax.scan(lambda h, x_t: (cell(x_t, h),) * 2, h, x)[1])
+    return hs(xs, h0)
+
+  cell = eqx.nn.GRUCell(D, H, key=jax.random.key(4))
+  params, static = eqx.partition(cell, eqx.is_array)
+  params = _randomize(params, seed=12)
+  check(lambda p: jnp.sum(eqx_run(eqx.combine(p, static)) * g),
+        lambda p: jnp.sum(gru_jax.gru(convert.from_equinox(eqx.combine(p, static)), xs, h0,
+                                      variant="reset_after")[1] * g),
+        params)
