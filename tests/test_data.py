@@ -496,6 +496,15 @@ def test_digits_shards_read_only_their_rows_and_partition_the_split(data_dir):
     np.testing.assert_array_equal(arrays["labels"], full["labels"][rows])
     assert pinfo.num_examples == info.num_examples  # sizes stay those of the whole splits
   assert parts[1][1].extras["shard"] == [1, 3]
+  # More shards than rows (2000 > 1258): shard 0 is empty, shard 1 holds one row.
+  empty, einfo = data.load("sequential_digits", "train", shard=(0, 2000), data_dir=data_dir)
+  one, oinfo = data.load("sequential_digits", "train", shard=(1, 2000), data_dir=data_dir)
+  assert data.shard_bounds(1258, 0, 2000) == (0, 0) and data.shard_bounds(1258, 1, 2000) == (0, 1)
+  for k in full:
+    assert empty[k].shape == (0, *full[k].shape[1:]) and empty[k].dtype == full[k].dtype
+  assert len(einfo.extras["sklearn_index"]) == 0
+  row = where[oinfo.extras["sklearn_index"][0]]
+  np.testing.assert_array_equal(one["inputs"], full["inputs"][row:row + 1])
   with pytest.raises(ValueError, match="shard must be"):
     data.load("sequential_digits", "train", shard=2, data_dir=data_dir)
 
@@ -537,6 +546,15 @@ def test_mnist_shards_read_tfds_slices_and_partition_train_and_test(mock_tfds, m
     # have no recorded size) and to find the holdout.
     assert [a[1:] for a in asked if a[2] is not None] == [(0, 8), (8, 16), (16, 24)]
     for k in full:
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k])
+    # More shards than rows: the empty shards are empty arrays of the right dtypes, and the
+    # shards still partition our splits (the holdout within each TFDS row range).  Reading
+    # an empty range from real TFDS files is tested with the digits above.
+    parts = [data.load("mnist", split, shard=(i, 30), data_dir=mock_tfds)[0] for i in range(30)]
+    assert sum(len(p["labels"]) == 0 for p in parts) >= 6
+    for k in full:
+      assert all(p[k].dtype == full[k].dtype and p[k].shape[1:] == full[k].shape[1:]
+                 for p in parts)
       np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k])
 
 

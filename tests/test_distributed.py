@@ -1,5 +1,6 @@
 """Two processes on localhost through jax.distributed equal one process with two devices."""
 import os
+import re
 import subprocess
 
 import chex
@@ -24,7 +25,15 @@ def _launch(workdir, steps, *extra):
     if os.path.exists(p):
       logs += open(p).read()[-3000:]
   assert r.returncode == 0, r.stdout + r.stderr + logs
+  # Both processes log the loss of every step (one global value): the same numbers.
+  logged = [_logged_losses(os.path.join(workdir, "logs", f"process_{i}.log")) for i in range(2)]
+  assert logged[0] and int(logged[0][-1][0]) == steps and logged[0] == logged[1]
   return logs
+
+
+def _logged_losses(path):
+  with open(path) as f:
+    return re.findall(r"step (\d+)/\d+ epoch \d+ loss (\S+)", f.read())
 
 
 @pytest.mark.slow

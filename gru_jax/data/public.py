@@ -92,7 +92,7 @@ def _split_rows(name: str, split: str, data_dir: str, fraction: float,
     ex = _read(name, "train", data_dir)
     return {k: v[rows[split]] for k, v in ex.items()}, sizes
   lo, hi = tfds_io.shard_rows(builder, "train", shard)
-  ex = tfds_io.read_split(builder, f"train[{lo}:{hi}]")
+  ex = tfds_io.read_split(builder, "train", shard)  # rows [lo, hi)
   mine = rows[split][(rows[split] >= lo) & (rows[split] < hi)] - lo
   return {k: v[mine] for k, v in ex.items()}, sizes
 

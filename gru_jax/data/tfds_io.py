@@ -74,6 +74,9 @@ def read_split(builder, split: str, shard: tuple[int, int] | None = None
   """
   if shard is not None:
     lo, hi = shard_rows(builder, split, shard)
+    if lo == hi:  # more shards than rows: an empty part of the partition (TFDS refuses it)
+      return {k: np.zeros((0, *(d or 0 for d in t.shape)), t.numpy_dtype)
+              for k, t in builder.info.features.get_tensor_info().items()}
     split = f"{split}[{lo}:{hi}]"
   chunks = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=_READ_CHUNK)))
   if not chunks:
