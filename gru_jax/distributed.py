@@ -56,7 +56,14 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
   elif mode == "on" or (mode == "auto" and _launched_on_cluster()):
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:  # JAX's own words name none of our flags
+      raise ValueError(f"jax.distributed.initialize() could not detect a cluster to join "
+                       f"({str(e).rstrip('.')}). "
+                       "It detects SLURM (an srun step), Cloud TPU VMs and other managed "
+                       "clusters; elsewhere pass --coordinator_address, --num_processes and "
+                       "--process_id, or --distributed=auto|off for one process") from e
   else:
     return
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",

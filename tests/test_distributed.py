@@ -2,6 +2,7 @@
 import os
 import re
 import subprocess
+import sys
 
 import chex
 import numpy as np
@@ -135,3 +136,19 @@ def test_explicit_arguments_reach_jax(monkeypatch):
   distributed.initialize("off", "[::1]:1234", 2, 1)  # explicit arguments win over the mode
   distributed.initialize("off")
   assert calls == [dict(coordinator_address="[::1]:1234", num_processes=2, process_id=1)]
+
+
+def test_on_without_a_cluster_names_the_flags_to_pass():
+  # Off a cluster JAX only said "coordinator_address should be defined."
+  code = ("from gru_jax import distributed\n"
+          "try:\n"
+          "  distributed.initialize('on')\n"
+          "except ValueError as e:\n"
+          "  print(e)\n")
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "TPU_", "JAX_COORDINATOR", "OMPI_", "PMI_"))}
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     env=dict(env, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr
+  assert "could not detect a cluster to join (" in r.stdout  # then JAX's own message
+  assert "--coordinator_address, --num_processes and --process_id" in r.stdout
