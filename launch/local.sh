@@ -185,8 +185,15 @@ stop_all() {
   done
   return 0
 }
-# Background jobs of a script ignore SIGINT, so Ctrl-C must be passed on by hand.
-trap 'echo "local.sh: interrupted; stopping all processes" >&2; stop_all; exit 130' INT TERM
+# Background jobs of a script ignore SIGINT, so Ctrl-C must be passed on by hand. Exits
+# 128 + the signal's number, as the trainer does (130 Ctrl-C, 143 SIGTERM).
+on_signal() {
+  echo "local.sh: $1; stopping all processes" >&2
+  stop_all
+  exit "$2"
+}
+trap 'on_signal interrupted 130' INT
+trap 'on_signal "got SIGTERM" 143' TERM
 
 for (( i = 0; i < num_processes; i++ )); do
   build "$i"

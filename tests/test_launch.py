@@ -142,6 +142,37 @@ def test_local_stops_the_others_when_one_fails(tmp_path):
   assert sorted(os.listdir(tmp_path / "logs")) == [f"process_{i}.log" for i in range(3)]
 
 
+TERM_RECORDER = textwrap.dedent("""\
+    import os, signal, sys, time
+    i = [a for a in sys.argv if a.startswith("--process_id=")][0].split("=")[1]
+    workdir = [a for a in sys.argv if a.startswith("--workdir=")][0].split("=", 1)[1]
+    def on_term(signum, frame):  # like the trainer: note the signal, exit 128 + its number
+      open(os.path.join(workdir, f"term{i}"), "w").close()
+      sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, on_term)
+    open(os.path.join(workdir, f"ready{i}"), "w").close()
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_local_passes_a_signal_on_to_every_process(tmp_path, signum, code):
+  # SIGTERM used to exit 130, the status of Ctrl-C.
+  (tmp_path / "proc.py").write_text(TERM_RECORDER)
+  proc = subprocess.Popen(["bash", str(LAUNCH / "local.sh"), "-n", "2", "-w", str(tmp_path),
+                           "--entrypoint", f"{sys.executable} {tmp_path / 'proc.py'}"],
+                          cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 30
+  while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signum)
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == code, err
+  assert all((tmp_path / f"term{i}").exists() for i in range(2))  # each got SIGTERM
+  assert "stopping all processes" in err
+
+
 def test_local_joins_a_real_jax_distributed_runtime(tmp_path):
   # What the trainer will do with the flags: 2 processes x 2 CPU devices = 4 global devices.
   (tmp_path / "jaxproc.py").write_text(textwrap.dedent("""\
