@@ -689,3 +689,24 @@ def test_public_sets_load_when_first_imported_inside_mock_data(tmp_path):
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.split("\n")[-2] == "(6, 784, 1) 6"
+
+
+def test_trimming_leaves_a_seq2seq_target_side_of_the_source_length_alone():
+  # With targets as long as the sources (L == T), the target arrays matched the mask's
+  # [N,T] and were cut to the sources' length: labels silently lost.
+  rng = np.random.default_rng(0)
+  n, t = 6, 10
+  src_len = rng.integers(1, 4, n)
+  arrays = {"inputs": rng.integers(3, 9, (n, t)).astype(np.int32),
+            "mask": np.arange(t)[None] < src_len[:, None],
+            "decoder_inputs": rng.integers(3, 9, (n, t)).astype(np.int32),
+            "labels": rng.integers(3, 9, (n, t)).astype(np.int32),
+            "label_mask": np.ones((n, t), bool)}
+  for b in collect(arrays, 3, seed=0, epoch=0, shuffle=False, drop_remainder=True,
+                   trim_to_multiple=1):
+    rows = b["example_id"]
+    keep = src_len[rows].max()
+    np.testing.assert_array_equal(b["inputs"], arrays["inputs"][rows, :keep])
+    np.testing.assert_array_equal(b["mask"], arrays["mask"][rows, :keep])
+    for k in ("decoder_inputs", "labels", "label_mask"):
+      np.testing.assert_array_equal(b[k], arrays[k][rows])

@@ -114,7 +114,9 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
     trim_to_multiple: if set, cut the time axis of every array whose leading
       dims equal the mask's [N,T] after the global batch's last valid step,
       rounded up to this multiple (fewer padded steps, few distinct shapes).
-      Any mask pattern keeps all its valid steps (padding rows' too).
+      Any mask pattern keeps all its valid steps (padding rows' too).  With a
+      "label_mask" (seq2seq), "decoder_inputs", "labels" and "label_mask" keep
+      their own length.
     stream: selects an independent epoch order (see `epoch_order`).
 
   Yields:
@@ -149,8 +151,10 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
                       lengths=lengths if bucket_by_length else None, bucket_window=bucket_window,
                       stream=stream)
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
-  timed = [k for k, v in arrays.items()
-           if mask is not None and v.ndim >= 2 and v.shape[:2] == np.shape(mask)]
+  # A seq2seq set's target side has its own time axis, even when as long as the source's.
+  target = ("decoder_inputs", "labels", "label_mask") if "label_mask" in arrays else ()
+  timed = [k for k, v in arrays.items() if mask is not None and k not in target
+           and v.ndim >= 2 and v.shape[:2] == np.shape(mask)]
   return _iterate(arrays, order, b, pi, pc, start, total, lengths, timed, trim_to_multiple)
 
 
