@@ -246,6 +246,173 @@ def _to_tensor(a: np.ndarray, dtype):
   return t.to(torch.bfloat16) if dtype == jnp.bfloat16 else t
 
 
+# --- PyTorch: whole stacks ----------------------------------------------------
+
+# Bidirectional's submodules, holding torch's direction 0 and 1.
+_DIRECTIONS = ("forward", "backward")
+
+
+def _torch_gru_shape(module, arg: str = "module") -> tuple[int, bool]:
+  """(num_layers, bidirectional) of a `torch.nn.GRU`, after refusing anything else."""
+  import torch
+  if not isinstance(module, torch.nn.GRU):
+    hint = {"GRUCell": "; convert a GRUCell with from_torch / to_torch",
+            "LSTM": "; an LSTM's gates and state are not a GRU's"}.get(type(module).__name__, "")
+    raise TypeError(f"{arg} must be a torch.nn.GRU, got {type(module).__name__}{hint}")
+  if getattr(module, "proj_size", 0):  # torch allows it only for LSTMs; refuse it if set anyway
+    raise ValueError(f"{arg} has proj_size={module.proj_size}: gru_jax's GRU has no output "
+                     "projection (proj_size=0 only)")
+  return module.num_layers, bool(module.bidirectional)
+
+
+def _stack_paths(num_layers: int, bidirectional: bool):
+  """(layer, direction, path) of every GRU in a StackedGRU's params, path like
+  ("layer_1", "backward")."""
+  for i in range(num_layers):
+    for d in (0, 1) if bidirectional else (0,):
+      yield i, d, (f"layer_{i}",) + ((_DIRECTIONS[d],) if bidirectional else ())
+
+
+def _torch_stack_params(module) -> dict:
+  """A torch GRU's weights as a StackedGRU's params tree of "reset_after" GRUParams."""
+  tree = {}
+  for layer, direction, path in _stack_paths(*_torch_gru_shape(module)):
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = from_torch(module, layer, direction)
+  return tree
+
+
+def stacked_from_torch(module):
+  """A whole `torch.nn.GRU` as a Flax Linen `layers.StackedGRU` and its variables.
+
+  Returns ``(stack, variables)`` with ``stack.apply(variables, xs, mask)`` equal
+  to torch's output for the same weights: xs [B,T,D] -> hs [B,T,H] ([B,T,2H]
+  bidirectional, the directions concatenated as torch does).  The stack takes
+  batch-major inputs only: for a module with ``batch_first=False`` (torch's
+  [T,B,D]) pass ``xs.transpose(1, 0, 2)`` and transpose hs back.  A mask [B,T]
+  (True on each sequence's first ``length`` steps) is torch's
+  ``pack_padded_sequence(xs, lengths)``: the backward direction starts at each
+  sequence's last valid step, and padded steps come out as zeros as
+  ``pad_packed_sequence`` pads them.  The initial state is zero (torch's
+  ``h0=None``) and h_n is not returned; for either, chain `from_torch`'s
+  per-layer params through `gru_jax.gru` instead.
+
+  ``module.dropout`` becomes ``dropout_between`` (inverted dropout on every
+  layer's outputs but the last, as torch's): it runs only when applied with
+  ``deterministic=False`` and a ``dropout`` RNG, and by default (no dropout)
+  the stack equals torch in ``eval()`` mode.  ``bias=False`` gives zero
+  biases (the same GRU).  Params keep the module's dtype, as in `from_torch`.
+
+  Params: ``{"params": {"layer_i": GRUParams fields}}``, or with
+  bidirectional ``{"layer_i": {"forward": ..., "backward": ...}}``.
+  """
+  from gru_jax import layers
+  num_layers, bidirectional = _torch_gru_shape(module)
+  tree = _torch_stack_params(module)
+  dtype = jax.tree.leaves(tree)[0].dtype
+  stack = layers.StackedGRU(hidden_sizes=(module.hidden_size,) * num_layers,
+                            bidirectional=bidirectional, merge_mode="concat",
+                            dropout_between=float(module.dropout),
+                            gru_kwargs=dict(variant="reset_after", param_dtype=dtype))
+  params = jax.tree.map(lambda p: dict(p._asdict()), tree,
+                        is_leaf=lambda x: isinstance(x, GRUParams))
+  return stack, {"params": params}
+
+
+def stacked_from_torch_nnx(module, *, rngs=None):
+  """A whole `torch.nn.GRU` as a Flax NNX `nnx_layers.StackedGRU` (see `stacked_from_torch`).
+
+  xs [B,T,D] -> hs [B,T,H] / [B,T,2H]; masks, batch_first and dropout as in
+  `stacked_from_torch`.  NNX layers run dropout unless in eval mode, so the
+  stack starts in the module's mode: ``module.eval()`` gives an ``eval()``
+  stack (equal to torch), a training module a training stack.  ``rngs``
+  (an ``nnx.Rngs``, its ``dropout`` stream) is needed when dropout can run
+  (``module.dropout > 0`` with 2 or more layers).
+  """
+  from flax import nnx
+  from gru_jax import nnx_layers
+  num_layers, bidirectional = _torch_gru_shape(module)
+  if module.dropout > 0 and num_layers > 1 and rngs is None:
+    raise ValueError(f"module has dropout={module.dropout} between its {num_layers} layers: "
+                     "pass rngs=nnx.Rngs(...) for the dropout masks")
+  tree = _torch_stack_params(module)
+  dtype = jax.tree.leaves(tree)[0].dtype
+  # The constructor's random weights are placeholders, replaced below.
+  stack = nnx_layers.StackedGRU(module.input_size, (module.hidden_size,) * num_layers,
+                                bidirectional=bidirectional, merge_mode="concat",
+                                dropout_between=float(module.dropout),
+                                rngs=nnx.Rngs(0) if rngs is None else rngs,
+                                variant="reset_after", param_dtype=dtype)
+  for _, _, path in _stack_paths(num_layers, bidirectional):
+    gru, params = stack, tree
+    for k in path:
+      gru, params = getattr(gru, k), params[k]
+    for name, value in params._asdict().items():
+      setattr(gru, name, nnx.Param(value))
+  if not module.training:
+    stack.eval()
+  return stack
+
+
+def _keys(node) -> str:
+  return str(sorted(node)) if isinstance(node, Mapping) else type(node).__name__
+
+
+def stacked_to_torch(variables, module):
+  """Writes a `StackedGRU`'s params into a `torch.nn.GRU` in place; returns ``module``.
+
+  The inverse of `stacked_from_torch`: ``variables`` is a Linen StackedGRU's
+  ``{"params": ...}`` (or its ``params`` subtree) or an NNX ``StackedGRU``,
+  built with ``variant="reset_after"`` (the weights do not record their
+  variant; "seed" weights would give a different GRU in torch) and
+  ``merge_mode="concat"``, with as many layers as ``module.num_layers`` of
+  its ``hidden_size``, bidirectional as the module is.  Everything is checked
+  before anything is written, so a bad layer leaves the module unchanged.
+  """
+  import copy
+  import torch
+  num_layers, bidirectional = _torch_gru_shape(module)
+  arg = "variables"
+  tree = variables
+  if not isinstance(tree, Mapping):
+    from flax import nnx
+    if not isinstance(tree, nnx.Module):
+      raise TypeError(f"{arg} must be a Linen StackedGRU's variables dict or an NNX "
+                      f"StackedGRU, got {type(tree).__name__}")
+    tree = nnx.state(tree, nnx.Param).to_pure_dict()
+  elif isinstance(tree.get("params"), Mapping):
+    tree, arg = tree["params"], f"{arg}['params']"
+  want = [f"layer_{i}" for i in range(num_layers)]
+  if sorted(tree) != sorted(want):
+    raise ValueError(f"{arg} has keys {sorted(tree)} but module has num_layers={num_layers}, "
+                     f"so a StackedGRU with {want}")
+  scratch = copy.deepcopy(module)  # all or nothing: a bad layer 2 must not leave 0-1 written
+  for layer, direction, path in _stack_paths(num_layers, bidirectional):
+    node, where = tree, arg
+    for k in path:
+      if not isinstance(node, Mapping) or k not in node:
+        raise ValueError(f"{where} has {_keys(node)}, no {k!r}: module is bidirectional, so "
+                         "the StackedGRU must be bidirectional=True")
+      node, where = node[k], f"{where}[{k!r}]"
+    if isinstance(node, Mapping) and set(_DIRECTIONS) <= set(node):
+      raise ValueError(f"{where} is a Bidirectional layer {_keys(node)} but module has "
+                       "bidirectional=False")
+    if not isinstance(node, Mapping) or set(node) != set(GRUParams._fields):
+      raise ValueError(f"{where} must hold exactly {list(GRUParams._fields)} (a plain GRU; "
+                       f"torch has no layer norm), found {_keys(node)}")
+    try:
+      to_torch(GRUParams(**node), scratch, layer, direction)
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+  with torch.no_grad():
+    own = dict(module.named_parameters())
+    for k, v in scratch.named_parameters():
+      own[k].copy_(v)
+  return module
+
+
 def _check_activations(arg: str, **fns) -> None:
   """Refuses a peer GRU whose candidate activation (first of ``fns``) is not tanh or whose
   gate activation (second) is not sigmoid, by the functions' names."""
