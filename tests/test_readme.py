@@ -8,10 +8,12 @@ from tests import reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _block(title):
+def _block(title, index=1, ns=None):
+  """Runs the index-th python block under ``title`` in ``ns`` (a fresh namespace if None)."""
   text = open(os.path.join(ROOT, "README.md")).read()
-  ns = {}
-  exec(text.split(title)[1].split("```python")[1].split("```")[0], ns)  # pylint: disable=exec-used
+  ns = {} if ns is None else ns
+  code = text.split(title)[1].split("```python")[index].split("```")[0]
+  exec(code, ns)  # pylint: disable=exec-used
   return ns
 
 
@@ -64,3 +66,17 @@ def test_readme_torch_example_matches_torch():
     want, h_n = ns["tm"](torch.from_numpy(np.array(ns["xs"])))  # a writable copy
   np.testing.assert_allclose(ns["hs"], want.numpy(), atol=1e-5)
   np.testing.assert_allclose(ns["h_last"], h_n[1].numpy(), atol=1e-5)
+
+
+def test_readme_stacked_torch_example_matches_torch():
+  import torch
+  ns = _block("### Weights from other libraries")
+  ns = _block("### Weights from other libraries", 2, ns)
+  tm2 = ns["tm2"].eval()
+  with torch.no_grad():
+    want = tm2(torch.from_numpy(np.array(ns["xs"])))[0].numpy()
+  assert ns["hs2"].shape == (4, 20, 128)
+  np.testing.assert_allclose(ns["hs2"], want, atol=1e-5)
+  ns["nnx_stack"].eval()  # tm2 was built in train mode, so its NNX twin starts with dropout on
+  nnx_out = ns["nnx_stack"](ns["xs"])
+  np.testing.assert_allclose(nnx_out, want, atol=1e-5)
