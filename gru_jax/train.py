@@ -630,6 +630,20 @@ class _Preemption:
   def exit_code(self) -> int:
     return 128 + int(self.signum)
 
+  def agreed(self, step: int, every: int) -> bool:
+    """Whether to checkpoint and stop after ``step``: at once with one process.  With several,
+    every process must enter the collective save at the same step, so the flag is all-gathered
+    at steps that are multiples of ``every`` (a signal may reach one host only, or the hosts
+    between different steps); the exit code becomes the signal another process received."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % every:
+      return False
+    signum = int(_across_processes(np.int32(self.signum or 0), np.max))
+    if signum:
+      self.requested, self.signum = True, self.signum or signum
+    return bool(signum)
+
   def _handle(self, signum, frame):
     del frame
     if self.requested and signum == signal.SIGINT:
@@ -784,7 +798,7 @@ class _TrainData:
 _COUNTS = {"batch_size": 1, "log_every_steps": 1, "num_epochs": 0, "num_train_steps": 0,
            "eval_every_steps": 0, "checkpoint_every_steps": 0, "eval_batch_size": 0,
            "bn_recalibrate_batches": 0, "remat": 0, "trim_to_multiple": 0, "data_shards": 0,
-           "seed": 0}
+           "seed": 0, "preemption_check_every_steps": 1}
 _RATES = ("dropout", "recurrent_dropout", "input_dropout")  # config.model keys, in [0, 1)
 
 
@@ -968,7 +982,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log_now = step % config.log_every_steps == 0 or step == total_steps
         # Read once per step: a signal arriving after this step's save is handled with the next
         # step's (it used to exit claiming a checkpoint at a step it had not saved).
-        stopping = preempt.requested
+        stopping = preempt.agreed(step, config.get("preemption_check_every_steps", 10))
         save_now = step % ckpt_every == 0 or step == total_steps or stopping
         if log_now or save_now:  # never checkpoint a diverged state
           for at, step_loss, param_norm in unchecked:

@@ -13,6 +13,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0           # 0: once per epoch
   c.checkpoint_every_steps = 0     # 0: at every evaluation
   c.log_every_steps = 10
+  c.preemption_check_every_steps = 10  # several processes: how often they agree on a stop
+  #                                      (one small all-gather; one process checks every step)
   c.eval_splits = ("validation", "test")
   c.class_weights = ""             # "" or "balanced"
   c.bn_recalibrate_batches = 20    # re-estimate batch-norm statistics before eval from this
