@@ -64,6 +64,7 @@ class SequenceModel(nn.Module):
     if self.task == "lm" and self.bidirectional:
       raise ValueError("task='lm' predicts each next token from the ones before it; a "
                        "bidirectional model would read the tokens it predicts")
+    inputs, mask = layers.as_arrays(inputs, mask)  # lists and NumPy arrays, as the layers take
     if self.vocab_size is not None:
       if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
         raise ValueError(f"a model with vocab_size expects int tokens [B,T], got "
@@ -120,19 +121,33 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
               temperature: float = 1.0) -> Array:
   """Samples ``length`` tokens after ``prompt`` [P] from an "lm" model. Returns [P+length].
 
-  The model is rerun over a fixed-size masked buffer each step: O(T²) but
-  one compiled program, and exactly the function that was trained.
+  Each token is drawn from softmax(logits / temperature); ``temperature`` is a
+  number > 0 and finite (checked unless traced), and as it shrinks the draw becomes
+  the greedy argmax (the logits are shifted by their maximum first, so even a
+  denormal temperature cannot overflow them into ties).  ``prompt``: int tokens
+  (a JAX or NumPy array, or a list).  The model is rerun over a fixed-size
+  masked buffer each step: O(T²) but one compiled program, and exactly the
+  function that was trained.
   """
   if model.task != "lm":
     raise ValueError(f"sample_lm needs a model with task='lm', got {model.task!r}")
+  if model.vocab_size is None:
+    raise ValueError("sample_lm needs a token model (vocab_size set): it feeds each sampled "
+                     "token back as the next input")
+  prompt = jnp.asarray(prompt)
   if prompt.ndim != 1 or prompt.shape[0] < 1:
     raise ValueError(f"prompt must be a non-empty [P] token array, got shape {prompt.shape}")
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt must hold int tokens, got dtype {prompt.dtype}")
   length = check_int("length", length, 0)
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0 (small values approach greedy decoding), "
-                     f"got {temperature}")
+  if not isinstance(temperature, jax.core.Tracer):
+    try:
+      ok = bool(np.isfinite(temperature) and temperature > 0)
+    except TypeError:
+      ok = False
+    if not ok:
+      raise ValueError(f"temperature must be > 0 and finite (small values approach "
+                       f"greedy decoding), got {temperature!r}")
   check_token_range("prompt", prompt, model.vocab_size)
   p = prompt.shape[0]
   total = p + length
@@ -143,7 +158,9 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
     mask = (jnp.arange(total) < t)[None]
     logits = model.apply(variables, buf, mask, train=False)[0, t - 1]
     rng, sub = jax.random.split(rng)
-    tok = jax.random.categorical(sub, logits / temperature)
+    # Shifted so the top logit is 0: logits / T alone overflows to +inf for small T,
+    # and categorical then picks the lowest-indexed of the tied tokens, not the top one.
+    tok = jax.random.categorical(sub, (logits - jnp.max(logits)) / temperature)
     return buf.at[0, t].set(tok.astype(jnp.int32)), rng
 
   buf, _ = jax.lax.fori_loop(p, total, body, (buf, rng))
@@ -211,6 +228,7 @@ class Seq2Seq(nn.Module):
   def start(self, inputs: Array, mask: Array | None = None, *, train: bool = False,
             example_ids: Array | None = None):
     """Encodes inputs [B,S] -> (context [B,C], initial decoder states, one [B,H_i] per layer)."""
+    inputs, mask = layers.as_arrays(inputs, mask)
     self._check("inputs", inputs)
     if mask is not None and mask.shape != inputs.shape:
       raise ValueError(f"Seq2Seq: mask must have shape [B,S]={inputs.shape}, got {mask.shape}")
@@ -246,6 +264,7 @@ class Seq2Seq(nn.Module):
   def __call__(self, inputs: Array, mask: Array | None = None, *, decoder_inputs: Array,
                train: bool = False, example_ids: Array | None = None) -> Array:
     """Teacher-forced logits [B,L,num_outputs] for decoder_inputs [B,L] given inputs [B,S]."""
+    inputs, decoder_inputs = layers.as_arrays(inputs, decoder_inputs)
     self._check("decoder_inputs", decoder_inputs)
     check_token_range("Seq2Seq: decoder_inputs", decoder_inputs, self.num_outputs)
     if decoder_inputs.shape[0] != inputs.shape[0]:

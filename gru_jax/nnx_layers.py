@@ -233,6 +233,7 @@ class StackedGRU(nnx.Module):
                dropout_between: float = 0.0, rngs: nnx.Rngs, **gru_kwargs):
     if not hidden_sizes:
       raise ValueError("StackedGRU needs at least one hidden size")
+    linen_layers.check_rate("dropout_between", dropout_between)
     linen_layers.check_gru_kwargs("StackedGRU", gru_kwargs, linen_layers.STACKED_SETS)
     self.num_layers = len(hidden_sizes)
     d = in_features
@@ -250,6 +251,7 @@ class StackedGRU(nnx.Module):
 
   def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, rngs=None,
                resets=None):
+    xs, mask, resets = linen_layers.as_arrays(xs, mask, resets)
     linen_layers.check_sequence_input("StackedGRU", xs, mask, resets)
     h = xs
     for i in range(self.num_layers):
