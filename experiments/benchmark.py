@@ -35,12 +35,23 @@ Implementations (``--impls``, default all that are installed and apply):
   flax      nn.RNN(nn.GRUCell)           equinox  eqx.nn.GRUCell + lax.scan
   haiku     hk.GRU + hk.dynamic_unroll   keras    keras.layers.GRU, JAX backend, stateless_call
   torch     torch.nn.GRU (oneDNN on CPU, cuDNN on GPU)
-With --dtype=bfloat16, gru_jax runs bf16 matmuls with a float32 state; the
-peers run in their own bf16 mode (Flax/Keras: bf16 compute, f32 params;
-Equinox/Haiku/torch: everything cast to bf16).
+With --dtype=bfloat16 each runs in its own bf16 mode, so the rows compare
+different numerics: gru_jax takes float32 x and cotangent with
+compute_dtype=bfloat16 (bf16 operands in the input projection and the per-step
+matmuls; float32 gates, state and outputs; under AD on the "xla" backend the
+weight-gradient and dx matmuls after the loop run in float32); Flax bf16 matmuls
+and gates, float32 params and state (its carry has param_dtype); Equinox, Haiku,
+Keras (float32-initialised weights, cast, in a "bfloat16" layer: "mixed_bfloat16"
+fails in Keras 3.15) and torch: everything in bf16.
 
-Writes <out_dir>/benchmark.json and benchmark.png (tokens/s against T and H,
-one line per implementation) and prints a table.
+Every implementation computes the same function (Haiku the "seed" form) and, for
+"train", the gradients w.r.t. all its parameters and x: tests/test_benchmark.py
+checks each step's outputs and gradients against a float64 reference.
+
+Writes <out_dir>/benchmark.json (per implementation: median_ms, p25_ms, p75_ms,
+runs, tokens_per_s, ratio_to_gru_jax, and for gru_jax's the backend that ran as
+"path") and benchmark.png (tokens/s against T and for every shape, one line per
+implementation) and prints a table.
 """
 from __future__ import annotations
 
@@ -90,15 +101,26 @@ def default_impls(platform_name: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- implementations
-# Each builder returns step() -> something to synchronise on.
+# Each builder returns a step: step() runs one synchronised call (what is timed).
+# For checks (tests/test_benchmark.py), step.result() runs the same call and returns
+# what it computes, unsynchronised (forward: the outputs [B,T,H]; train: the gradients
+# (parameters, inputs)), and step.native holds what it runs on: params (as
+# differentiated), x, ct, the module (Equinox: its static part) where a converter needs
+# it, and for gru_jax the backend it runs (path).
 
-def _jax_step(loss_or_fn, params, x, mode):
+def _step(run, sync, result=None, **native):
+  step = lambda: sync(run())
+  step.result, step.native = result or run, native
+  return step
+
+
+def _jax_step(loss_or_fn, params, x, mode, **native):
   import jax
   if mode == "train":
     fn = jax.jit(jax.grad(loss_or_fn, argnums=(0, 1)))
   else:
     fn = jax.jit(loss_or_fn)
-  return lambda: jax.block_until_ready(fn(params, x))
+  return _step(lambda: fn(params, x), jax.block_until_ready, params=params, x=x, **native)
 
 
 def _fraction(text: str) -> float | None:
@@ -171,19 +193,19 @@ def gru_jax_apply(impl: str, shape, act):
       for (mod, name), value in saved.items():
         setattr(mod, name, value)
 
-  if backend == "pallas":  # "pallas" falls back to "xla" silently: do not time that as pallas
-    with configured():
-      path = gru_jax.scan.resolve_backend(backend, hidden_size=h, batch=b, compute_dtype=act,
-                                          state_dtype=jnp.float32, variant=variant,
-                                          resets=resets is not None)
-    if path != "pallas":
-      raise ValueError(f"{impl!r}: the Pallas kernels do not apply at B={b}, H={h} "
-                       f"({jnp.dtype(act).name}); gru_jax would run {path!r}")
+  with configured():
+    path = gru_jax.scan.resolve_backend(backend, hidden_size=h, batch=b, compute_dtype=act,
+                                        state_dtype=jnp.float32, variant=variant,
+                                        resets=resets is not None)
+  if backend == "pallas" and path != "pallas":  # it falls back to "xla" silently: not pallas
+    raise ValueError(f"{impl!r}: the Pallas kernels do not apply at B={b}, H={h} "
+                     f"({jnp.dtype(act).name}); gru_jax would run {path!r}")
 
   def apply(p, x):
     with configured():
       return gru_jax.gru(p, x, variant=variant, backend=backend, compute_dtype=act,
                          resets=resets, unroll=unroll)[1]
+  apply.path = path  # the backend it runs ("auto" resolved), recorded in the results
   return apply, params
 
 
@@ -196,21 +218,20 @@ def build(impl: str, shape, mode: str, dtype_name: str):
   act = jnp.bfloat16 if bf16 else jnp.float32
   key = jax.random.key(42)
 
-  def finish(apply, params, x, ct):
-    if mode == "train":
-      return _jax_step(lambda p, x: jnp.sum(apply(p, x).astype(jnp.float32) * ct), params, x, mode)
-    return _jax_step(apply, params, x, mode)
+  def finish(apply, params, x, ct, **native):
+    loss = lambda p, x: jnp.sum(apply(p, x).astype(jnp.float32) * ct)
+    return _jax_step(loss if mode == "train" else apply, params, x, mode, ct=ct, **native)
 
   if impl == REFERENCE or impl.startswith("gru_jax/"):
     apply, params = gru_jax_apply(impl, shape, act)
     x, ct = _inputs(shape, jnp.float32)
-    return finish(apply, params, x, ct)
+    return finish(apply, params, x, ct, path=apply.path)
 
   if impl == "flax":
     import flax.linen as nn
     x, ct = _inputs(shape, act)
     rnn = nn.RNN(nn.GRUCell(h, dtype=act, param_dtype=jnp.float32))
-    return finish(rnn.apply, rnn.init(key, x), x, ct)
+    return finish(rnn.apply, rnn.init(key, x), x, ct, module=rnn)
 
   if impl == "equinox":
     import equinox as eqx
@@ -224,7 +245,7 @@ def build(impl: str, shape, mode: str, dtype_name: str):
       step = lambda hs, xt: (jax.vmap(c)(xt, hs),) * 2
       return jnp.swapaxes(jax.lax.scan(step, jnp.zeros((b, h), act), jnp.swapaxes(x, 0, 1))[1],
                           0, 1)
-    return finish(apply, params, x, ct)
+    return finish(apply, params, x, ct, static=static)
 
   if impl == "haiku":
     import haiku as hk
@@ -242,16 +263,23 @@ def build(impl: str, shape, mode: str, dtype_name: str):
     import keras
     if keras.backend.backend() != "jax":
       raise RuntimeError(f"keras uses the {keras.backend.backend()} backend, not jax")
-    # With bf16, Keras 3.15's JAX GRU fails ("mixed_bfloat16": its scan carry changes
-    # dtype; "bfloat16": the orthogonal initialiser has no bf16 QR); reported as n/a.
     x, ct = _inputs(shape, act)
-    layer = keras.layers.GRU(h, return_sequences=True,
-                             dtype="mixed_bfloat16" if bf16 else "float32")
+    # Keras' default initialisers, seeded (unseeded, every call drew other weights).
+    init = dict(kernel_initializer=keras.initializers.GlorotUniform(seed=42),
+                recurrent_initializer=keras.initializers.Orthogonal(seed=43))
+    layer = keras.layers.GRU(h, return_sequences=True, dtype="float32", **init)
     layer.build((b, t, d))
-    trainable = [v.value for v in layer.trainable_variables]
+    trainable = [v.value.astype(act) for v in layer.trainable_variables]
+    if bf16:
+      # Keras 3.15's JAX GRU fails with "mixed_bfloat16" (its scan carry changes dtype),
+      # and "bfloat16" cannot run the orthogonal initialiser (no bf16 QR): so the float32
+      # weights, cast, run in a "bfloat16" layer (everything bf16, as Equinox and Haiku).
+      layer = keras.layers.GRU(h, return_sequences=True, dtype="bfloat16",
+                               recurrent_initializer="zeros")
+      layer.build((b, t, d))
     fixed = [v.value for v in layer.non_trainable_variables]
     apply = lambda p, x: layer.stateless_call(p, fixed, x)[0]
-    return finish(apply, trainable, x, ct)
+    return finish(apply, trainable, x, ct, module=layer)
 
   if impl == "torch":
     import torch
@@ -264,18 +292,23 @@ def build(impl: str, shape, mode: str, dtype_name: str):
     ctt = torch.randn(b, t, h, device=dev, dtype=tdt)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
-    def step():
+    def run():
       if mode == "train":
         for p in gru.parameters():
           p.grad = None
         xt.grad = None
         out, _ = gru(xt)
         (out * ctt).sum().backward()
-      else:
-        with torch.no_grad():
-          gru(xt)
-      sync()
-    return step
+        return None
+      with torch.no_grad():
+        return gru(xt)[0]
+
+    def result():  # the gradients are read after the call, outside what is timed
+      out = run()
+      return out if mode != "train" else ({n: p.grad for n, p in gru.named_parameters()},
+                                          xt.grad)
+    return _step(run, lambda _: sync(), result, params=dict(gru.named_parameters()), x=xt,
+                 ct=ctt, module=gru)
 
   raise ValueError(f"unknown implementation {impl!r}; see --helpfull")
 
@@ -363,6 +396,9 @@ def run(shapes, mode: str = "train", dtype: str = "float32", impls=("all",), rep
       # Nothing built for this row (every implementation failed): keep the others' results.
       times = time_interleaved(steps, repeats, warmup, gap_ms / 1e3) if steps else {}
       row = {name: summarise(s, shape) for name, s in times.items()}
+      for name, r in row.items():
+        if "path" in steps[name].native:  # gru_jax's: the backend that ran
+          r["path"] = steps[name].native["path"]
       ref = row.get(REFERENCE)
       for name, r in row.items():
         r["ratio_to_gru_jax"] = r["median_ms"] / ref["median_ms"] if ref else None

@@ -35,6 +35,8 @@ def test_main_writes_json_and_plot(tmp_path):
       assert {"median_ms", "p25_ms", "p75_ms", "runs", "tokens_per_s", "ratio_to_gru_jax"} <= set(t)
       assert t["runs"] == 2 and t["median_ms"] > 0
     assert r["timings"]["gru_jax"]["ratio_to_gru_jax"] == 1.0
+    # the backend "auto" ran (on CPU "xla"); the peers have none
+    assert r["timings"]["gru_jax"]["path"] == "xla" and "path" not in r["timings"]["flax"]
 
 
 def test_unknown_impl_is_reported_not_fatal(tmp_path):
@@ -226,3 +228,116 @@ def test_split_check_refuses_a_split_that_would_not_run():
     gpu_check.split_check("16x12x16x32:float32")
   assert gpu_check.split_option("gru_jax/pallas/reset_after/split=16") == 16
   assert gpu_check.split_option("gru_jax/pallas/reset_after") is None
+
+
+# ---------------------------------------------------------------- same function, same gradients
+# Every implementation the benchmark times is checked on its own weights and inputs: the
+# weights are read into gru_jax's layout with gru_jax.convert, the float64 NumPy reference
+# (tests/reference.py) gives the outputs, and float64 torch autograd of the same equations
+# the gradients of the benchmark's loss, sum(outputs · ct), w.r.t. the parameters and x.
+# A peer's parameter gradients are read into gru_jax's layout by the same converter (a
+# signed permutation) and compared where that peer has a parameter.
+
+CHECK_SHAPE = (3, 41, 5, 16)  # T >= 40: gru_jax's CPU training step runs in time chunks
+# (dtype, relative tolerance of the forward, of the gradients): bf16 runs are checked
+# loosely, to show each computes the same function (Equinox, Haiku, Keras and torch
+# keep a bf16 state, so their errors grow along the sequence).
+TOLERANCES = {"float32": (1e-5, 1e-5), "bfloat16": (3e-2, 5e-2)}
+_slow = pytest.mark.slow
+CHECKED = ([pytest.param(i, "float32", id=i) for i in benchmark.default_impls("cpu")]
+           + [pytest.param(i, "float32", marks=_slow, id=i) for i in (
+               "gru_jax/xla/reset_after/chunks=1", "gru_jax/xla/seed/loop",
+               "gru_jax/xla/seed/packed", "gru_jax/xla/reset_after/unroll=3")]
+           + [pytest.param(i, "bfloat16", id=f"{i}-bf16", marks=() if i == "keras" else _slow)
+              for i in benchmark.default_impls("cpu")])
+
+
+def _to_gru_jax(impl, native, tree):
+  """(GRUParams, variant) of ``tree``, shaped like ``impl``'s parameters (weights or grads)."""
+  from gru_jax import convert
+  if impl.startswith("gru_jax"):
+    return tree, "reset_after" if impl == benchmark.REFERENCE else impl.split("/")[2]
+  if impl == "flax":
+    return convert.from_flax_linen(tree, native["module"]), "reset_after"
+  if impl == "equinox":
+    import equinox as eqx
+    return convert.from_equinox(eqx.combine(tree, native["static"])), "reset_after"
+  if impl == "haiku":
+    return convert.from_haiku(tree), "seed"
+  if impl == "keras":
+    import keras
+    layer = native["module"].__class__.from_config(native["module"].get_config())
+    layer.build(tuple(native["x"].shape))
+    for var, value in zip(layer.trainable_variables, tree, strict=True):
+      var.assign(value)
+    return convert.from_keras(layer)
+  assert impl == "torch", impl
+  return convert.from_torch({n: g.detach() for n, g in tree.items()}), "reset_after"
+
+
+def _f64(a):
+  import numpy as np
+  if hasattr(a, "detach"):
+    a = a.detach().float()
+  return np.asarray(a, np.float64)
+
+
+def _torch_reference(params, x, ct, variant):
+  """float64 autograd of the reference equations: (hs, d loss/d params, d loss/d x)."""
+  import torch
+  w_x, w_h, b_x, b_h, xs = (torch.tensor(_f64(a), requires_grad=True)
+                            for a in (*params, x))
+  hsz = w_h.shape[0]
+  h, hs = torch.zeros(xs.shape[0], hsz, dtype=torch.float64), []
+  for t in range(xs.shape[1]):
+    gx = xs[:, t] @ w_x + b_x
+    zr = torch.sigmoid(gx[:, :2 * hsz] + h @ w_h[:, :2 * hsz] + b_h[:2 * hsz])
+    z, r = zr[:, :hsz], zr[:, hsz:]
+    if variant == "seed":
+      cand = torch.tanh(gx[:, 2 * hsz:] + (r * h) @ w_h[:, 2 * hsz:] + b_h[2 * hsz:])
+    else:
+      cand = torch.tanh(gx[:, 2 * hsz:] + r * (h @ w_h[:, 2 * hsz:] + b_h[2 * hsz:]))
+    h = (1 - z) * h + z * cand
+    hs.append(h)
+  hs = torch.stack(hs, 1)
+  (hs * torch.tensor(_f64(ct))).sum().backward()
+  return hs.detach().numpy(), [a.grad.numpy() for a in (w_x, w_h, b_x, b_h)], xs.grad.numpy()
+
+
+def _close(got, want, what, rtol):
+  import numpy as np
+  got, want = _f64(got), _f64(want)
+  assert got.shape == want.shape, (what, got.shape, want.shape)
+  err = np.max(np.abs(got - want), initial=0.0)
+  assert err <= rtol * max(np.max(np.abs(want), initial=0.0), 1.0), (what, err)
+
+
+@pytest.mark.parametrize("impl,dtype", CHECKED)
+def test_every_implementation_computes_the_same_function_and_gradients(impl, dtype):
+  """Forward outputs and the train step's gradients (every parameter and x) against float64."""
+  import jax
+  import numpy as np
+  from tests import reference
+  fwd_tol, grad_tol = TOLERANCES[dtype]
+  fwd = benchmark.build(impl, CHECK_SHAPE, "forward", dtype)
+  params, variant = _to_gru_jax(impl, fwd.native, fwd.native["params"])
+  want_hs = reference.run(params, _f64(fwd.native["x"]), variant=variant)[1]
+  _close(fwd.result(), want_hs, f"{impl} forward", fwd_tol)
+  train = benchmark.build(impl, CHECK_SHAPE, "train", dtype)
+  native = train.native
+  params, variant = _to_gru_jax(impl, native, native["params"])
+  hs, grads, dx = _torch_reference(params, native["x"], native["ct"], variant)
+  want_hs = reference.run(params, _f64(native["x"]), variant=variant)[1]
+  _close(hs, want_hs, "torch float64 reference against tests/reference.py", 1e-10)
+  got_grads, got_dx = train.result()
+  assert got_dx is not None, f"{impl}: the train step does not differentiate x"
+  _close(got_dx, dx, f"{impl} d/dx", grad_tol)
+  # Where the peer has a parameter: the converter of a tree of ones is nonzero there.
+  ones = jax.tree.map(lambda a: a * 0 + 1, native["params"])
+  present = _to_gru_jax(impl, native, ones)[0]
+  got = _to_gru_jax(impl, native, got_grads)[0]
+  assert jax.tree.structure(got_grads) == jax.tree.structure(native["params"]), impl
+  for name, g, w, where in zip(params._fields, got, grads, present, strict=True):
+    where = _f64(where) != 0
+    assert where.any() or (impl, name) == ("haiku", "b_h"), (impl, name)
+    _close(np.where(where, _f64(g), 0), np.where(where, w, 0), f"{impl} d/d{name}", grad_tol)
