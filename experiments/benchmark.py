@@ -34,7 +34,8 @@ Implementations (``--impls``, default all that are installed and apply):
                                per step: `fused_rnn.PACKED`)
   flax      nn.RNN(nn.GRUCell)           equinox  eqx.nn.GRUCell + lax.scan
   haiku     hk.GRU + hk.dynamic_unroll   keras    keras.layers.GRU, JAX backend, stateless_call
-  torch     torch.nn.GRU (oneDNN on CPU, cuDNN on GPU)
+  torch     torch.nn.GRU (cuDNN on GPU; on CPU ATen's generic RNN loop, per-step matmuls
+            and pointwise ops differentiated by autograd: no oneDNN RNN primitive)
 With --dtype=bfloat16 each runs in its own bf16 mode, so the rows compare
 different numerics: gru_jax takes float32 x and cotangent with
 compute_dtype=bfloat16 (bf16 operands in the input projection and the per-step

@@ -5,6 +5,9 @@ r"""Peak memory of one GRU training step with and without chunked rematerialisat
 Reads XLA's compiled memory analysis (temporary + argument + output bytes),
 which is exact for the compiled program and needs no run, so T = 10,000
 can be sized on any machine; --run also executes each step once to show it fits.
+The two columns run different backends (printed): without remat the default
+("xla" on CPU, its fused backward), with remat_chunk the "scan" backend, which
+remat always uses, so the difference is remat's and the backend's together.
 """
 import json
 
@@ -38,8 +41,11 @@ def measure(t: int, chunk: int | None, run: bool) -> dict:
   peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
   if run:
     jax.block_until_ready(compiled(p, xs))
-  return {"T": t, "remat_chunk": chunk, "temp_MiB": mem.temp_size_in_bytes / 2**20,
-          "peak_MiB": peak / 2**20}
+  backend = gru_jax.scan.resolve_backend("auto", hidden_size=FLAGS.hidden, batch=FLAGS.batch,
+                                         compute_dtype=xs.dtype, state_dtype=xs.dtype,
+                                         remat_chunk=chunk, variant=FLAGS.variant)
+  return {"T": t, "remat_chunk": chunk, "backend": backend,
+          "temp_MiB": mem.temp_size_in_bytes / 2**20, "peak_MiB": peak / 2**20}
 
 
 def main(argv):
@@ -56,10 +62,10 @@ def main(argv):
     for chunk in (None, FLAGS.remat_chunk):
       rows.append(measure(t, chunk, FLAGS.run))
   print(f"B={FLAGS.batch} D={FLAGS.input_size} H={FLAGS.hidden} variant={FLAGS.variant}")
-  print(f"{'T':>7} {'remat':>7} {'temp MiB':>10} {'peak MiB':>10}")
+  print(f"{'T':>7} {'remat':>7} {'backend':>8} {'temp MiB':>10} {'peak MiB':>10}")
   for r in rows:
-    print(f"{r['T']:>7} {str(r['remat_chunk'] or '-'):>7} {r['temp_MiB']:>10.1f} "
-          f"{r['peak_MiB']:>10.1f}")
+    print(f"{r['T']:>7} {str(r['remat_chunk'] or '-'):>7} {r['backend']:>8} "
+          f"{r['temp_MiB']:>10.1f} {r['peak_MiB']:>10.1f}")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(rows, f, indent=1)

@@ -341,3 +341,19 @@ def test_every_implementation_computes_the_same_function_and_gradients(impl, dty
     where = _f64(where) != 0
     assert where.any() or (impl, name) == ("haiku", "b_h"), (impl, name)
     _close(np.where(where, _f64(g), 0), np.where(where, w, 0), f"{impl} d/d{name}", grad_tol)
+
+
+def test_memory_rows_name_the_backend_they_measure(tmp_path, capsys):
+  """experiments.memory: remat runs the "scan" backend, no remat the default ("xla" on CPU)."""
+  from experiments import memory
+  out = tmp_path / "mem.json"
+  argv = ["memory", "--seq_lens=6", "--batch=2", "--input_size=3", "--hidden=8",
+          "--remat_chunk=3", f"--out={out}"]
+  flags.FLAGS(argv)
+  try:
+    memory.main(argv[:1])
+  finally:
+    flags.FLAGS.unparse_flags()
+  rows = json.load(open(out))
+  assert [(r["remat_chunk"], r["backend"]) for r in rows] == [(None, "xla"), (3, "scan")]
+  assert " scan " in capsys.readouterr().out
