@@ -159,10 +159,13 @@ TERM_RECORDER = textwrap.dedent("""\
 def test_local_passes_a_signal_on_to_every_process(tmp_path, signum, code):
   # SIGTERM used to exit 130, the status of Ctrl-C.
   (tmp_path / "proc.py").write_text(TERM_RECORDER)
+  # SIGINT at its default in the script: a shell cannot trap a signal ignored when it starts,
+  # and a test run started in the background (`nohup ... &`, `timeout`) ignores SIGINT.
   proc = subprocess.Popen(["bash", str(LAUNCH / "local.sh"), "-n", "2", "-w", str(tmp_path),
                            "--entrypoint", f"{sys.executable} {tmp_path / 'proc.py'}"],
                           cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   deadline = time.time() + 30
   while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.time() < deadline:
     time.sleep(0.05)
