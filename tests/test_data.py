@@ -394,6 +394,43 @@ def test_batches_rejects_mismatched_arrays():
                  bucket_by_length=True)
 
 
+@pytest.mark.parametrize("value", ["no", "", 0, 1, None, np.array([True])])
+@pytest.mark.parametrize("flag", ["shuffle", "drop_remainder", "bucket_by_length"])
+def test_batches_flags_refuse_non_bools(flag, value):
+  # shuffle="no" used to shuffle: any truthy value switched a flag on.
+  kw = dict(seed=0, epoch=0, shuffle=False, drop_remainder=False)
+  kw[flag] = value
+  with pytest.raises(ValueError) as e:
+    data.batches(toy(), 4, **kw)  # at the call, before any next()
+  assert f"{flag} must be a bool" in str(e.value) and repr(value) in str(e.value)
+
+
+def test_flags_refuse_non_bools_in_epoch_order_num_batches_and_sharded_batches():
+  with pytest.raises(ValueError, match="shuffle must be a bool.*'no'"):
+    data.epoch_order(10, 2, seed=0, epoch=0, shuffle="no")
+  with pytest.raises(ValueError, match="drop_remainder must be a bool.*got 1"):
+    data.num_batches(23, 5, 1)
+  with pytest.raises(ValueError, match="shuffle must be a bool.*'no'"):
+    data.sharded_batches(_shards(), 8, num_shards=4, seed=0, epoch=0, shuffle="no",
+                         num_batches=1)
+
+
+def test_batches_take_numpy_bools_as_python_bools():
+  arrays, kw = toy(n=23), dict(seed=3, epoch=1)
+  for flag in (False, True):
+    py = collect(arrays, 5, shuffle=flag, drop_remainder=flag, bucket_by_length=flag, **kw)
+    npy = collect(arrays, 5, shuffle=np.bool_(flag), drop_remainder=np.bool_(flag),
+                  bucket_by_length=np.bool_(flag), **kw)
+    assert len(py) == len(npy) == (4 if flag else 5)  # floor / ceil of 23 / 5
+    for x, y in zip(py, npy):
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
+  # Not shuffled, remainder dropped: the first 20 examples in array order.
+  plain = collect(arrays, 5, shuffle=np.False_, drop_remainder=np.True_, **kw)
+  np.testing.assert_array_equal(np.concatenate([x["labels"] for x in plain]), np.arange(20))
+  assert data.num_batches(23, 5, np.True_) == 4 and data.num_batches(23, 5, np.False_) == 5
+
+
 # ---------------------------------------------------------------- public TFDS sets, mocked
 
 @pytest.fixture

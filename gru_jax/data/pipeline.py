@@ -21,11 +21,19 @@ from gru_jax.data.base import check_int
 RESERVED_KEYS = ("weight", "example_id")
 
 
+def _check_bool(name: str, value) -> bool:
+  """`value` (a Python or NumPy bool) as a bool, else a ValueError naming `name`: a
+  truthy stand-in such as the string "no" would otherwise switch the option on."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+  return bool(value)
+
+
 def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int:
   """Global batches per epoch: floor(N/B) when dropping the remainder, else ceil(N/B)."""
   n = check_int("num_examples", num_examples, 0)
   b = check_int("batch_size", batch_size, 1)
-  return n // b if drop_remainder else -(-n // b)
+  return n // b if _check_bool("drop_remainder", drop_remainder) else -(-n // b)
 
 
 def _check_arrays(arrays: Mapping[str, np.ndarray]) -> int:
@@ -69,6 +77,7 @@ def epoch_order(num_examples: int, batch_size: int, *, seed: int, epoch: int, sh
   n = check_int("num_examples", num_examples, 0)
   b = check_int("batch_size", batch_size, 1)
   key = [check_int("seed", seed, 0), check_int("epoch", epoch, 0), check_int("stream", stream, 0)]
+  shuffle = _check_bool("shuffle", shuffle)
   rng = np.random.default_rng(key if key[2] else key[:2])  # stream 0: the unsharded order
   order = rng.permutation(n) if shuffle else np.arange(n)
   if lengths is None:
@@ -124,10 +133,15 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int, epo
     "weight" [b] float32 (1 real, 0 padding) and "example_id" [b] int32, the
     row's position in the epoch order (global batch index * B + row).
 
-  Raises ValueError at the call, not at the first `next`, for bad arguments.
+  Raises ValueError at the call, not at the first `next`, for bad arguments; the
+  flags `shuffle`, `drop_remainder` and `bucket_by_length` must be bools (Python or
+  NumPy), not other truthy values.
   """
   n = _check_arrays(arrays)
   b = check_int("batch_size", batch_size, 1)
+  shuffle = _check_bool("shuffle", shuffle)
+  drop_remainder = _check_bool("drop_remainder", drop_remainder)
+  bucket_by_length = _check_bool("bucket_by_length", bucket_by_length)
   pc = check_int("process_count", process_count, 1)
   if b % pc:
     raise ValueError(f"batch_size ({b}) must be divisible by process_count ({pc})")
