@@ -35,6 +35,7 @@ Options:
       --dry-run              print the commands, one line per process; run nothing
   -h, --help                 show this help
 
+A short option's value may be glued to it: -n2, -n=2 and -n 2 are the same.
 Every other argument, and everything after --, is passed to every process
 unchanged (e.g. --config.batch_size=64).
 
@@ -64,12 +65,16 @@ grace=10
 dry_run=0
 extra=()
 
-# Options take "--opt value" or "--opt=value".
+# Options take "--opt value" or "--opt=value"; short ones also "-o value", "-ovalue"
+# or "-o=value" (split here, so that -n2 is not passed on to the trainer).
 while [[ $# -gt 0 ]]; do
   arg=$1
   if [[ $arg == --*=* ]]; then
     opt=${arg%%=*}
     set -- "$opt" "${arg#*=}" "${@:2}"
+  elif [[ $arg == -[ndgcwp]?* ]]; then
+    value=${arg:2}
+    set -- "${arg:0:2}" "${value#=}" "${@:2}"
   fi
   case $1 in
     -h|--help) usage; exit 0 ;;

@@ -83,15 +83,31 @@ def test_local_dry_run_free_port_gpus_logs_and_existing_xla_flags():
       "XLA_FLAGS=--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=4"
 
 
+@pytest.mark.parametrize("glued", [["-n3", "-d2", "-w/tmp/w", "-p12345", "-cc.py"],
+                                   ["-n=3", "-d=2", "-w=/tmp/w", "-p=12345", "-c=c.py"]])
+def test_local_short_options_take_a_glued_value(glued):
+  # -n3 used to reach the trainer as an unknown flag, with the default 2 processes.
+  out = lines(sh("local.sh", *glued, "--dry-run", "--", "-n5"))
+  assert out == [
+      "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m "
+      "experiments.train --config=c.py --workdir=/tmp/w --coordinator_address=localhost:12345 "
+      f"--num_processes=3 --process_id={i} -n5" for i in range(3)]
+  out = lines(sh("local.sh", "-n1", "-g2", "-ww", "-p9", "--dry-run"))
+  assert len(out) == 1 and shlex.split(out[0])[0] == "CUDA_VISIBLE_DEVICES=0,1"
+
+
 @pytest.mark.parametrize("args, message", [
     (["-n", "0", "-w", "w"], "--num_processes must be a positive integer, got '0'"),
     (["-n", "two", "-w", "w"], "--num_processes must be a positive integer"),
+    (["-n0", "-ww"], "--num_processes must be a positive integer, got '0'"),
+    (["-dx", "-w=w"], "--cpu_devices must be a positive integer, got 'x'"),
     (["-d", "x", "-w", "w"], "--cpu_devices must be a positive integer, got 'x'"),
     (["-d", "2", "-g", "1", "-w", "w"], "--cpu_devices and --gpus_per_process exclude each other"),
     (["-p", "70000", "-w", "w"], "--port must be in 1..65535, got '70000'"),
     (["-n", "2"], "--workdir is required"),
     (["-w"], "-w needs a value"),
     (["-n", "2", "-w", "--config.x=1"], "-w needs a value"),
+    (["-n2", "-w--config.x=1"], "-w needs a value"),
 ])
 def test_local_bad_arguments(args, message):
   proc = sh("local.sh", *args, "--dry-run")
