@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gru_jax import cell as cell_lib
 from gru_jax import layernorm as ln_lib
@@ -183,13 +184,15 @@ def gru_dropout_masks(next_key: Callable[[], Array], xs: Array, hidden_size: int
 def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, xs: Array,
               mask: Array | None, h0: Array | None, in_mask: Array | None,
               rec_mask: Array | None, return_gates: bool = False,
-              resets: Array | None = None):
+              resets: Array | None = None, return_state: bool | None = None):
   """Runs one configured GRU layer; ``cfg`` carries the layer's attributes.
 
   Shared by the Linen and NNX layers so that both compute the same function.
-  Returns hs [B,T,H] or h_last [B,H], and ``(outputs, h_last)`` with ``return_state``;
-  with ``return_gates`` (not for layer norm), ``(that, Gates)``, each gate [B,T,H].
+  Returns hs [B,T,H] or h_last [B,H], and ``(outputs, h_last)`` with ``return_state``
+  (the argument if given, else ``cfg.return_state``); with ``return_gates`` (not for
+  layer norm), ``(that, Gates)``, each gate [B,T,H].
   """
+  return_state = cfg.return_state if return_state is None else return_state
   if ln is not None:
     if in_mask is not None or rec_mask is not None or cfg.remat_chunk:
       raise ValueError("GRU(layer_norm=True) supports neither dropout, recurrent_dropout "
@@ -207,13 +210,65 @@ def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, 
         compute_dtype=cfg.compute_dtype, remat_chunk=cfg.remat_chunk, backend=cfg.backend,
         return_gates=return_gates, resets=resets)
   out = hs if cfg.return_sequences else h_last
-  out = (out, h_last) if cfg.return_state else out
+  out = (out, h_last) if return_state else out
   return (out, gates[0]) if return_gates else out
 
 
 # GRU options the wrappers set on their layers: each layer feeds sequences on.
 STACKED_SETS = ("return_sequences", "return_state")
 BIDIRECTIONAL_SETS = ("reverse",) + STACKED_SETS
+
+
+def check_pair(owner: str, arg: str, pair, batch: int, size: int) -> tuple:
+  """A bidirectional layer's (forward, backward) states, each [B,H] or None;
+  ``pair`` may also be one array [2,B,H] (torch's layout)."""
+  if pair is None:
+    return (None, None)
+  if isinstance(pair, (jax.Array, np.ndarray)) and jnp.shape(pair) == (2, batch, size):
+    pair = tuple(pair)
+  if isinstance(pair, (jax.Array, np.ndarray)) or len(pair) != 2:
+    got = f"shape {jnp.shape(pair)}" if hasattr(pair, "shape") else f"{len(pair)} entries"
+    raise ValueError(f"{owner}: {arg} must be a pair (forward, backward) of states "
+                     f"[B,H]=({batch}, {size}) or one array [2,B,H], got {got}")
+  return tuple(check_state(owner, f"{arg}[{i}] ({d})", h, batch, size)
+               for i, (d, h) in enumerate(zip(("forward", "backward"), pair)))
+
+
+def check_state(owner: str, arg: str, h, batch: int, size: int) -> Array | None:
+  if h is None:
+    return None
+  h = jnp.asarray(h)
+  if h.shape != (batch, size):
+    raise ValueError(f"{owner}: {arg} must have shape [B,H]=({batch}, {size}), got {h.shape}")
+  return h
+
+
+def stacked_initial_states(owner: str, h0, hidden_sizes: Sequence[int], bidirectional: bool,
+                           batch: int) -> list:
+  """A stack's initial states as one entry per layer: [B,H_i] or None, or
+  with ``bidirectional`` a (forward, backward) pair of those.
+
+  ``h0`` is None (zeros), such a sequence, or torch's layout: one array
+  [L·dirs,B,H] (layer-major, forward before backward) when every layer has
+  the same H.
+  """
+  n, dirs = len(hidden_sizes), 2 if bidirectional else 1
+  if h0 is None:
+    return [(None, None) if bidirectional else None] * n
+  if isinstance(h0, (jax.Array, np.ndarray)):
+    want = (n * dirs, batch, hidden_sizes[0])
+    if len(set(hidden_sizes)) != 1 or h0.shape != want:
+      raise ValueError(f"{owner}: h0 as one array takes torch's layout [L*dirs,B,H]={want} "
+                       f"(every layer the same H), got shape {h0.shape} for hidden sizes "
+                       f"{tuple(hidden_sizes)}; else pass one state per layer")
+    h0 = [tuple(h0[i * 2:i * 2 + 2]) if bidirectional else h0[i] for i in range(n)]
+  if len(h0) != n:
+    raise ValueError(f"{owner}: h0 must have one entry per layer ({n}), got {len(h0)}")
+  if bidirectional:
+    return [check_pair(owner, f"h0[{i}]", h, batch, size)
+            for i, (h, size) in enumerate(zip(h0, hidden_sizes))]
+  return [check_state(owner, f"h0[{i}]", h, batch, size)
+          for i, (h, size) in enumerate(zip(h0, hidden_sizes))]
 
 
 class Bidirectional(nn.Module):
@@ -223,25 +278,42 @@ class Bidirectional(nn.Module):
   False, the two final states [B,2H] / [B,H].  The backward layer runs each
   sequence's valid steps in reverse, so with padding the outputs line up;
   with ``resets`` [B,T] (segment starts) each segment runs on its own both ways.
+  ``h0`` is a pair (forward, backward) of initial states [B,H] (None: zeros);
+  the backward one enters at each sequence's last valid step.  With
+  ``return_state``, returns ``(outputs, (h_forward, h_backward))``, the final
+  states [B,H] (the backward one after step 0).
   """
   hidden_size: int
   merge_mode: str = "concat"
   return_sequences: bool = True
+  return_state: bool = False
   gru_kwargs: dict | None = None
   deterministic: bool | None = None  # as `GRU.deterministic`
 
   @nn.compact
-  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, resets=None):
+  def __call__(self, xs, mask=None, h0=None, *, deterministic=None, example_ids=None,
+               resets=None):
+    xs, mask, resets = as_arrays(xs, mask, resets)
+    check_sequence_input("Bidirectional", xs, mask, resets)
     deterministic = resolve_deterministic(self.deterministic, deterministic)
     if self.merge_mode not in ("concat", "sum"):
       raise ValueError(f"merge_mode must be 'concat' or 'sum', got {self.merge_mode!r}")
     kw = dict(self.gru_kwargs or {})
     check_gru_kwargs("Bidirectional", kw, BIDIRECTIONAL_SETS)
-    outs = [GRU(self.hidden_size, reverse=rev, return_sequences=self.return_sequences,
-                name=name, **kw)(xs, mask, deterministic=deterministic, example_ids=example_ids,
-                                 resets=resets)
-            for name, rev in (("forward", False), ("backward", True))]
-    return jnp.concatenate(outs, -1) if self.merge_mode == "concat" else outs[0] + outs[1]
+    h0 = check_pair("Bidirectional", "h0", h0, xs.shape[0], self.hidden_size)
+    runs = [GRU(self.hidden_size, reverse=rev, return_sequences=self.return_sequences,
+                return_state=True, name=name, **kw)(
+                    xs, mask, h, deterministic=deterministic, example_ids=example_ids,
+                    resets=resets)
+            for name, rev, h in (("forward", False, h0[0]), ("backward", True, h0[1]))]
+    return merge_directions(self.merge_mode, runs, self.return_state)
+
+
+def merge_directions(merge_mode: str, runs, return_state: bool):
+  """(outputs, h_last) of the forward and backward layers -> a Bidirectional's result."""
+  (out_f, h_f), (out_b, h_b) = runs
+  out = jnp.concatenate([out_f, out_b], -1) if merge_mode == "concat" else out_f + out_b
+  return (out, (h_f, h_b)) if return_state else out
 
 
 class StackedGRU(nn.Module):
@@ -250,16 +322,25 @@ class StackedGRU(nn.Module):
   ``dropout_between`` applies (per-example) dropout to the outputs of every
   layer but the last.  Returns hs [B,T,H_last]; bidirectional, [B,T,2H_last]
   with ``merge_mode="concat"`` or [B,T,H_last] with "sum".
+
+  ``h0``: initial states, one entry per layer: [B,H_i] (None: zeros), or with
+  ``bidirectional`` a (forward, backward) pair; or torch's ``h0`` layout, one
+  array [L·dirs,B,H], when every layer has the same H.  With
+  ``return_state``, returns ``(hs, states)``: each layer's final state(s) in
+  the per-layer form; ``jnp.stack(jax.tree.leaves(states))`` is torch's
+  ``h_n`` [L·dirs,B,H].
   """
   hidden_sizes: Sequence[int]
   bidirectional: bool = False
   merge_mode: str = "concat"
   dropout_between: float = 0.0
+  return_state: bool = False
   gru_kwargs: dict | None = None
   deterministic: bool | None = None  # as `GRU.deterministic`
 
   @nn.compact
-  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, resets=None):
+  def __call__(self, xs, mask=None, h0=None, *, deterministic=None, example_ids=None,
+               resets=None):
     xs, mask, resets = as_arrays(xs, mask, resets)
     check_sequence_input("StackedGRU", xs, mask, resets)
     check_rate("dropout_between", self.dropout_between)
@@ -269,18 +350,22 @@ class StackedGRU(nn.Module):
     kw = dict(self.gru_kwargs or {})
     check_gru_kwargs("StackedGRU", kw,
                      BIDIRECTIONAL_SETS if self.bidirectional else STACKED_SETS)
-    h = xs
+    h0 = stacked_initial_states("StackedGRU", h0, self.hidden_sizes, self.bidirectional,
+                                xs.shape[0])
+    h, states = xs, []
     for i, size in enumerate(self.hidden_sizes):
       if self.bidirectional:
-        layer = Bidirectional(size, merge_mode=self.merge_mode, gru_kwargs=kw,
-                              name=f"layer_{i}")
+        layer = Bidirectional(size, merge_mode=self.merge_mode, return_state=True,
+                              gru_kwargs=kw, name=f"layer_{i}")
       else:
-        layer = GRU(size, name=f"layer_{i}", **kw)
-      h = layer(h, mask, deterministic=deterministic, example_ids=example_ids, resets=resets)
+        layer = GRU(size, return_state=True, name=f"layer_{i}", **kw)
+      h, state = layer(h, mask, h0[i], deterministic=deterministic, example_ids=example_ids,
+                       resets=resets)
+      states.append(state)
       if i < len(self.hidden_sizes) - 1:
         h = SequenceDropout(self.dropout_between)(h, deterministic=deterministic,
                                                   example_ids=example_ids)
-    return h
+    return (h, tuple(states)) if self.return_state else h
 
 
 class SequenceDropout(nn.Module):

@@ -148,11 +148,13 @@ class GRU(nnx.Module):
 
   def __call__(self, xs: Array, mask: Array | None = None, h0: Array | None = None, *,
                deterministic: bool | None = None, example_ids: Array | None = None,
-               rngs: nnx.Rngs | None = None, resets: Array | None = None):
+               rngs: nnx.Rngs | None = None, resets: Array | None = None,
+               return_state: bool | None = None):
     """xs [B,T,D], mask [B,T] bool, h0 [B,H] -> hs [B,T,H] or h_last [B,H] (see Args).
 
     ``resets`` [B,T] bool: segment starts; the state starts from zero after
-    each, in either direction (see `gru_jax.gru`).
+    each, in either direction (see `gru_jax.gru`).  ``return_state``, if
+    given, overrides the attribute for this call.
     """
     xs, mask, resets = linen_layers.as_arrays(xs, mask, resets)
     linen_layers.check_sequence_input("GRU", xs, mask, resets)
@@ -165,7 +167,7 @@ class GRU(nnx.Module):
         self.recurrent_dropout, det, example_ids)
     gates = self.record_gates and not self.layer_norm
     out = linen_layers.apply_gru(self, self.params, ln, xs, mask, h0, in_mask, rec_mask,
-                                 return_gates=gates, resets=resets)
+                                 return_gates=gates, resets=resets, return_state=return_state)
     if gates:
       out, g = out
       self.sow(nnx.Intermediate, "gates", g)
@@ -179,26 +181,34 @@ class Bidirectional(nnx.Module):
   False, the two final states [B,2H] / [B,H].  The backward layer runs each
   sequence's valid steps in reverse, so with padding the outputs line up;
   with ``resets`` [B,T] (segment starts) each segment runs on its own both
-  ways.  ``gru_kwargs`` go to both layers.
+  ways.  ``gru_kwargs`` go to both layers.  ``h0`` and ``return_state`` as
+  in the Linen `layers.Bidirectional`: a (forward, backward) pair in, and
+  ``(outputs, (h_forward, h_backward))`` out.
   """
 
   def __init__(self, in_features: int, hidden_size: int, *, merge_mode: str = "concat",
-               return_sequences: bool = True, rngs: nnx.Rngs, **gru_kwargs):
+               return_sequences: bool = True, return_state: bool = False, rngs: nnx.Rngs,
+               **gru_kwargs):
     if merge_mode not in ("concat", "sum"):
       raise ValueError(f"merge_mode must be 'concat' or 'sum', got {merge_mode!r}")
     linen_layers.check_gru_kwargs("Bidirectional", gru_kwargs, linen_layers.BIDIRECTIONAL_SETS)
-    self.merge_mode = merge_mode
+    self.merge_mode, self.return_state = merge_mode, return_state
     self.forward = GRU(in_features, hidden_size, return_sequences=return_sequences,
                        rngs=rngs, **gru_kwargs)
     self.backward = GRU(in_features, hidden_size, return_sequences=return_sequences,
                         reverse=True, rngs=rngs, **gru_kwargs)
 
-  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, rngs=None,
-               resets=None):
-    outs = [layer(xs, mask, deterministic=deterministic, example_ids=example_ids, rngs=rngs,
-                  resets=resets)
-            for layer in (self.forward, self.backward)]
-    return jnp.concatenate(outs, -1) if self.merge_mode == "concat" else outs[0] + outs[1]
+  def __call__(self, xs, mask=None, h0=None, *, deterministic=None, example_ids=None,
+               rngs=None, resets=None, return_state=None):
+    xs, mask, resets = linen_layers.as_arrays(xs, mask, resets)
+    linen_layers.check_sequence_input("Bidirectional", xs, mask, resets)
+    h0 = linen_layers.check_pair("Bidirectional", "h0", h0, xs.shape[0],
+                                 self.forward.hidden_size)
+    runs = [layer(xs, mask, h, deterministic=deterministic, example_ids=example_ids, rngs=rngs,
+                  resets=resets, return_state=True)
+            for layer, h in zip((self.forward, self.backward), h0)]
+    return linen_layers.merge_directions(
+        self.merge_mode, runs, self.return_state if return_state is None else return_state)
 
 
 class SequenceDropout(nnx.Module):
@@ -225,17 +235,22 @@ class StackedGRU(nnx.Module):
 
   ``dropout_between`` applies (per-example) dropout to the outputs of every
   layer but the last.  Returns hs [B,T,H_last]; bidirectional, [B,T,2H_last]
-  with ``merge_mode="concat"`` or [B,T,H_last] with "sum".
+  with ``merge_mode="concat"`` or [B,T,H_last] with "sum".  ``h0`` and
+  ``return_state`` (the attribute, or the call's to override it) as in the
+  Linen `layers.StackedGRU`: per-layer initial states (or torch's
+  [L·dirs,B,H]) in, ``(hs, states)`` out.
   """
 
   def __init__(self, in_features: int, hidden_sizes: Sequence[int], *,
                bidirectional: bool = False, merge_mode: str = "concat",
-               dropout_between: float = 0.0, rngs: nnx.Rngs, **gru_kwargs):
+               dropout_between: float = 0.0, return_state: bool = False, rngs: nnx.Rngs,
+               **gru_kwargs):
     if not hidden_sizes:
       raise ValueError("StackedGRU needs at least one hidden size")
     linen_layers.check_rate("dropout_between", dropout_between)
     linen_layers.check_gru_kwargs("StackedGRU", gru_kwargs, linen_layers.STACKED_SETS)
-    self.num_layers = len(hidden_sizes)
+    self.num_layers, self.hidden_sizes = len(hidden_sizes), tuple(hidden_sizes)
+    self.bidirectional, self.return_state = bidirectional, return_state
     d = in_features
     for i, size in enumerate(hidden_sizes):
       if bidirectional:
@@ -249,17 +264,22 @@ class StackedGRU(nnx.Module):
                                    deterministic=gru_kwargs.get("deterministic", False),
                                    rngs=rngs)
 
-  def __call__(self, xs, mask=None, *, deterministic=None, example_ids=None, rngs=None,
-               resets=None):
+  def __call__(self, xs, mask=None, h0=None, *, deterministic=None, example_ids=None,
+               rngs=None, resets=None, return_state=None):
     xs, mask, resets = linen_layers.as_arrays(xs, mask, resets)
     linen_layers.check_sequence_input("StackedGRU", xs, mask, resets)
-    h = xs
+    h0 = linen_layers.stacked_initial_states("StackedGRU", h0, self.hidden_sizes,
+                                             self.bidirectional, xs.shape[0])
+    h, states = xs, []
     for i in range(self.num_layers):
-      h = getattr(self, f"layer_{i}")(h, mask, deterministic=deterministic,
-                                      example_ids=example_ids, rngs=rngs, resets=resets)
+      h, state = getattr(self, f"layer_{i}")(h, mask, h0[i], deterministic=deterministic,
+                                             example_ids=example_ids, rngs=rngs,
+                                             resets=resets, return_state=True)
+      states.append(state)
       if i < self.num_layers - 1:
         h = self.between(h, deterministic=deterministic, example_ids=example_ids, rngs=rngs)
-    return h
+    return_state = self.return_state if return_state is None else return_state
+    return (h, tuple(states)) if return_state else h
 
 
 class SequenceBatchNorm(nnx.Module):
