@@ -13,6 +13,7 @@ logits (or regression outputs); the softmax lives in the loss.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -34,6 +35,14 @@ class SequenceModel(nn.Module):
   ``mask`` [B,T] bool.  Output: [B,num_outputs] for "classification" and
   "regression" (read from each sequence's last valid step), [B,T,num_outputs]
   for "tagging" and "lm".
+
+  State: ``initial_states`` holds one entry per GRU layer, [B,H_i] (None:
+  zeros) or with ``bidirectional`` a (forward, backward) pair; with
+  ``return_states`` the call returns ``(outputs, states)``, each layer's final
+  state(s) in that form.  In eval mode (``train=False``: batch norm on its
+  running averages, no dropout) a sequence run in pieces, each piece starting
+  from the states the one before returned, gives the whole run's outputs;
+  `sample_lm` decodes that way.
   """
   task: str
   num_outputs: int
@@ -56,7 +65,8 @@ class SequenceModel(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Array, mask: Array | None = None, *, train: bool = False,
-               example_ids: Array | None = None) -> Array:
+               example_ids: Array | None = None, initial_states=None,
+               return_states: bool = False):
     if self.task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
     if not self.hidden_sizes:  # else the head would read the inputs, per step: [B,T,K]
@@ -81,22 +91,27 @@ class SequenceModel(nn.Module):
                   compute_dtype=self.compute_dtype, remat_chunk=self.remat_chunk,
                   backend=self.backend)
     n = len(self.hidden_sizes)
+    h0 = layers.stacked_initial_states("SequenceModel", initial_states, self.hidden_sizes,
+                                       self.bidirectional, x.shape[0])
+    states = []
     for i, size in enumerate(self.hidden_sizes):
       seq = per_step or i < n - 1
       if self.bidirectional:
-        x = layers.Bidirectional(size, return_sequences=seq, gru_kwargs=gru_kw,
-                                 name=f"gru_{i}")(x, mask, deterministic=not train,
-                                                  example_ids=example_ids)
+        layer = layers.Bidirectional(size, return_sequences=seq, return_state=True,
+                                     gru_kwargs=gru_kw, name=f"gru_{i}")
       else:
-        x = layers.GRU(size, return_sequences=seq, name=f"gru_{i}", **gru_kw)(
-            x, mask, deterministic=not train, example_ids=example_ids)
+        layer = layers.GRU(size, return_sequences=seq, return_state=True, name=f"gru_{i}",
+                           **gru_kw)
+      x, state = layer(x, mask, h0[i], deterministic=not train, example_ids=example_ids)
+      states.append(state)
       if self.batch_norm:
         x = layers.SequenceBatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                      axis_name=self.axis_name, name=f"bn_{i}")(
                                          x, mask if seq else None, use_running_average=not train)
       x = layers.SequenceDropout(self.dropout, name=f"dropout_{i}")(
           x, deterministic=not train, example_ids=example_ids)
-    return nn.Dense(self.num_outputs, name="head")(x)
+    out = nn.Dense(self.num_outputs, name="head")(x)
+    return (out, tuple(states)) if return_states else out
 
 
 def check_token_range(name: str, tokens, size: int) -> None:
@@ -125,9 +140,10 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
   number > 0 and finite (checked unless traced), and as it shrinks the draw becomes
   the greedy argmax (the logits are shifted by their maximum first, so even a
   denormal temperature cannot overflow them into ties).  ``prompt``: int tokens
-  (a JAX or NumPy array, or a list).  The model is rerun over a fixed-size
-  masked buffer each step: O(T²) but one compiled program, and exactly the
-  function that was trained.
+  (a JAX or NumPy array, or a list).  The prompt runs once; then each token is
+  one GRU step from the carried states (``initial_states``/``return_states``),
+  in eval mode, so O(P + length) steps in all, and the logits are the whole
+  sequence's in eval mode.
   """
   if model.task != "lm":
     raise ValueError(f"sample_lm needs a model with task='lm', got {model.task!r}")
@@ -150,21 +166,23 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
                        f"greedy decoding), got {temperature!r}")
   check_token_range("prompt", prompt, model.vocab_size)
   p = prompt.shape[0]
-  total = p + length
-  buf = jnp.zeros((1, total), jnp.int32).at[0, :p].set(prompt.astype(jnp.int32))
+  prompt = prompt.astype(jnp.int32)
+  run = functools.partial(model.apply, variables, train=False, return_states=True)
+  logits, states = run(prompt[None])
+  buf = jnp.zeros((p + length,), jnp.int32).at[:p].set(prompt)
 
   def body(t, carry):
-    buf, rng = carry
-    mask = (jnp.arange(total) < t)[None]
-    logits = model.apply(variables, buf, mask, train=False)[0, t - 1]
+    buf, logits, states, rng = carry
     rng, sub = jax.random.split(rng)
     # Shifted so the top logit is 0: logits / T alone overflows to +inf for small T,
     # and categorical then picks the lowest-indexed of the tied tokens, not the top one.
     tok = jax.random.categorical(sub, (logits - jnp.max(logits)) / temperature)
-    return buf.at[0, t].set(tok.astype(jnp.int32)), rng
+    tok = tok.astype(jnp.int32)
+    logits, states = run(tok[None, None], initial_states=states)
+    return buf.at[t].set(tok), logits[0, 0], states, rng
 
-  buf, _ = jax.lax.fori_loop(p, total, body, (buf, rng))
-  return buf[0]
+  buf, *_ = jax.lax.fori_loop(p, p + length, body, (buf, logits[0, -1], states, rng))
+  return buf
 
 
 class Seq2Seq(nn.Module):

@@ -33,27 +33,37 @@ def _bn_np(x, mask, p, stats, train, eps):
   return y if mask is None else y * mask[..., None]
 
 
-def _model_np(model, variables, inputs, mask, train=False):
-  """SequenceModel's forward pass (dropout off) in float64 from the reference GRU."""
+def _model_np(model, variables, inputs, mask, train=False, h0=None):
+  """SequenceModel's forward pass (dropout off) in float64 from the reference GRU.
+
+  With ``h0`` (one initial state per layer, a (forward, backward) pair when
+  bidirectional) returns ``(outputs, final states)`` in the same form.
+  """
   p, st = variables["params"], variables.get("batch_stats", {})
   m = None if mask is None else np.asarray(mask, bool)
   x = _f64(p["embed"]["embedding"])[np.asarray(inputs)] if model.vocab_size else _f64(inputs)
   n = len(model.hidden_sizes)
+  starts = [(None, None) if model.bidirectional else None] * n if h0 is None else h0
+  states = []
   for i in range(n):
     seq = model.task in ("tagging", "lm") or i < n - 1
     g = p[f"gru_{i}"]
     if model.bidirectional:
-      fl, fh = reference.run(GRUParams(**g["forward"]), x, mask=m, variant=model.variant)
-      bl, bh = reference.run(GRUParams(**g["backward"]), x, mask=m, reverse=True,
+      fl, fh = reference.run(GRUParams(**g["forward"]), x, starts[i][0], mask=m,
+                             variant=model.variant)
+      bl, bh = reference.run(GRUParams(**g["backward"]), x, starts[i][1], mask=m, reverse=True,
                              variant=model.variant)
       x = np.concatenate([fh, bh] if seq else [fl, bl], -1)
+      states.append((fl, bl))
     else:
-      last, hs = reference.run(GRUParams(**g), x, mask=m, variant=model.variant)
+      last, hs = reference.run(GRUParams(**g), x, starts[i], mask=m, variant=model.variant)
       x = hs if seq else last
+      states.append(last)
     if model.batch_norm:
       x = _bn_np(x, m if seq else None, p[f"bn_{i}"], st.get(f"bn_{i}"), train,
                  model.bn_epsilon)
-  return x @ _f64(p["head"]["kernel"]) + _f64(p["head"]["bias"])
+  out = x @ _f64(p["head"]["kernel"]) + _f64(p["head"]["bias"])
+  return out if h0 is None else (out, states)
 
 
 def _nontrivial(variables, key):
@@ -110,6 +120,49 @@ def test_sequence_model_matches_a_float64_composition_in_eval_and_train(task, bi
     np.testing.assert_allclose(upd["batch_stats"]["bn_0"]["var"],
                                m * _f64(v["batch_stats"]["bn_0"]["var"]) + (1 - m) * valid.var(0),
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("task,bidirectional,variant,tokens", [
+    ("classification", True, "seed", False),
+    ("tagging", False, "reset_after", True),
+    ("lm", False, "seed", True),
+])
+def test_initial_and_final_states_match_the_float64_composition(task, bidirectional, variant,
+                                                                 tokens):
+  x, mask = _inputs(tokens, hole=True)
+  model = models.SequenceModel(task, 5, hidden_sizes=(6, 4), dropout=0.0,
+                               bidirectional=bidirectional, variant=variant,
+                               vocab_size=9 if tokens else None, embed_dim=3)
+  v = _nontrivial(model.init(jax.random.key(1), x, mask), 2)
+  rs = np.random.RandomState(5)
+  draw = lambda size: rs.randn(4, size).astype(np.float32)
+  h0 = [(draw(6), draw(6)), (None, draw(4))] if bidirectional else [draw(6), None]
+  ref_h0 = [tuple(np.zeros((4, 4)) if h is None else h for h in pair) for pair in h0] \
+      if bidirectional else [h0[0], np.zeros((4, 4))]
+  for train in (False, True):
+    got = model.apply(v, x, mask, train=train, initial_states=h0, return_states=True,
+                      mutable=["batch_stats"] if train else False)
+    (out, states), want = (got[0] if train else got), _model_np(model, v, x, mask, train, ref_h0)
+    np.testing.assert_allclose(out, want[0], atol=2e-5)
+    for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(want[1])):
+      np.testing.assert_allclose(a, b, atol=2e-5)
+  # The row with no valid step keeps its initial states.
+  np.testing.assert_allclose(jax.tree.leaves(states)[0][3], jax.tree.leaves(ref_h0)[0][3])
+  with pytest.raises(ValueError, match=r"SequenceModel: h0 must have one entry per layer"):
+    model.apply(v, x, mask, initial_states=h0[:1])
+
+
+def test_an_lm_run_in_pieces_from_carried_states_equals_the_whole_run():
+  """Eval mode: batch norm on running averages, so each step's output is its own."""
+  model, v = _lm()
+  toks = np.random.RandomState(1).randint(0, 4, (2, 9)).astype(np.int32)
+  whole = model.apply(v, toks)
+  states, pieces = None, []
+  for a, b in ((0, 4), (4, 5), (5, 9)):
+    out, states = model.apply(v, toks[:, a:b], initial_states=states, return_states=True)
+    pieces.append(out)
+  np.testing.assert_allclose(np.concatenate(pieces, 1), whole, atol=1e-5)
+  np.testing.assert_allclose(whole, _model_np(model, v, toks, None), atol=2e-5)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
