@@ -345,15 +345,22 @@ def stacked_from_torch_nnx(module, *, rngs=None):
                                 dropout_between=float(module.dropout),
                                 rngs=nnx.Rngs(0) if rngs is None else rngs,
                                 variant="reset_after", param_dtype=dtype)
-  for _, _, path in _stack_paths(num_layers, bidirectional):
-    gru, params = stack, tree
-    for k in path:
-      gru, params = getattr(gru, k), params[k]
-    for name, value in params._asdict().items():
-      setattr(gru, name, nnx.Param(value))
+  _set_nnx_params(stack, tree)
   if not module.training:
     stack.eval()
   return stack
+
+
+def _set_nnx_params(node, tree) -> None:
+  """Makes each `GRUParams` leaf of ``tree`` (as `_torch_stack_params` arranges them) the
+  ``nnx.Param``s of the NNX submodule of ``node`` at the same path, in one walk of the tree."""
+  from flax import nnx
+  if isinstance(tree, GRUParams):
+    for name, value in tree._asdict().items():
+      setattr(node, name, nnx.Param(value))
+    return
+  for key, subtree in tree.items():
+    _set_nnx_params(getattr(node, key), subtree)
 
 
 def _keys(node) -> str:
@@ -534,10 +541,9 @@ def from_flax_linen(variables_or_params, module=None) -> GRUParams:
   # A bias on hz or hr (not nn.GRUCell's, but a cell built like it) adds to its gate outside
   # the reset product, as b_h's first two blocks do.
   b = lambda m: _np(tree[m]["bias"]) if "bias" in tree[m] else jnp.zeros(hsz, dtype)
-  return _params(jnp.concatenate([-k("iz"), k("ir"), k("in")], axis=1),
-                 jnp.concatenate([-k("hz"), k("hr"), k("hn")], axis=1),
-                 jnp.concatenate([-b("iz"), b("ir"), b("in")]),
-                 jnp.concatenate([-b("hz"), b("hr"), b("hn")]))
+  # One side's (z, r, n) blocks along the last axis, then z negated as for the other peers.
+  side = lambda get, s: _flip_z(jnp.concatenate([get(s + g) for g in "zrn"], axis=-1))
+  return _params(side(k, "i"), side(k, "h"), side(b, "i"), side(b, "h"))
 
 
 # --- Haiku ---------------------------------------------------------------------

@@ -187,6 +187,24 @@ def test_nnx_stack_equals_torch_and_writes_back():
     convert.stacked_from_torch_nnx(m)
 
 
+def test_nnx_stack_of_one_direction_equals_torch():
+  # Each layer's params sit right under layer_i (no forward/backward level), in a stack
+  # deeper than two layers, bias-free, and built without rngs (no dropout to run).
+  nnx = pytest.importorskip("flax.nnx")
+  m = _torch_gru(num_layers=3, bias=False)
+  xs, _ = _data(3)
+  stack = convert.stacked_from_torch_nnx(m)
+  _close(stack(xs, _mask()), _torch_run(m, xs, LENGTHS))
+  params = nnx.state(stack, nnx.Param).to_pure_dict()
+  assert sorted(params) == ["layer_0", "layer_1", "layer_2"]
+  for i in range(3):
+    np.testing.assert_array_equal(params[f"layer_{i}"]["b_x"], np.zeros(3 * H, np.float32))
+    # torch's (r, z, n) rows, transposed, with z first and negated: the NNX stack's w_h.
+    w_hh = getattr(m, f"weight_hh_l{i}").detach().numpy()
+    r, z, n = np.split(w_hh, 3)
+    np.testing.assert_array_equal(params[f"layer_{i}"]["w_h"], np.concatenate([-z, r, n]).T)
+
+
 def test_refuses_what_is_not_a_gru():
   for bad, what in ((torch.nn.LSTM(D, H), "LSTM; an LSTM's gates"),
                     (torch.nn.LSTM(D, H, proj_size=2), "LSTM; an LSTM's gates"),
