@@ -295,9 +295,10 @@ def stacked_from_torch(module):
   (True on each sequence's first ``length`` steps) is torch's
   ``pack_padded_sequence(xs, lengths)``: the backward direction starts at each
   sequence's last valid step, and padded steps come out as zeros as
-  ``pad_packed_sequence`` pads them.  The initial state is zero (torch's
-  ``h0=None``) and h_n is not returned; for either, chain `from_torch`'s
-  per-layer params through `gru_jax.gru` instead.
+  ``pad_packed_sequence`` pads them.  torch's ``h0`` [L·dirs,B,H] goes in as
+  it is (``stack.apply(variables, xs, mask, h0)``), and
+  ``stack.clone(return_state=True)`` also returns the final states, with
+  ``jnp.stack(jax.tree.leaves(states))`` torch's ``h_n``.
 
   ``module.dropout`` becomes ``dropout_between`` (inverted dropout on every
   layer's outputs but the last, as torch's): it runs only when applied with
