@@ -122,6 +122,47 @@ def vary(tree, axes: frozenset):
   return jax.tree.map(one, tree)
 
 
+def explicit_mesh(*trees):
+  """The mesh of the first array in ``trees`` typed with Explicit mesh axes
+  (JAX's explicit sharding, the default of `jax.make_mesh` from JAX 0.9); None if none is."""
+  for leaf in jax.tree.leaves(trees):
+    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+    if getattr(mesh, "explicit_axes", ()):
+      return mesh
+  return None
+
+
+def batch_specs(mesh, xs: Array, batch_axis: int, tree, batch_dims):
+  """PartitionSpecs for ``tree`` (arrays, or ints giving a rank) on ``mesh``: each
+  array's dimension ``batch_dims`` (a matching tree of ints, or None for
+  replicated) sharded as xs's ``batch_axis`` is, every other dimension replicated."""
+  from jax.sharding import PartitionSpec
+  spec = tuple(jax.typeof(xs).sharding.spec)
+  entry = spec[batch_axis] if batch_axis < len(spec) else None
+
+  def one(a, dim):
+    parts = [None] * (a if isinstance(a, int) else jnp.ndim(a))
+    if dim is not None:
+      parts[dim] = entry
+    return PartitionSpec(*parts)
+  return jax.tree.map(one, tree, batch_dims, is_leaf=lambda d: d is None)
+
+
+def shard_over_batch(fn: Callable, mesh, args: tuple, in_specs: tuple, out_specs):
+  """``fn(*args)`` run per batch shard under `jax.shard_map` on ``mesh``.
+
+  For inputs typed with Explicit mesh axes: a recurrence's carry and buffers
+  are made without the inputs' sharding types, which the loops refuse, while
+  inside `jax.shard_map` every shard is a plain local array.  Rows of a batch
+  are independent, so the result is the unsharded computation's.  Each input
+  is first resharded to its spec (batch dimension kept, the rest replicated).
+  """
+  from jax.sharding import NamedSharding
+  args = jax.tree.map(lambda a, sp: jax.sharding.reshard(a, NamedSharding(mesh, sp)),
+                      args, in_specs)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+
 def _blockwise(init_fn: Callable, key: Array, rows: int, hidden: int, dtype) -> Array:
   """Initialises each of the three [rows,H] gate blocks on its own.
 

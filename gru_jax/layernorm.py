@@ -74,6 +74,22 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
   for name, v in zip(LNParams._fields, ln):
     if v.shape != (3 * hsz,):
       raise ValueError(f"ln.{name} must have shape [3H]=({3 * hsz},), got {v.shape}")
+  mesh = cell_lib.explicit_mesh(params, ln, xs, h0, mask, resets)
+  if mesh is not None:  # explicit sharding types: each device runs its rows, as in `gru`
+    named = {k: v for k, v in (("xs", xs), ("h0", h0), ("mask", mask), ("resets", resets))
+             if v is not None}
+    in_specs = cell_lib.batch_specs(mesh, xs, 0, (named, params, ln),
+                                    ({k: 0 for k in named}, GRUParams(*[None] * 4),
+                                     LNParams(*[None] * 4)))
+    out_specs = cell_lib.batch_specs(mesh, xs, 0, (2, 3), (0, 0))
+
+    def per_shard(named, params, ln):
+      return ln_gru(params, ln, named.pop("xs"), named.pop("h0", None), **named,
+                    reverse=reverse, variant=variant, eps=eps, unroll=unroll)
+    return cell_lib.shard_over_batch(per_shard, mesh, (named, params, ln), in_specs, out_specs)
+  # Inside `jax.shard_map` (check_vma): the carry varies over the axes any input does.
+  axes = cell_lib.vma(params, ln, xs, h0, mask, resets)
+  params, ln, xs, h0, mask, resets = cell_lib.vary((params, ln, xs, h0, mask, resets), axes)
   # Run in the inputs' dtype, as `gru` does: weights of another dtype (float32 on bf16
   # inputs) would promote the new state and break the scan's carry type.
   # The loop's invariants enter it in float32 (at least) and are cast inside:
@@ -86,7 +102,8 @@ def ln_gru(params: GRUParams, ln: LNParams, xs: Array, h0: Array | None = None, 
   if mask is not None:  # as in `gru`: NaN or inf padding must not reach the gradients
     xs = jnp.where(mask.astype(bool)[..., None], xs, jnp.zeros((), xs.dtype))
   ax = _ln(jnp.einsum("btd,dk->tbk", xs, params.w_x), ln.gamma_x, ln.beta_x, 3, eps) + params.b_x
-  h0 = jnp.zeros((b, hsz), xs.dtype) if h0 is None else h0.astype(xs.dtype)  # as `gru` does
+  h0 = (cell_lib.vary(jnp.zeros((b, hsz), xs.dtype), axes) if h0 is None
+        else h0.astype(xs.dtype))  # as `gru` does
   mask_tm = None if mask is None else mask.astype(bool).T
   rs_tm = None
   if resets is not None and t > 0:

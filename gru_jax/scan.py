@@ -480,6 +480,9 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
 
   Returns:
     ``(h_last [B,H], hs [B,T,H])``, plus gates when ``return_gates``.
+
+  Inputs typed with Explicit mesh axes (explicit sharding) run each device's
+  rows of the batch under `jax.shard_map`; outputs are sharded like xs along B.
   """
   # Lists and NumPy arrays are welcome; the checks below read .shape and .dtype.
   xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets = (
@@ -487,6 +490,15 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
       for a in (xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets))
   b, t = _validate(params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
                    time_major, variant, backend, remat_chunk, resets)
+  mesh = cell_lib.explicit_mesh(params, xs, h0, mask, input_dropout_mask,
+                                recurrent_dropout_mask, resets)
+  if mesh is not None:
+    return _on_explicit_mesh(mesh, params, xs, h0, mask=mask, reverse=reverse,
+                             time_major=time_major, variant=variant, unroll=unroll,
+                             return_gates=return_gates, input_dropout_mask=input_dropout_mask,
+                             recurrent_dropout_mask=recurrent_dropout_mask,
+                             compute_dtype=compute_dtype, remat_chunk=remat_chunk,
+                             backend=backend, resets=resets)
   # Inside `jax.shard_map` (check_vma): every input varies over the axes any one
   # does, so the loops' carries and the custom VJPs' cotangents agree; the
   # transpose of this marking sums an invariant input's gradient over the axes.
@@ -567,3 +579,25 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
   if return_gates:
     return h_last, hs, Gates(*gs)
   return h_last, hs
+
+
+def _on_explicit_mesh(mesh, params: GRUParams, xs: Array, h0: Array | None, **kw):
+  """`gru` on inputs typed with Explicit mesh axes: each device runs its rows of
+  the batch (`cell.shard_over_batch`); outputs are sharded like xs along B."""
+  bt = 1 if kw["time_major"] else 0
+  named = {k: v for k, v in (("xs", xs), ("h0", h0), ("mask", kw.pop("mask")),
+                             ("resets", kw.pop("resets")),
+                             ("input_dropout_mask", kw.pop("input_dropout_mask")),
+                             ("recurrent_dropout_mask", kw.pop("recurrent_dropout_mask")))
+           if v is not None}
+  dims = {k: bt if k in ("xs", "mask", "resets") else 0 for k in named}
+  in_specs = cell_lib.batch_specs(mesh, xs, bt, (named, params),
+                                  (dims, GRUParams(None, None, None, None)))
+  gates = kw["return_gates"]
+  out_specs = cell_lib.batch_specs(  # h_last [B,H], hs and each gate like xs
+      mesh, xs, bt, (2, 3) + ((Gates(3, 3, 3),) if gates else ()),
+      (0, bt) + ((Gates(bt, bt, bt),) if gates else ()))
+
+  def per_shard(named, params):
+    return tuple(gru(params, named.pop("xs"), named.pop("h0", None), **named, **kw))
+  return cell_lib.shard_over_batch(per_shard, mesh, (named, params), in_specs, out_specs)
