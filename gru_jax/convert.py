@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gru_jax.cell import GRUParams, check_int
+from gru_jax.cell import GRUParams, check_int, check_variant
 
 
 def _np(a):
@@ -172,7 +172,8 @@ def _check_params(params) -> None:
                 {"w_x": (d, 3 * hsz), "w_h": (hsz, 3 * hsz), "b_x": (3 * hsz,), "b_h": (3 * hsz,)})
 
 
-def to_torch(params: GRUParams, module=None, layer: int = 0, direction: int = 0):
+def to_torch(params: GRUParams, module=None, layer: int = 0, direction: int = 0, *,
+             variant: str = "reset_after"):
   """Writes "reset_after" `GRUParams` into PyTorch's layout; the inverse of `from_torch`.
 
   Transposes to [3H,D] / [3H,H], negates z's block and reorders the gates
@@ -180,11 +181,15 @@ def to_torch(params: GRUParams, module=None, layer: int = 0, direction: int = 0)
   equations; "seed" params would give a different GRU.
 
   Args:
-    params: `GRUParams` with w_x [D,3H], w_h [H,3H], b_x [3H], b_h [3H].
+    params: `GRUParams` with w_x [D,3H], w_h [H,3H], b_x [3H], b_h [3H], or an
+      NNX `nnx_layers.GRU`, whose own ``variant`` is then checked.
     module: a `torch.nn.GRU` or `torch.nn.GRUCell` whose ``layer`` /
       ``direction`` weights are overwritten in place (converted to its dtype
       and device), or None.
     layer, direction: as in `from_torch`.
+    variant: the variant the params were trained as.  GRUParams do not record
+      it, so pass it when it may be "seed" (e.g. from `from_haiku`): "seed" is
+      refused, as torch would compute another GRU with those weights.
 
   Returns:
     ``module`` if given, else a dict of float torch tensors under the
@@ -193,6 +198,10 @@ def to_torch(params: GRUParams, module=None, layer: int = 0, direction: int = 0)
     ``GRUCell``, whose keys have no ``_l0``, pass the cell as ``module``.
   """
   import torch
+  if not isinstance(params, GRUParams) and hasattr(params, "variant") and hasattr(params,
+                                                                                  "params"):
+    variant, params = params.variant, params.params  # an NNX GRU layer
+  _check_torch_variant(variant, "params")
   _check_params(params)
   arrays = (params.w_x.T, params.w_h.T, params.b_x, params.b_h)
   arrays = [_zrh_to_rzn(_torch_ready(a)) for a in arrays]
@@ -368,27 +377,34 @@ def _keys(node) -> str:
   return str(sorted(node)) if isinstance(node, Mapping) else type(node).__name__
 
 
-def stacked_to_torch(variables, module):
+def stacked_to_torch(variables, module, *, variant: str = "reset_after"):
   """Writes a `StackedGRU`'s params into a `torch.nn.GRU` in place; returns ``module``.
 
   The inverse of `stacked_from_torch`: ``variables`` is a Linen StackedGRU's
   ``{"params": ...}`` (or its ``params`` subtree) or an NNX ``StackedGRU``,
-  built with ``variant="reset_after"`` (the weights do not record their
-  variant; "seed" weights would give a different GRU in torch) and
-  ``merge_mode="concat"``, with as many layers as ``module.num_layers`` of
-  its ``hidden_size``, bidirectional as the module is.  Everything is checked
-  before anything is written, so a bad layer leaves the module unchanged.
+  built with ``variant="reset_after"`` and ``merge_mode="concat"``, with as
+  many layers as ``module.num_layers`` of its ``hidden_size``, bidirectional
+  as the module is.  An NNX stack's layers say their variant, and "seed"
+  layers are refused; Linen variables do not record it, so pass ``variant``
+  when it may be "seed" ("seed" weights would give a different GRU in torch).
+  Everything is checked before anything is written, so a bad layer leaves
+  the module unchanged.
   """
   import copy
   import torch
   num_layers, bidirectional = _torch_gru_shape(module)
   arg = "variables"
   tree = variables
+  _check_torch_variant(variant, arg)
   if not isinstance(tree, Mapping):
     from flax import nnx
     if not isinstance(tree, nnx.Module):
       raise TypeError(f"{arg} must be a Linen StackedGRU's variables dict or an NNX "
                       f"StackedGRU, got {type(tree).__name__}")
+    for path, node in nnx.iter_graph(tree):
+      if isinstance(getattr(node, "variant", None), str):
+        _check_torch_variant(node.variant,
+                             "variables." + ".".join(str(k) for k in path) or arg)
     tree = nnx.state(tree, nnx.Param).to_pure_dict()
   elif isinstance(tree.get("params"), Mapping):
     tree, arg = tree["params"], f"{arg}['params']"
@@ -419,6 +435,14 @@ def stacked_to_torch(variables, module):
     for k, v in scratch.named_parameters():
       own[k].copy_(v)
   return module
+
+
+def _check_torch_variant(variant: str, arg: str) -> None:
+  check_variant(variant)
+  if variant != "reset_after":
+    raise ValueError(f"{arg} is a {variant!r}-variant GRU; torch.nn.GRU computes the "
+                     "'reset_after' equations (r multiplies W_hn h + b_hn), so these weights "
+                     "would give a different GRU there")
 
 
 def _check_activations(arg: str, **fns) -> None:

@@ -260,3 +260,30 @@ def test_stacked_to_torch_checks_every_layer_before_writing_any():
     convert.stacked_to_torch(bad, into)
   for k, v in before.items():  # layer 0 was fine, yet nothing was written
     assert torch.equal(into.state_dict()[k], v), k
+
+
+def test_seed_variant_weights_are_refused_where_the_variant_is_known():
+  """torch computes the reset_after equations; seed weights there are another GRU."""
+  from flax import nnx
+  from gru_jax import nnx_layers
+  m = _torch_gru(num_layers=2, bidirectional=True)
+  before = {k: v.clone() for k, v in m.state_dict().items()}
+  seed_stack = nnx_layers.StackedGRU(D, (H, H), bidirectional=True, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError,
+                     match=r"variables\.layer_0\.(forward|backward) is a 'seed'-variant GRU"):
+    convert.stacked_to_torch(seed_stack, m)
+  _, variables = convert.stacked_from_torch(m)
+  with pytest.raises(ValueError, match=r"'seed'-variant GRU; torch.nn.GRU computes"):
+    convert.stacked_to_torch(variables, m, variant="seed")
+  layer = nnx_layers.GRU(D, H, rngs=nnx.Rngs(0))  # seed, the default
+  with pytest.raises(ValueError, match=r"params is a 'seed'-variant GRU"):
+    convert.to_torch(layer, m, layer=0)
+  with pytest.raises(ValueError, match=r"variant must be one of"):
+    convert.to_torch(convert.from_torch(m), m, variant="Seed")
+  assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+  # A reset_after NNX layer is written, and torch then computes that layer.
+  ra = nnx_layers.GRU(D, H, variant="reset_after", rngs=nnx.Rngs(1))
+  one = torch.nn.GRU(D, H, batch_first=True)
+  convert.to_torch(ra, one)
+  xs, _ = _data(2)
+  _close(ra(xs), one(torch.tensor(xs))[0].detach().numpy())
