@@ -403,8 +403,7 @@ def stacked_to_torch(variables, module, *, variant: str = "reset_after"):
                       f"StackedGRU, got {type(tree).__name__}")
     for path, node in nnx.iter_graph(tree):
       if isinstance(getattr(node, "variant", None), str):
-        _check_torch_variant(node.variant,
-                             "variables." + ".".join(str(k) for k in path) or arg)
+        _check_torch_variant(node.variant, ".".join(("variables",) + tuple(map(str, path))))
     tree = nnx.state(tree, nnx.Param).to_pure_dict()
   elif isinstance(tree.get("params"), Mapping):
     tree, arg = tree["params"], f"{arg}['params']"

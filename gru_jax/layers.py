@@ -244,7 +244,7 @@ def check_state(owner: str, arg: str, h, batch: int, size: int) -> Array | None:
 
 
 def stacked_initial_states(owner: str, h0, hidden_sizes: Sequence[int], bidirectional: bool,
-                           batch: int) -> list:
+                           batch: int, arg: str = "h0") -> list:
   """A stack's initial states as one entry per layer: [B,H_i] or None, or
   with ``bidirectional`` a (forward, backward) pair of those.
 
@@ -258,16 +258,16 @@ def stacked_initial_states(owner: str, h0, hidden_sizes: Sequence[int], bidirect
   if isinstance(h0, (jax.Array, np.ndarray)):
     want = (n * dirs, batch, hidden_sizes[0])
     if len(set(hidden_sizes)) != 1 or h0.shape != want:
-      raise ValueError(f"{owner}: h0 as one array takes torch's layout [L*dirs,B,H]={want} "
+      raise ValueError(f"{owner}: {arg} as one array takes torch's layout [L*dirs,B,H]={want} "
                        f"(every layer the same H), got shape {h0.shape} for hidden sizes "
                        f"{tuple(hidden_sizes)}; else pass one state per layer")
     h0 = [tuple(h0[i * 2:i * 2 + 2]) if bidirectional else h0[i] for i in range(n)]
   if len(h0) != n:
-    raise ValueError(f"{owner}: h0 must have one entry per layer ({n}), got {len(h0)}")
+    raise ValueError(f"{owner}: {arg} must have one entry per layer ({n}), got {len(h0)}")
   if bidirectional:
-    return [check_pair(owner, f"h0[{i}]", h, batch, size)
+    return [check_pair(owner, f"{arg}[{i}]", h, batch, size)
             for i, (h, size) in enumerate(zip(h0, hidden_sizes))]
-  return [check_state(owner, f"h0[{i}]", h, batch, size)
+  return [check_state(owner, f"{arg}[{i}]", h, batch, size)
           for i, (h, size) in enumerate(zip(h0, hidden_sizes))]
 
 

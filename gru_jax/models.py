@@ -92,7 +92,7 @@ class SequenceModel(nn.Module):
                   backend=self.backend)
     n = len(self.hidden_sizes)
     h0 = layers.stacked_initial_states("SequenceModel", initial_states, self.hidden_sizes,
-                                       self.bidirectional, x.shape[0])
+                                       self.bidirectional, x.shape[0], "initial_states")
     states = []
     for i, size in enumerate(self.hidden_sizes):
       seq = per_step or i < n - 1

@@ -148,7 +148,7 @@ def test_initial_and_final_states_match_the_float64_composition(task, bidirectio
       np.testing.assert_allclose(a, b, atol=2e-5)
   # The row with no valid step keeps its initial states.
   np.testing.assert_allclose(jax.tree.leaves(states)[0][3], jax.tree.leaves(ref_h0)[0][3])
-  with pytest.raises(ValueError, match=r"SequenceModel: h0 must have one entry per layer"):
+  with pytest.raises(ValueError, match=r"SequenceModel: initial_states must have one entry per layer"):
     model.apply(v, x, mask, initial_states=h0[:1])
 
 
