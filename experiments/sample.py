@@ -1,12 +1,13 @@
 r"""Generates from a model trained by experiments.train: text from a character LM,
-or a greedy translation from a sequence-to-sequence model.
+or a translation from a sequence-to-sequence model.
 
   python -m experiments.sample --workdir=runs/shakes --prompt="ROMEO:" --length=300
-  python -m experiments.sample --workdir=runs/words --prompt=30015
+  python -m experiments.sample --workdir=runs/words --prompt=30015 [--beam_size=4]
 
 Reads the run's config.json and latest checkpoint.  For an LM, --temperature
-< 1 is more conservative, > 1 more varied; a seq2seq model decodes greedily
-(one source per call; --prompt is split into characters, e.g. digits).
+< 1 is more conservative, > 1 more varied; a seq2seq model decodes greedily, or
+with --beam_size > 1 by beam search (one source per call; --prompt is split into
+characters, e.g. digits).
 """
 from absl import flags
 
@@ -18,10 +19,12 @@ flags.DEFINE_string("prompt", "\n", "Text to continue (lm) or to translate (seq2
 flags.DEFINE_integer("length", 200, "Characters to generate (lm).")
 flags.DEFINE_float("temperature", 1.0, "Softmax temperature (lm).")
 flags.DEFINE_integer("seed", 0, "Sampling seed (lm).")
+flags.DEFINE_integer("beam_size", 1, "Beams for seq2seq decoding (1: greedy).")
 FLAGS = flags.FLAGS
 
 
-def check_flags(workdir: str, prompt: str, length: int, temperature: float) -> None:
+def check_flags(workdir: str, prompt: str, length: int, temperature: float,
+                beam_size: int = 1) -> None:
   """One-line errors for bad flags, before the (slow) restore of the checkpoint."""
   import math
   import os
@@ -35,19 +38,22 @@ def check_flags(workdir: str, prompt: str, length: int, temperature: float) -> N
     raise ValueError(f"--length must be >= 0, got {length}")
   if not (temperature > 0 and math.isfinite(temperature)):
     raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
+  if beam_size < 1:
+    raise ValueError(f"--beam_size must be >= 1, got {beam_size}")
 
 
-def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed: int) -> str:
+def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed: int,
+                beam_size: int = 1) -> str:
   import jax
   import jax.numpy as jnp
   from absl import logging
   from gru_jax import models, train
 
-  check_flags(workdir, prompt, length, temperature)
+  check_flags(workdir, prompt, length, temperature, beam_size)
   _, model, variables, info = train.restore_for_inference(workdir)
   vocab = info.extras.get("vocab")
   if model.task == "seq2seq":
-    return translate(model, variables, info, prompt)
+    return translate(model, variables, info, prompt, beam_size)
   if model.task != "lm" or vocab is None:
     raise ValueError(f"{workdir} holds a {model.task!r} model on {info.name}, not a character "
                      "LM or a sequence-to-sequence model")
@@ -63,8 +69,9 @@ def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed
   return "".join(vocab[int(i)] for i in out)
 
 
-def translate(model, variables, info, source: str) -> str:
-  """Greedy translation of one source string, read one character per token."""
+def translate(model, variables, info, source: str, beam_size: int = 1) -> str:
+  """Translation of one source string, read one character per token: greedy, or the
+  best of ``beam_size`` beams."""
   import jax.numpy as jnp
   from gru_jax import models
 
@@ -78,9 +85,13 @@ def translate(model, variables, info, source: str) -> str:
                      f"got {source!r}" + (f" (unknown: {unknown})" if unknown else ""))
   ids = jnp.full((1, info.seq_len), ex["pad_id"], jnp.int32)
   ids = ids.at[0, :len(source)].set(jnp.array([index[c] for c in source], jnp.int32))
-  out = models.greedy_decode(model, variables, ids, ids != ex["pad_id"],
-                             max_len=ex["target_len"], bos_id=ex["bos_id"],
-                             eos_id=ex["eos_id"], pad_id=ex["pad_id"])[0]
+  kw = dict(max_len=ex["target_len"], bos_id=ex["bos_id"], eos_id=ex["eos_id"],
+            pad_id=ex["pad_id"])
+  if beam_size > 1:
+    out = models.beam_search(model, variables, ids, ids != ex["pad_id"], beam_size=beam_size,
+                             **kw)[0][0, 0]
+  else:
+    out = models.greedy_decode(model, variables, ids, ids != ex["pad_id"], **kw)[0]
   words = []
   for t in out.tolist():
     if t == ex["eos_id"]:
@@ -91,8 +102,9 @@ def translate(model, variables, info, source: str) -> str:
 
 def main(argv):
   del argv
-  check_flags(FLAGS.workdir, FLAGS.prompt, FLAGS.length, FLAGS.temperature)
-  print(sample_text(FLAGS.workdir, FLAGS.prompt, FLAGS.length, FLAGS.temperature, FLAGS.seed))
+  check_flags(FLAGS.workdir, FLAGS.prompt, FLAGS.length, FLAGS.temperature, FLAGS.beam_size)
+  print(sample_text(FLAGS.workdir, FLAGS.prompt, FLAGS.length, FLAGS.temperature, FLAGS.seed,
+                    FLAGS.beam_size))
 
 
 if __name__ == "__main__":

@@ -318,3 +318,65 @@ def greedy_decode(model: Seq2Seq, variables, inputs: Array, mask: Array | None =
   init = (states, jnp.full((b,), bos_id, jnp.int32), jnp.zeros((b,), bool))
   _, toks = jax.lax.scan(body, init, None, length=max_len)
   return toks.T
+
+
+def beam_search(model: Seq2Seq, variables, inputs: Array, mask: Array | None = None, *,
+                beam_size: int, max_len: int, bos_id: int, eos_id: int, pad_id: int = 0,
+                length_penalty: float = 0.0) -> tuple[Array, Array]:
+  """Beam search: inputs [B,S] -> (tokens [B,K,max_len], scores [B,K]), best first.
+
+  Keeps the ``beam_size`` (K) most probable prefixes at every step, ranked by
+  their summed log-probabilities; a prefix that emits ``eos_id`` is finished:
+  it keeps its score and is padded with ``pad_id`` (<eos> included, as in
+  `greedy_decode`).  ``scores`` are the summed log-probabilities divided by
+  Wu et al.'s (2016) length penalty ((5 + len) / 6) ** length_penalty, with
+  len the tokens up to and including <eos>; the penalty ranks the K finished
+  beams (0: no penalty).  K = 1 is greedy decoding; a K as large as the number
+  of prefixes is exhaustive search.  A row with fewer than K prefixes (e.g. K >
+  num_outputs at the first step) fills the rest with score -inf.  One
+  compiled loop of `Seq2Seq.step` calls on B·K rows.
+  """
+  beam_size = check_int("beam_size", beam_size, 1)
+  max_len = check_int("max_len", max_len, 1)
+  bos_id = check_int("bos_id", bos_id, 0, model.num_outputs, "num_outputs")
+  eos_id = check_int("eos_id", eos_id, -1, model.num_outputs, "num_outputs")
+  pad_id = check_int("pad_id", pad_id, 0, model.num_outputs, "num_outputs")
+  try:
+    ok = bool(np.isfinite(length_penalty)) and not isinstance(length_penalty, bool)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+  inputs = jnp.asarray(inputs)
+  mask = None if mask is None else jnp.asarray(mask)
+  b, k, v = inputs.shape[0], beam_size, model.num_outputs
+  context, states = model.apply(variables, inputs, mask, method=Seq2Seq.start)
+  tile = lambda a: jnp.repeat(a, k, axis=0)  # [B,...] -> [B*K,...], beams of a row adjacent
+  context, states = tile(context), jax.tree.map(tile, states)
+  rows = jnp.arange(b)[:, None]
+
+  def body(carry, t):
+    states, prev, score, done, length, toks = carry
+    logits, states = model.apply(variables, context, states, prev.reshape(-1),
+                                 method=Seq2Seq.step)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(b, k, v)
+    # A finished beam has one continuation, at no cost: column 0, written as pad_id below.
+    finished = jnp.full((v,), -jnp.inf).at[0].set(0.0)
+    cand = score[..., None] + jnp.where(done[..., None], finished, logp)
+    score, flat = jax.lax.top_k(cand.reshape(b, k * v), k)
+    beam, tok = flat // v, (flat % v).astype(jnp.int32)
+    was_done = done[rows, beam]
+    tok = jnp.where(was_done, pad_id, tok)
+    states = jax.tree.map(
+        lambda s: s.reshape((b, k) + s.shape[1:])[rows, beam].reshape(s.shape), states)
+    toks = toks[rows, beam].at[..., t].set(tok)
+    length = jnp.where(was_done, length[rows, beam], t + 1)
+    return (states, tok, score, was_done | (tok == eos_id), length, toks), None
+
+  score0 = jnp.full((b, k), -jnp.inf).at[:, 0].set(0.0)  # one live prefix: <bos>
+  init = (states, jnp.full((b, k), bos_id, jnp.int32), score0, jnp.zeros((b, k), bool),
+          jnp.zeros((b, k), jnp.int32), jnp.full((b, k, max_len), pad_id, jnp.int32))
+  (_, _, score, _, length, toks), _ = jax.lax.scan(body, init, jnp.arange(max_len))
+  score = score / ((5.0 + length) / 6.0) ** length_penalty
+  order = jnp.argsort(-score, axis=-1)
+  return toks[rows, order], score[rows, order]

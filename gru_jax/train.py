@@ -504,6 +504,37 @@ def restore_for_inference(workdir: str):
   return config, model, {"params": state.params, "batch_stats": state.batch_stats}, info
 
 
+def decode_accuracy(workdir: str, beam_sizes=(1,), split: str = "test",
+                    length_penalty: float = 0.0, batch_size: int = 500) -> dict:
+  """{beam size: exact-match sequence accuracy over ``split``} of a seq2seq run's latest
+  checkpoint: 1 decodes greedily (the trainer's ``sequence_accuracy``), more by
+  `models.beam_search` (its best beam), ``batch_size`` sources per compiled call."""
+  sizes = [int(k) for k in beam_sizes]
+  if not sizes or min(sizes) < 1:
+    raise ValueError(f"beam sizes must be ints >= 1, got {list(beam_sizes)}")
+  config, model, variables, info = restore_for_inference(workdir)
+  if model.task != "seq2seq":
+    raise ValueError(f"{workdir} holds a {model.task!r} model, not a seq2seq one")
+  opts = {k: v for k, v in config.dataset.to_dict().items() if k != "name"}
+  a, _ = data_lib.load(config.dataset.name, split, **opts)
+  ex = info.extras
+  kw = dict(max_len=a["labels"].shape[1], bos_id=ex["bos_id"], eos_id=ex["eos_id"],
+            pad_id=ex["pad_id"])
+  results = {}
+  for k in sizes:
+    if k == 1:
+      decode = jax.jit(lambda s, m: models.greedy_decode(model, variables, s, m, **kw))
+    else:
+      decode = jax.jit(lambda s, m, k=k: models.beam_search(
+          model, variables, s, m, beam_size=k, length_penalty=length_penalty, **kw)[0][:, 0])
+    out = np.concatenate([np.asarray(decode(a["inputs"][i:i + batch_size],
+                                            a["mask"][i:i + batch_size]))
+                          for i in range(0, len(a["inputs"]), batch_size)])
+    want = np.where(a["label_mask"], a["labels"], ex["pad_id"])
+    results[k] = float(np.mean((out == want).all(-1)))
+  return results
+
+
 def _dataset_identity(options: dict | None) -> dict | None:
   """The dataset options that decide its contents: defaults filled in (a config may list them
   or not), data_dir left out (the same data may move)."""

@@ -203,6 +203,12 @@ def test_training_learns_and_sequence_accuracy_is_greedy_exact_match(tmp_path):
   # Leading zeros are dropped, as the data spells numbers without them.
   assert sample.translate(model, variables, info, "00" + digits[:4]) == \
       sample.translate(model, variables, info, str(int(digits[:4])))
+  # Beam search: at one beam, the trainer's greedy metric exactly; at three, a run as good.
+  acc = train.decode_accuracy(wd, [1, 3])
+  assert acc[1] == pytest.approx(results["test"]["sequence_accuracy"], abs=1e-9)
+  assert acc[3] > 0.4, acc
+  assert sample.translate(model, variables, info, digits, beam_size=3).split() == \
+      synthetic.number_to_words(int(digits))
 
 
 def test_create_model_applies_overrides_to_seq2seq():

@@ -181,8 +181,14 @@ def test_sample_checks_its_flags_before_restoring(tmp_path):
                         (("", 5, 1.0), "--prompt must not be empty")]:
     with pytest.raises(ValueError, match=message):
       sample.sample_text(str(tmp_path), *args, seed=0)
+  with pytest.raises(ValueError, match="--beam_size must be >= 1, got 0"):
+    sample.sample_text(str(tmp_path), "a", 5, 1.0, seed=0, beam_size=0)
   r = _cli(f"--workdir={tmp_path}/nope", module="experiments.sample")
   assert r.returncode == 1 and r.stderr.strip() == f"error: --workdir {tmp_path}/nope does not exist"
+  r = _cli(f"--workdir={tmp_path}/nope", module="experiments.beam_eval")
+  assert r.returncode == 1 and r.stderr.strip() == f"error: workdir {tmp_path}/nope does not exist"
+  r = _cli(f"--workdir={tmp_path}", "--beam_sizes=2,0", module="experiments.beam_eval")
+  assert r.returncode == 1 and r.stderr.strip() == "error: beam sizes must be ints >= 1, got ['2', '0']"
 
 
 def test_progress_rate_leaves_out_compile_and_evaluation():

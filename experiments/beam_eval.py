@@ -1,0 +1,33 @@
+r"""Sequence accuracy of greedy decoding and beam search on a trained seq2seq run.
+
+  python -m experiments.train --config=experiments/configs/number_words.py \
+      --workdir=runs/words500 --config.num_train_steps=500
+  python -m experiments.beam_eval --workdir=runs/words500 --beam_sizes=1,4
+
+Decodes every example of --split with each beam size (1 is `greedy_decode`,
+more is `beam_search`'s best beam) and prints the exact-match sequence accuracy
+(every target token and <eos>, then padding), as the trainer's
+``sequence_accuracy`` counts it (`gru_jax.train.decode_accuracy`).
+"""
+from absl import flags
+
+from experiments import cli
+
+flags.DEFINE_string("workdir", None, "Training workdir of a 'seq2seq' run.", required=True)
+flags.DEFINE_list("beam_sizes", ["1", "4"], "Beam sizes to compare (1: greedy).")
+flags.DEFINE_string("split", "test", "Split to decode: train, validation or test.")
+flags.DEFINE_float("length_penalty", 0.0, "beam_search's length_penalty.")
+flags.DEFINE_integer("batch_size", 500, "Sources decoded per compiled call.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from gru_jax import train
+  for k, acc in train.decode_accuracy(FLAGS.workdir, FLAGS.beam_sizes, FLAGS.split,
+                                      FLAGS.length_penalty, FLAGS.batch_size).items():
+    print(f"beam_size {k}: {FLAGS.split} sequence accuracy {acc:.4f}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
