@@ -444,11 +444,27 @@ def _check_torch_variant(variant: str, arg: str) -> None:
                      "would give a different GRU there")
 
 
+# Where the activations are probed: both tails and the curved middle.
+_PROBE = np.linspace(-6.0, 6.0, 49, dtype=np.float32)
+
+
+def _computes(fn, want) -> bool:
+  try:
+    with jax.ensure_compile_time_eval():  # concrete even when converting inside jax.jit
+      got = np.asarray(fn(_PROBE), np.float64)
+  except Exception:  # noqa: BLE001 -- a function that cannot take an array is not tanh
+    return False
+  return got.shape == _PROBE.shape and bool(np.allclose(got, want(_PROBE.astype(np.float64)),
+                                                        rtol=1e-5, atol=1e-6))
+
+
 def _check_activations(arg: str, **fns) -> None:
-  """Refuses a peer GRU whose candidate activation (first of ``fns``) is not tanh or whose
-  gate activation (second) is not sigmoid, by the functions' names."""
-  names = {k: getattr(f, "__name__", repr(f)) for k, f in fns.items()}
-  if tuple(names.values()) != ("tanh", "sigmoid"):
+  """Refuses a peer GRU whose candidate activation (first of ``fns``) does not compute tanh
+  or whose gate activation (second) does not compute the logistic sigmoid, by what each
+  function returns on a probe of 49 points in [-6, 6] (not by its name)."""
+  (cand_name, cand), (gate_name, gate) = fns.items()
+  if not (_computes(cand, np.tanh) and _computes(gate, lambda a: 1.0 / (1.0 + np.exp(-a)))):
+    names = {k: getattr(f, "__name__", repr(f)) for k, f in fns.items()}
     raise ValueError(f"{arg} uses " + ", ".join(f"{k}={v!r}" for k, v in names.items())
                      + "; gru_jax's GRU computes only tanh and sigmoid there")
 

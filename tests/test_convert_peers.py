@@ -255,10 +255,20 @@ def test_keras_refusals():
   lstm = keras.layers.RNN(keras.layers.LSTMCell(H))
   with pytest.raises(TypeError, match="got RNN of LSTMCell"):
     convert.from_keras(lstm)
-  # tanh and sigmoid given as functions (not names) are the same GRU.
-  layer = keras.layers.GRU(H, activation=jnp.tanh, recurrent_activation=jax.nn.sigmoid)
+  # tanh and sigmoid given as functions (not names) are the same GRU, whatever their names;
+  # the check runs each function on probe points, so a name alone does not pass.
+  for act, rec in ((jnp.tanh, jax.nn.sigmoid), (lambda a: 2 * jax.nn.sigmoid(2 * a) - 1,
+                                                 lambda a: 0.5 * (1 + jnp.tanh(a / 2)))):
+    layer = keras.layers.GRU(H, activation=act, recurrent_activation=rec)
+    layer.build((None, T, D))
+    assert convert.from_keras(layer)[1] == "reset_after"
+
+  def tanh(a):  # named tanh, computes hard tanh
+    return jnp.clip(a, -1, 1)
+  layer = keras.layers.GRU(H, activation=tanh)
   layer.build((None, T, D))
-  assert convert.from_keras(layer)[1] == "reset_after"
+  with pytest.raises(ValueError, match="activation='tanh'.*only tanh and sigmoid"):
+    convert.from_keras(layer)
 
 
 # --- Flax Linen ----------------------------------------------------------------
@@ -273,6 +283,9 @@ def test_flax_linen_module_checks_activations():
   carry, out = good.apply(variables, xs, initial_carry=jnp.asarray(h0))
   for module in (good, good.cell):
     params = convert.from_flax_linen(variables, module=module)
+    # The activation check probes the functions, also when converting under jit.
+    jitted = jax.jit(lambda v, module=module: convert.from_flax_linen(v, module=module))
+    _close(jitted(variables).w_h, params.w_h)
     h_last, hs = gru_jax.gru(params, jnp.asarray(xs), h0, variant="reset_after")
     _close(hs, out)
     _close(h_last, carry)
