@@ -85,13 +85,9 @@ def translate(model, variables, info, source: str, beam_size: int = 1) -> str:
                      f"got {source!r}" + (f" (unknown: {unknown})" if unknown else ""))
   ids = jnp.full((1, info.seq_len), ex["pad_id"], jnp.int32)
   ids = ids.at[0, :len(source)].set(jnp.array([index[c] for c in source], jnp.int32))
-  kw = dict(max_len=ex["target_len"], bos_id=ex["bos_id"], eos_id=ex["eos_id"],
-            pad_id=ex["pad_id"])
-  if beam_size > 1:
-    out = models.beam_search(model, variables, ids, ids != ex["pad_id"], beam_size=beam_size,
-                             **kw)[0][0, 0]
-  else:
-    out = models.greedy_decode(model, variables, ids, ids != ex["pad_id"], **kw)[0]
+  out = models.decode(model, variables, ids, ids != ex["pad_id"], beam_size=beam_size,
+                      max_len=ex["target_len"], bos_id=ex["bos_id"], eos_id=ex["eos_id"],
+                      pad_id=ex["pad_id"])[0]
   words = []
   for t in out.tolist():
     if t == ex["eos_id"]:

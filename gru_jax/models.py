@@ -320,6 +320,16 @@ def greedy_decode(model: Seq2Seq, variables, inputs: Array, mask: Array | None =
   return toks.T
 
 
+def decode(model: Seq2Seq, variables, inputs: Array, mask: Array | None = None, *,
+           beam_size: int = 1, length_penalty: float = 0.0, **kw) -> Array:
+  """The decoded tokens [B,max_len]: `greedy_decode` at one beam, else `beam_search`'s
+  best beam (``kw``: max_len, bos_id, eos_id, pad_id)."""
+  if check_int("beam_size", beam_size, 1) == 1:
+    return greedy_decode(model, variables, inputs, mask, **kw)
+  return beam_search(model, variables, inputs, mask, beam_size=beam_size,
+                     length_penalty=length_penalty, **kw)[0][:, 0]
+
+
 def beam_search(model: Seq2Seq, variables, inputs: Array, mask: Array | None = None, *,
                 beam_size: int, max_len: int, bos_id: int, eos_id: int, pad_id: int = 0,
                 length_penalty: float = 0.0) -> tuple[Array, Array]:

@@ -479,6 +479,11 @@ def _restore(mngr, template: TrainState, sharding) -> TrainState:
         "command that wrote it") from e
 
 
+def dataset_options(config) -> dict:
+  """``config.dataset`` as `data.load` keyword arguments (all but its name)."""
+  return {k: v for k, v in config.dataset.to_dict().items() if k != "name"}
+
+
 def restore_for_inference(workdir: str):
   """(config, model, variables, info) of the latest checkpoint in a training workdir.
 
@@ -492,8 +497,7 @@ def restore_for_inference(workdir: str):
   if stored is None:
     raise ValueError(f"{workdir} holds no config.json: is it a gru_jax training workdir?")
   config = ml_collections.ConfigDict(stored)
-  ds_opts = {k: v for k, v in config.dataset.to_dict().items() if k != "name"}
-  arrays, info = data_lib.load(config.dataset.name, "train", **ds_opts)
+  arrays, info = data_lib.load(config.dataset.name, "train", **dataset_options(config))
   model = create_model(config, info)
   batch = {k: arrays[k][:1] for k in ("inputs", "mask", "decoder_inputs") if k in arrays}
   state = init_state(model, create_optimizer(config, 1), jax.random.key(0), batch)
@@ -515,18 +519,13 @@ def decode_accuracy(workdir: str, beam_sizes=(1,), split: str = "test",
   config, model, variables, info = restore_for_inference(workdir)
   if model.task != "seq2seq":
     raise ValueError(f"{workdir} holds a {model.task!r} model, not a seq2seq one")
-  opts = {k: v for k, v in config.dataset.to_dict().items() if k != "name"}
-  a, _ = data_lib.load(config.dataset.name, split, **opts)
+  a, _ = data_lib.load(config.dataset.name, split, **dataset_options(config))
   ex = info.extras
   kw = dict(max_len=a["labels"].shape[1], bos_id=ex["bos_id"], eos_id=ex["eos_id"],
-            pad_id=ex["pad_id"])
+            pad_id=ex["pad_id"], length_penalty=length_penalty)
   results = {}
   for k in sizes:
-    if k == 1:
-      decode = jax.jit(lambda s, m: models.greedy_decode(model, variables, s, m, **kw))
-    else:
-      decode = jax.jit(lambda s, m, k=k: models.beam_search(
-          model, variables, s, m, beam_size=k, length_penalty=length_penalty, **kw)[0][:, 0])
+    decode = jax.jit(lambda s, m, k=k: models.decode(model, variables, s, m, beam_size=k, **kw))
     out = np.concatenate([np.asarray(decode(a["inputs"][i:i + batch_size],
                                             a["mask"][i:i + batch_size]))
                           for i in range(0, len(a["inputs"]), batch_size)])
@@ -916,7 +915,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   runtime.check_batch(config.batch_size, "config.batch_size")
   eval_bs = config.eval_batch_size or config.batch_size
   runtime.check_batch(eval_bs, "config.eval_batch_size")
-  ds_opts = {k: v for k, v in config.dataset.to_dict().items() if k not in ("name",)}
+  ds_opts = dataset_options(config)
   splits = {}
   info = None
   for split in tuple(config.eval_splits):
