@@ -126,14 +126,6 @@ class GRU(nn.Module):
   layer_norm: bool = False
   deterministic: bool | None = None
 
-  def _params(self, input_size: int) -> cell_lib.GRUParams:
-    def field(name):
-      return lambda key: getattr(
-          cell_lib.init(key, input_size, self.hidden_size, variant=self.variant,
-                        dtype=self.param_dtype, kernel_init=self.kernel_init,
-                        recurrent_init=self.recurrent_init, bias_init=self.bias_init), name)
-    return cell_lib.GRUParams(*(self.param(n, field(n)) for n in cell_lib.GRUParams._fields))
-
   @nn.compact
   def __call__(self, xs: Array, mask: Array | None = None, h0: Array | None = None, *,
                deterministic: bool | None = None, example_ids: Array | None = None,
@@ -142,7 +134,7 @@ class GRU(nn.Module):
     xs, mask, resets = as_arrays(xs, mask, resets)
     check_sequence_input("GRU", xs, mask, resets)
     deterministic = resolve_deterministic(self.deterministic, deterministic)
-    params = self._params(xs.shape[-1])
+    params = gru_params(self, xs.shape[-1])
     ln = None
     if self.layer_norm:
       init = ln_lib.init_ln(self.hidden_size, self.param_dtype)
@@ -160,6 +152,76 @@ class GRU(nn.Module):
       out, g = out
       self.sow("intermediates", "gates", g)
     return out
+
+
+def gru_params(module: nn.Module, input_size: int) -> cell_lib.GRUParams:
+  """The ``w_x``, ``w_h``, ``b_x``, ``b_h`` params of a Linen `GRU` or `GRUCell`."""
+  def field(name):
+    return lambda key: getattr(
+        cell_lib.init(key, input_size, module.hidden_size, variant=module.variant,
+                      dtype=module.param_dtype, kernel_init=module.kernel_init,
+                      recurrent_init=module.recurrent_init, bias_init=module.bias_init), name)
+  return cell_lib.GRUParams(*(module.param(n, field(n)) for n in cell_lib.GRUParams._fields))
+
+
+def check_cell_input(owner: str, carry: Array, inputs: Array, hidden_size: int) -> None:
+  """A cell's carry must be [...,H] with the batch dims of inputs [...,D]."""
+  if inputs.ndim < 1:
+    raise ValueError(f"{owner}: inputs must be [...,D], got a scalar")
+  want = inputs.shape[:-1] + (hidden_size,)
+  if jnp.shape(carry) != want:
+    raise ValueError(f"{owner}: carry must have shape [...,H]={want} to match inputs "
+                     f"{inputs.shape}, got {jnp.shape(carry)}")
+
+
+def cell_step(owner: str, get_params: Callable[[int], cell_lib.GRUParams], carry, inputs,
+              hidden_size: int, variant: str) -> tuple[Array, Array]:
+  """One checked step of a cell module: (carry [...,H], inputs [...,D]) -> (h', h').
+
+  ``get_params(D)`` gives the cell's `GRUParams` once the shapes have passed.
+  """
+  carry, inputs = as_arrays(carry, inputs)
+  check_cell_input(owner, carry, inputs, hidden_size)
+  params = get_params(inputs.shape[-1])
+  # The carry keeps its dtype, as a scan over steps needs (float32 weights would
+  # otherwise promote a bf16 carry).
+  h = cell_lib.step(params, carry, inputs, variant=variant).astype(carry.dtype)
+  return h, h
+
+
+class GRUCell(nn.RNNCellBase):
+  """One GRU step as a Flax RNN cell: ``(carry [...,H], inputs [...,D]) -> (h', h')``.
+
+  For ``nn.RNN``, ``nn.Bidirectional``, ``nn.scan`` and hand-written decoders, in
+  place of ``nn.GRUCell``.  Its params are a `GRU` layer's (``w_x`` [D,3H], ``w_h``
+  [H,3H], ``b_x``, ``b_h`` [3H]), so a trained layer's variables run step by step
+  unchanged, and ``nn.RNN(GRUCell(H))`` computes what ``GRU(H)`` does (which is
+  faster: it runs the fused recurrence, not one cell call per step).  ``variant``
+  "seed" is the founding document's GRU, "reset_after" nn.GRUCell's.  The new
+  state has the carry's dtype.
+  """
+  hidden_size: int
+  variant: str = "seed"
+  kernel_init: Callable = jax.nn.initializers.glorot_uniform()
+  recurrent_init: Callable = jax.nn.initializers.orthogonal()
+  bias_init: Callable = jax.nn.initializers.zeros
+  param_dtype: Any = jnp.float32
+  carry_init: Callable = jax.nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
+    """carry [...,H], inputs [...,D] -> (h' [...,H], h' [...,H])."""
+    return cell_step("GRUCell", lambda d: gru_params(self, d), carry, inputs,
+                     self.hidden_size, self.variant)
+
+  @nn.nowrap
+  def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]) -> Array:
+    """The initial state [...,H] for inputs of shape [...,D] (zeros by default)."""
+    return self.carry_init(rng, tuple(input_shape[:-1]) + (self.hidden_size,), self.param_dtype)
+
+  @property
+  def num_feature_axes(self) -> int:
+    return 1
 
 
 def gru_dropout_masks(next_key: Callable[[], Array], xs: Array, hidden_size: int,

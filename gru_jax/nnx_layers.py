@@ -174,6 +174,66 @@ class GRU(nnx.Module):
     return out
 
 
+class GRUCell(nnx.RNNCellBase):
+  """One GRU step as a Flax NNX RNN cell: ``(carry [...,H], inputs [...,D]) -> (h', h')``.
+
+  For ``nnx.RNN``, ``nnx.Bidirectional`` and hand-written decoders, in place of
+  ``nnx.GRUCell``.  Parameters as `GRU`'s (``w_x`` [D,3H], ``w_h`` [H,3H], ``b_x``,
+  ``b_h`` [3H]; ``GRUCell.from_params`` takes a `GRUParams`, a `GRU` layer's
+  ``params`` or a Linen layer's ``variables["params"]``), so ``nnx.RNN(GRUCell(D, H))``
+  computes what ``GRU(D, H)`` does (which is faster: it runs the fused recurrence).
+  The new state has the carry's dtype.
+  """
+
+  def __init__(self, in_features: int, hidden_size: int, *, variant: str = "seed",
+               kernel_init: Callable = jax.nn.initializers.glorot_uniform(),
+               recurrent_init: Callable = jax.nn.initializers.orthogonal(),
+               bias_init: Callable = jax.nn.initializers.zeros,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    p = cell_lib.init(rngs.params(), in_features, hidden_size, variant=variant,
+                      dtype=param_dtype, kernel_init=kernel_init,
+                      recurrent_init=recurrent_init, bias_init=bias_init)
+    for name, value in zip(cell_lib.GRUParams._fields, p):
+      setattr(self, name, nnx.Param(value))
+    self.in_features, self.hidden_size = in_features, hidden_size
+    self.variant, self.param_dtype = variant, param_dtype
+
+  @classmethod
+  def from_params(cls, params: cell_lib.GRUParams | Mapping[str, Array], *,
+                  variant: str = "seed") -> GRUCell:
+    """A cell holding ``params`` (no layer-norm parameters: the cell has none)."""
+    layer = GRU.from_params(params, variant=variant)
+    cell = cls(layer.in_features, layer.hidden_size, variant=variant, rngs=nnx.Rngs(0))
+    for name in cell_lib.GRUParams._fields:
+      setattr(cell, name, nnx.Param(getattr(layer, name)[...]))
+    return cell
+
+  @property
+  def params(self) -> cell_lib.GRUParams:
+    return cell_lib.GRUParams(*(getattr(self, n)[...] for n in cell_lib.GRUParams._fields))
+
+  def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
+    """carry [...,H], inputs [...,D] -> (h' [...,H], h' [...,H])."""
+    return linen_layers.cell_step("GRUCell", lambda _: self.params, carry, inputs,
+                                  self.hidden_size, self.variant)
+
+  def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None,
+                       carry_init: Callable | None = None) -> Array:
+    """The initial state [...,H] for inputs of shape [...,D]: zeros, or ``carry_init``'s
+    draw (from ``rngs``, an ``nnx.Rngs`` or a stream of one)."""
+    shape = tuple(input_shape[:-1]) + (self.hidden_size,)
+    if carry_init is None:
+      return jnp.zeros(shape, self.param_dtype)
+    if rngs is None:
+      raise ValueError("GRUCell.initialize_carry: carry_init needs rngs")
+    key = rngs() if callable(rngs) else rngs
+    return carry_init(key, shape, self.param_dtype)
+
+  @property
+  def num_feature_axes(self) -> int:
+    return 1
+
+
 class Bidirectional(nnx.Module):
   """A forward and a backward `GRU` (attributes ``forward``/``backward``).
 
