@@ -5,7 +5,8 @@ or a translation from a sequence-to-sequence model.
   python -m experiments.sample --workdir=runs/words --prompt=30015 [--beam_size=4]
 
 Reads the run's config.json and latest checkpoint.  For an LM, --temperature
-< 1 is more conservative, > 1 more varied; a seq2seq model decodes greedily, or
+< 1 is more conservative, > 1 more varied, and --top_k / --top_p restrict each draw
+to the k most probable characters / the nucleus of that mass; a seq2seq model decodes greedily, or
 with --beam_size > 1 by beam search (one source per call; --prompt is split into
 characters, e.g. digits).
 """
@@ -19,12 +20,15 @@ flags.DEFINE_string("prompt", "\n", "Text to continue (lm) or to translate (seq2
 flags.DEFINE_integer("length", 200, "Characters to generate (lm).")
 flags.DEFINE_float("temperature", 1.0, "Softmax temperature (lm).")
 flags.DEFINE_integer("seed", 0, "Sampling seed (lm).")
+flags.DEFINE_integer("top_k", None, "Draw only from the k most probable tokens (lm).")
+flags.DEFINE_float("top_p", None, "Draw only from the nucleus of this probability mass (lm).")
 flags.DEFINE_integer("beam_size", 1, "Beams for seq2seq decoding (1: greedy).")
 FLAGS = flags.FLAGS
 
 
 def check_flags(workdir: str, prompt: str, length: int, temperature: float,
-                beam_size: int = 1) -> None:
+                beam_size: int = 1, top_k: int | None = None,
+                top_p: float | None = None) -> None:
   """One-line errors for bad flags, before the (slow) restore of the checkpoint."""
   import math
   import os
@@ -40,16 +44,21 @@ def check_flags(workdir: str, prompt: str, length: int, temperature: float,
     raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
   if beam_size < 1:
     raise ValueError(f"--beam_size must be >= 1, got {beam_size}")
+  if top_k is not None and top_k < 1:
+    raise ValueError(f"--top_k must be >= 1, got {top_k}")
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f"--top_p must be in (0, 1], got {top_p}")
 
 
 def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed: int,
-                beam_size: int = 1) -> str:
+                beam_size: int = 1, top_k: int | None = None,
+                top_p: float | None = None) -> str:
   import jax
   import jax.numpy as jnp
   from absl import logging
   from gru_jax import models, train
 
-  check_flags(workdir, prompt, length, temperature, beam_size)
+  check_flags(workdir, prompt, length, temperature, beam_size, top_k, top_p)
   _, model, variables, info = train.restore_for_inference(workdir)
   vocab = info.extras.get("vocab")
   if model.task == "seq2seq":
@@ -65,7 +74,7 @@ def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed
                     len(vocab))
   ids = jnp.array([index.get(c, info.extras.get("unk_id", 0)) for c in prompt], jnp.int32)
   out = models.sample_lm(model, variables, ids, length, jax.random.key(seed),
-                         temperature=temperature)
+                         temperature=temperature, top_k=top_k, top_p=top_p)
   return "".join(vocab[int(i)] for i in out)
 
 
@@ -98,9 +107,10 @@ def translate(model, variables, info, source: str, beam_size: int = 1) -> str:
 
 def main(argv):
   del argv
-  check_flags(FLAGS.workdir, FLAGS.prompt, FLAGS.length, FLAGS.temperature, FLAGS.beam_size)
+  opts = dict(beam_size=FLAGS.beam_size, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+  check_flags(FLAGS.workdir, FLAGS.prompt, FLAGS.length, FLAGS.temperature, **opts)
   print(sample_text(FLAGS.workdir, FLAGS.prompt, FLAGS.length, FLAGS.temperature, FLAGS.seed,
-                    FLAGS.beam_size))
+                    **opts))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ logits (or regression outputs); the softmax lives in the loss.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -132,18 +132,62 @@ def check_token_range(name: str, tokens, size: int) -> None:
                      f"{sorted(set(bad.tolist()))[:10]}")
 
 
-def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: Array, *,
-              temperature: float = 1.0) -> Array:
-  """Samples ``length`` tokens after ``prompt`` [P] from an "lm" model. Returns [P+length].
+def filter_logits(logits: Array, top_k: int | None = None, top_p: float | None = None) -> Array:
+  """logits [...,V] with every token outside the top-k, then outside the nucleus, at -inf.
 
-  Each token is drawn from softmax(logits / temperature); ``temperature`` is a
-  number > 0 and finite (checked unless traced), and as it shrinks the draw becomes
-  the greedy argmax (the logits are shifted by their maximum first, so even a
-  denormal temperature cannot overflow them into ties).  ``prompt``: int tokens
-  (a JAX or NumPy array, or a list).  The prompt runs once; then each token is
-  one GRU step from the carried states (``initial_states``/``return_states``),
-  in eval mode, so O(P + length) steps in all, and the logits are the whole
-  sequence's in eval mode.
+  ``top_k``: keep the k largest (ties with the k-th kept too).  ``top_p``: of those,
+  keep the fewest most probable tokens whose probability (renormalised over the kept
+  ones) sums to at least p (Holtzman et al. 2020); the most probable token always stays.
+  """
+  neg = jnp.asarray(-jnp.inf, logits.dtype)
+  if top_k is not None and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p is not None and (isinstance(top_p, jax.core.Tracer) or top_p < 1.0):
+    desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    # A sorted token is kept while the mass before it is still short of p.
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cut = jnp.min(jnp.where(before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cut, neg, logits)
+  return logits
+
+
+def _check_number(name: str, value, ok: Callable[[Any], bool], want: str) -> None:
+  """A ValueError naming ``name`` unless ``ok(value)``; traced values pass unchecked."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  try:
+    good = bool(ok(value))
+  except TypeError:
+    good = False
+  if not good:
+    raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def check_sampling(temperature, top_k, top_p) -> int | None:
+  """Checks the sampling options; returns ``top_k`` as an int (or None)."""
+  _check_number("temperature", temperature, lambda t: np.isfinite(t) and t > 0,
+                "> 0 and finite (small values approach greedy decoding)")
+  _check_number("top_p", top_p, lambda q: q is None or 0 < q <= 1, "None or a number in (0, 1]")
+  return None if top_k is None else check_int("top_k", top_k, 1)
+
+
+def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: Array, *,
+              temperature: float = 1.0, top_k: int | None = None,
+              top_p: float | None = None) -> Array:
+  """Samples ``length`` tokens after ``prompt`` [P] (or [B,P]) from an "lm" model.
+
+  Returns [P+length] (or [B,P+length], each row drawn independently).  Each token is
+  drawn from softmax(logits / temperature), restricted to the ``top_k`` most probable
+  tokens and then to the nucleus of mass ``top_p`` if given (`filter_logits`);
+  ``temperature`` is a number > 0 and finite (checked unless traced), and as it shrinks
+  the draw becomes the greedy argmax (the logits are shifted by their maximum first,
+  so even a denormal temperature cannot overflow them into ties).  ``prompt``: int
+  tokens (a JAX or NumPy array, or a list).  The prompt runs once; then each token is
+  one GRU step from the carried states (``initial_states``/``return_states``), in eval
+  mode, so O(P + length) steps in all, and the logits are the whole sequence's in
+  eval mode.
   """
   if model.task != "lm":
     raise ValueError(f"sample_lm needs a model with task='lm', got {model.task!r}")
@@ -151,38 +195,39 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
     raise ValueError("sample_lm needs a token model (vocab_size set): it feeds each sampled "
                      "token back as the next input")
   prompt = jnp.asarray(prompt)
-  if prompt.ndim != 1 or prompt.shape[0] < 1:
-    raise ValueError(f"prompt must be a non-empty [P] token array, got shape {prompt.shape}")
+  if prompt.ndim not in (1, 2) or prompt.shape[-1] < 1 or prompt.shape[0] < 1:
+    raise ValueError(f"prompt must be a non-empty [P] or [B,P] token array, got shape "
+                     f"{prompt.shape}")
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt must hold int tokens, got dtype {prompt.dtype}")
   length = check_int("length", length, 0)
-  if not isinstance(temperature, jax.core.Tracer):
-    try:
-      ok = bool(np.isfinite(temperature) and temperature > 0)
-    except TypeError:
-      ok = False
-    if not ok:
-      raise ValueError(f"temperature must be > 0 and finite (small values approach "
-                       f"greedy decoding), got {temperature!r}")
+  top_k = check_sampling(temperature, top_k, top_p)
   check_token_range("prompt", prompt, model.vocab_size)
-  p = prompt.shape[0]
-  prompt = prompt.astype(jnp.int32)
+  unbatched = prompt.ndim == 1
+  prompt = prompt.astype(jnp.int32).reshape(-1, prompt.shape[-1])
+  b, p = prompt.shape
   run = functools.partial(model.apply, variables, train=False, return_states=True)
-  logits, states = run(prompt[None])
-  buf = jnp.zeros((p + length,), jnp.int32).at[:p].set(prompt)
+  logits, states = run(prompt)
+  buf = jnp.zeros((b, p + length), jnp.int32).at[:, :p].set(prompt)
+
+  def draw(key, logits):  # logits [B,V] -> tokens [B]
+    # Shifted so the top logit is 0: logits / T alone overflows to +inf for small T,
+    # and categorical then picks the lowest-indexed of the tied tokens, not the top one.
+    logits = filter_logits((logits - jnp.max(logits, -1, keepdims=True)) / temperature,
+                           top_k, top_p)
+    if unbatched:  # one [V] draw, so a [P] prompt's tokens do not depend on the batching
+      return jax.random.categorical(key, logits[0])[None]
+    return jax.random.categorical(key, logits, axis=-1)
 
   def body(t, carry):
     buf, logits, states, rng = carry
     rng, sub = jax.random.split(rng)
-    # Shifted so the top logit is 0: logits / T alone overflows to +inf for small T,
-    # and categorical then picks the lowest-indexed of the tied tokens, not the top one.
-    tok = jax.random.categorical(sub, (logits - jnp.max(logits)) / temperature)
-    tok = tok.astype(jnp.int32)
-    logits, states = run(tok[None, None], initial_states=states)
-    return buf.at[t].set(tok), logits[0, 0], states, rng
+    tok = draw(sub, logits).astype(jnp.int32)
+    logits, states = run(tok[:, None], initial_states=states)
+    return buf.at[:, t].set(tok), logits[:, 0], states, rng
 
-  buf, *_ = jax.lax.fori_loop(p, p + length, body, (buf, logits[0, -1], states, rng))
-  return buf
+  buf, *_ = jax.lax.fori_loop(p, p + length, body, (buf, logits[:, -1], states, rng))
+  return buf[0] if unbatched else buf
 
 
 class Seq2Seq(nn.Module):

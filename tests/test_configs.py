@@ -86,7 +86,11 @@ def test_shakespeare_train_then_sample(tmp_path, caplog):
     train.train_and_evaluate(c, str(tmp_path / "wd"))
     _, _, _, info = train.restore_for_inference(str(tmp_path / "wd"))
     text = sample.sample_text(str(tmp_path / "wd"), "ab", 15, 1.0, 0)
+    # top_k=1 is greedy: the same text for any seed and temperature.
+    greedy = [sample.sample_text(str(tmp_path / "wd"), "ab", 15, t, seed, top_k=1)
+              for t, seed in ((1.0, 0), (3.0, 1))]
   assert text.startswith("ab") and len(text) == 17
+  assert greedy[0] == greedy[1] and greedy[0].startswith("ab") and len(greedy[0]) == 17
   assert set(text[2:]) <= set(info.extras["vocab"])
   # Prompt characters outside the vocabulary are named (the model reads them as unknown).
   odd = "\u2603\u2604"

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from flax import nnx
 
 from gru_jax import layers, models
@@ -277,8 +278,72 @@ def test_sample_lm_argument_forms_and_refusals():
   fv = floats.init(key, jnp.ones((1, 3, 2)))
   with pytest.raises(ValueError, match="needs a token model"):
     models.sample_lm(floats, fv, [1, 2], 3, key)
-  with pytest.raises(ValueError, match=r"non-empty \[P\] token array, got shape \(1, 2\)"):
-    models.sample_lm(model, v, [[1, 2]], 3, key)
+  with pytest.raises(ValueError, match=r"non-empty \[P\] or \[B,P\] token array, got shape "
+                                       r"\(1, 1, 2\)"):
+    models.sample_lm(model, v, [[[1, 2]]], 3, key)
+
+
+def _filtered(p, top_k=None, top_p=None):
+  """float64 top-k then nucleus restriction of probabilities p [V], renormalised."""
+  p = p.copy()
+  order = np.argsort(-p, kind="stable")
+  if top_k is not None:
+    p[order[top_k:]] = 0
+    p /= p.sum()
+  if top_p is not None:
+    cum = np.cumsum(p[order])
+    keep = order[:int(np.searchsorted(cum, top_p)) + 1]  # fewest reaching top_p
+    q = np.zeros_like(p)
+    q[keep] = p[keep]
+    p = q / q.sum()
+  return p
+
+
+@pytest.mark.parametrize("top_k,top_p", [(2, None), (None, 0.6), (3, 0.8), (None, 0.01)])
+def test_sample_lm_top_k_and_nucleus_draw_from_the_restricted_softmax(top_k, top_p):
+  """20,000 draws of the first token for two prompts at once ([B,P]): tokens outside the
+  float64 model's restricted set never appear, the rest follow its renormalised softmax."""
+  model, v = _lm(6)
+  prompts = np.array([[1, 2, 3], [4, 0, 5]], np.int32)
+  n = 20_000
+  keys = jax.random.split(jax.random.key(12), n)
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: models.sample_lm(
+      model, v, prompts, 1, k, temperature=0.8, top_k=top_k, top_p=top_p)))(keys))
+  assert draws.shape == (n, 2, 4)
+  for row in range(2):
+    np.testing.assert_array_equal(draws[:, row, :3], np.broadcast_to(prompts[row], (n, 3)))
+    p = _filtered(_softmax(_model_np(model, v, prompts[row:row + 1], None)[0, -1], 0.8),
+                  top_k, top_p)
+    counts = np.bincount(draws[:, row, 3], minlength=6)
+    assert not counts[p == 0].any(), (row, counts, p)
+    support = p > 0
+    if support.sum() > 1:
+      stat = (((counts - n * p) ** 2)[support] / (n * p[support])).sum()
+      assert stat < scipy.stats.chi2.ppf(0.999, support.sum() - 1), (row, counts, p)
+
+
+def test_sample_lm_batched_prompts_continue_each_row_as_alone():
+  model, v = _lm(6)
+  prompts = np.array([[1, 2, 3], [4, 0, 5], [2, 2, 2]], np.int32)
+  out = np.asarray(models.sample_lm(model, v, prompts, 6, jax.random.key(3),
+                                    temperature=1e-3))
+  assert out.shape == (3, 9)
+  for row in range(3):
+    want = list(prompts[row])
+    for _ in range(6):
+      want.append(int(np.argmax(_model_np(model, v, np.array(want)[None], None)[0, -1])))
+    np.testing.assert_array_equal(out[row], want)
+  # top_k=1 is greedy at any temperature; a top_p near 0 keeps only the top token too.
+  for kwargs in (dict(top_k=1), dict(top_p=1e-6)):
+    np.testing.assert_array_equal(
+        models.sample_lm(model, v, prompts, 6, jax.random.key(5), temperature=5.0, **kwargs),
+        out)
+  for kwargs, match in [(dict(top_k=0), "top_k must be an int >= 1, got 0"),
+                        (dict(top_k=1.5), "top_k must be an int"),
+                        (dict(top_p=0.0), r"top_p must be None or a number in \(0, 1\], got 0.0"),
+                        (dict(top_p=1.5), "top_p must be"), (dict(top_p="a"), "top_p must be")]:
+    with pytest.raises(ValueError, match=match):
+      models.sample_lm(model, v, prompts, 2, jax.random.key(0), **kwargs)
 
 
 def test_models_take_lists_and_numpy_arrays_like_the_layers():

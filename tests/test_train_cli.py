@@ -183,6 +183,11 @@ def test_sample_checks_its_flags_before_restoring(tmp_path):
       sample.sample_text(str(tmp_path), *args, seed=0)
   with pytest.raises(ValueError, match="--beam_size must be >= 1, got 0"):
     sample.sample_text(str(tmp_path), "a", 5, 1.0, seed=0, beam_size=0)
+  for kwargs, message in [(dict(top_k=0), "--top_k must be >= 1, got 0"),
+                          (dict(top_p=0.0), r"--top_p must be in \(0, 1\], got 0.0"),
+                          (dict(top_p=1.5), r"--top_p must be in \(0, 1\], got 1.5")]:
+    with pytest.raises(ValueError, match=message):
+      sample.sample_text(str(tmp_path), "a", 5, 1.0, seed=0, **kwargs)
   r = _cli(f"--workdir={tmp_path}/nope", module="experiments.sample")
   assert r.returncode == 1 and r.stderr.strip() == f"error: --workdir {tmp_path}/nope does not exist"
   r = _cli(f"--workdir={tmp_path}/nope", module="experiments.beam_eval")
