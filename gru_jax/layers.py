@@ -97,6 +97,10 @@ class GRU(nn.Module):
     from zero after each, in either direction (see `gru_jax.gru`).
     dropout: rate of the input dropout mask [B,D], fixed over time.
     recurrent_dropout: rate of the recurrent dropout mask [B,H], fixed over time.
+    zoneout: rate at which each unit keeps its previous value at each step
+      (Krueger et al. 2016): in training a Bernoulli(rate) draw per step and
+      unit, in evaluation the expectation rate⊙h_{t−1} + (1−rate)⊙h_t.  Runs
+      the plain scan backend (see `gru_jax.gru`'s ``zoneout_mask``).
     layer_norm: layer-normalised GRU (`gru_jax.layernorm.ln_gru`), with extra
       params ``gamma_x``, ``beta_x``, ``gamma_h``, ``beta_h`` [3H].
     unroll, compute_dtype, remat_chunk, backend: passed to `gru_jax.gru`.
@@ -115,6 +119,7 @@ class GRU(nn.Module):
   reverse: bool = False
   dropout: float = 0.0
   recurrent_dropout: float = 0.0
+  zoneout: float = 0.0
   kernel_init: Callable = jax.nn.initializers.glorot_uniform()
   recurrent_init: Callable = jax.nn.initializers.orthogonal()
   bias_init: Callable = jax.nn.initializers.zeros
@@ -143,11 +148,13 @@ class GRU(nn.Module):
     in_mask, rec_mask = gru_dropout_masks(
         lambda: self.make_rng("dropout"), xs, self.hidden_size, self.dropout,
         self.recurrent_dropout, deterministic, example_ids)
+    zo = zoneout_weights(lambda: self.make_rng("dropout"), xs, self.hidden_size, self.zoneout,
+                         deterministic, example_ids)
     # apply(..., mutable=["intermediates"]) also records the gates (the seed's
     # interpretability need); they need the plain scan backend, so only when asked.
     gates = not self.layer_norm and self.is_mutable_collection("intermediates")
     out = apply_gru(self, params, ln, xs, mask, h0, in_mask, rec_mask, return_gates=gates,
-                    resets=resets)
+                    resets=resets, zoneout_mask=zo)
     if gates:
       out, g = out
       self.sow("intermediates", "gates", g)
@@ -243,10 +250,27 @@ def gru_dropout_masks(next_key: Callable[[], Array], xs: Array, hidden_size: int
   return in_mask, rec_mask
 
 
+def zoneout_weights(next_key: Callable[[], Array], xs: Array, hidden_size: int, rate: float,
+                    deterministic: bool, example_ids: Array | None = None) -> Array | None:
+  """The old state's weight k for `gru_jax.gru`'s ``zoneout_mask``: Bernoulli(rate)
+  [B,T,H] in training (row i from (key, example_ids[i]) if given), the scalar rate in
+  evaluation, None at rate 0.  ``next_key()`` is called only when a mask is drawn."""
+  check_rate("zoneout", rate)
+  if rate == 0:
+    return None
+  if deterministic:
+    return jnp.asarray(rate, xs.dtype)
+  b, t = xs.shape[:2]
+  # dropout_multiplier is 0 exactly where a Bernoulli(rate) draw is 1.
+  drop = dropout_multiplier(next_key(), rate, b, (t, hidden_size), example_ids, xs.dtype)
+  return (drop == 0).astype(xs.dtype)
+
+
 def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, xs: Array,
               mask: Array | None, h0: Array | None, in_mask: Array | None,
               rec_mask: Array | None, return_gates: bool = False,
-              resets: Array | None = None, return_state: bool | None = None):
+              resets: Array | None = None, return_state: bool | None = None,
+              zoneout_mask: Array | None = None):
   """Runs one configured GRU layer; ``cfg`` carries the layer's attributes.
 
   Shared by the Linen and NNX layers so that both compute the same function.
@@ -256,9 +280,10 @@ def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, 
   """
   return_state = cfg.return_state if return_state is None else return_state
   if ln is not None:
-    if in_mask is not None or rec_mask is not None or cfg.remat_chunk:
-      raise ValueError("GRU(layer_norm=True) supports neither dropout, recurrent_dropout "
-                       "nor remat_chunk; put a SequenceDropout before the layer instead")
+    if in_mask is not None or rec_mask is not None or cfg.remat_chunk or cfg.zoneout:
+      raise ValueError("GRU(layer_norm=True) supports neither dropout, recurrent_dropout, "
+                       "zoneout nor remat_chunk; put a SequenceDropout before the layer "
+                       "instead")
     if cfg.compute_dtype is not None or cfg.backend != "auto":
       raise ValueError("GRU(layer_norm=True) runs its own lax.scan in the inputs' dtype: "
                        f"compute_dtype={cfg.compute_dtype} and backend={cfg.backend!r} do not "
@@ -270,7 +295,7 @@ def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, 
         params, xs, h0, mask=mask, reverse=cfg.reverse, variant=cfg.variant, unroll=cfg.unroll,
         input_dropout_mask=in_mask, recurrent_dropout_mask=rec_mask,
         compute_dtype=cfg.compute_dtype, remat_chunk=cfg.remat_chunk, backend=cfg.backend,
-        return_gates=return_gates, resets=resets)
+        return_gates=return_gates, resets=resets, zoneout_mask=zoneout_mask)
   out = hs if cfg.return_sequences else h_last
   out = (out, h_last) if return_state else out
   return (out, gates[0]) if return_gates else out

@@ -43,6 +43,10 @@ class SequenceModel(nn.Module):
   running averages, no dropout) a sequence run in pieces, each piece starting
   from the states the one before returned, gives the whole run's outputs;
   `sample_lm` decodes that way.
+
+  ``zoneout``: each GRU layer's zoneout rate (`layers.GRU`); ``gru_eval_mode``
+  runs the GRU layers as in evaluation (no dropout of their own, zoneout's
+  expectation) even with ``train=True``, for batch-norm re-estimation.
   """
   task: str
   num_outputs: int
@@ -51,6 +55,8 @@ class SequenceModel(nn.Module):
   dropout: float = 0.5
   input_dropout: float = 0.0
   recurrent_dropout: float = 0.0
+  zoneout: float = 0.0
+  gru_eval_mode: bool = False
   variant: str = "seed"
   bidirectional: bool = False
   vocab_size: int | None = None
@@ -87,9 +93,9 @@ class SequenceModel(nn.Module):
       x = inputs.astype(jnp.float32)
     per_step = self.task in ("tagging", "lm")
     gru_kw = dict(variant=self.variant, dropout=self.input_dropout,
-                  recurrent_dropout=self.recurrent_dropout, unroll=self.unroll,
-                  compute_dtype=self.compute_dtype, remat_chunk=self.remat_chunk,
-                  backend=self.backend)
+                  recurrent_dropout=self.recurrent_dropout, zoneout=self.zoneout,
+                  unroll=self.unroll, compute_dtype=self.compute_dtype,
+                  remat_chunk=self.remat_chunk, backend=self.backend)
     n = len(self.hidden_sizes)
     h0 = layers.stacked_initial_states("SequenceModel", initial_states, self.hidden_sizes,
                                        self.bidirectional, x.shape[0], "initial_states")
@@ -102,7 +108,8 @@ class SequenceModel(nn.Module):
       else:
         layer = layers.GRU(size, return_sequences=seq, return_state=True, name=f"gru_{i}",
                            **gru_kw)
-      x, state = layer(x, mask, h0[i], deterministic=not train, example_ids=example_ids)
+      x, state = layer(x, mask, h0[i], deterministic=not train or self.gru_eval_mode,
+                       example_ids=example_ids)
       states.append(state)
       if self.batch_norm:
         x = layers.SequenceBatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,

@@ -58,6 +58,8 @@ class GRU(nnx.Module):
     reverse: run backwards in time (valid steps only, see `gru_jax.gru`).
     dropout, recurrent_dropout: rates of the input [B,D] and recurrent [B,H]
       dropout masks, fixed over time (variational dropout).
+    zoneout: rate at which each unit keeps its previous value at each step
+      (Krueger et al. 2016; the expectation in eval mode; runs the scan backend).
     layer_norm: layer-normalised GRU with extra params ``gamma_x``,
       ``beta_x``, ``gamma_h``, ``beta_h`` [3H].
     kernel_init, recurrent_init, bias_init, param_dtype: as `gru_jax.cell.init`.
@@ -76,14 +78,15 @@ class GRU(nnx.Module):
   def __init__(self, in_features: int, hidden_size: int, *, variant: str = "seed",
                return_sequences: bool = True, return_state: bool = False,
                reverse: bool = False, dropout: float = 0.0, recurrent_dropout: float = 0.0,
-               layer_norm: bool = False,
+               zoneout: float = 0.0, layer_norm: bool = False,
                kernel_init: Callable = jax.nn.initializers.glorot_uniform(),
                recurrent_init: Callable = jax.nn.initializers.orthogonal(),
                bias_init: Callable = jax.nn.initializers.zeros,
                param_dtype: Any = jnp.float32, unroll: int = 1, compute_dtype: Any = None,
                remat_chunk: int | None = None, backend: str = "auto",
                deterministic: bool = False, record_gates: bool = False, rngs: nnx.Rngs):
-    for name, rate in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
+    for name, rate in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout),
+                       ("zoneout", zoneout)):
       if not 0.0 <= rate < 1.0:
         raise ValueError(f"GRU: {name} must be in [0, 1), got {rate}")
     p = cell_lib.init(rngs.params(), in_features, hidden_size, variant=variant,
@@ -97,11 +100,11 @@ class GRU(nnx.Module):
     self.in_features, self.hidden_size = in_features, hidden_size
     self.variant, self.reverse, self.unroll = variant, reverse, unroll
     self.return_sequences, self.return_state = return_sequences, return_state
-    self.dropout, self.recurrent_dropout = dropout, recurrent_dropout
+    self.dropout, self.recurrent_dropout, self.zoneout = dropout, recurrent_dropout, zoneout
     self.layer_norm, self.compute_dtype = layer_norm, compute_dtype
     self.remat_chunk, self.backend = remat_chunk, backend
     self.deterministic, self.record_gates = deterministic, record_gates
-    self.rngs = _dropout_stream(rngs, dropout > 0 or recurrent_dropout > 0)
+    self.rngs = _dropout_stream(rngs, dropout > 0 or recurrent_dropout > 0 or zoneout > 0)
 
   @classmethod
   def from_params(cls, params: cell_lib.GRUParams | Mapping[str, Array], *,
@@ -125,7 +128,7 @@ class GRU(nnx.Module):
     if has_ln != kwargs["layer_norm"]:
       raise ValueError(f"layer_norm={kwargs['layer_norm']} but params "
                        f"{'hold' if has_ln else 'lack'} the layer-norm parameters")
-    drops = kwargs.get("dropout", 0) > 0 or kwargs.get("recurrent_dropout", 0) > 0
+    drops = any(kwargs.get(k, 0) > 0 for k in ("dropout", "recurrent_dropout", "zoneout"))
     if drops and rngs is None:
       raise ValueError("from_params with dropout needs rngs=nnx.Rngs(...): without it every "
                        "layer would draw the same masks")
@@ -162,12 +165,15 @@ class GRU(nnx.Module):
     ln = None
     if self.layer_norm:
       ln = ln_lib.LNParams(*(getattr(self, n)[...] for n in ln_lib.LNParams._fields))
+    next_key = _dropout_key(self.rngs, rngs, "GRU")
     in_mask, rec_mask = linen_layers.gru_dropout_masks(
-        _dropout_key(self.rngs, rngs, "GRU"), xs, self.hidden_size, self.dropout,
-        self.recurrent_dropout, det, example_ids)
+        next_key, xs, self.hidden_size, self.dropout, self.recurrent_dropout, det, example_ids)
+    zo = linen_layers.zoneout_weights(next_key, xs, self.hidden_size, self.zoneout, det,
+                                      example_ids)
     gates = self.record_gates and not self.layer_norm
     out = linen_layers.apply_gru(self, self.params, ln, xs, mask, h0, in_mask, rec_mask,
-                                 return_gates=gates, resets=resets, return_state=return_state)
+                                 return_gates=gates, resets=resets, return_state=return_state,
+                                 zoneout_mask=zo)
     if gates:
       out, g = out
       self.sow(nnx.Intermediate, "gates", g)

@@ -12,7 +12,7 @@ does only the recurrent work.  Three implementations of the loop
 * "pallas": the same VJP with the loops as fused Pallas kernels
   (`gru_jax.kernels.pallas_gru`): GPU, or interpret mode on CPU (slow, for tests).
 * "scan": a plain `jax.lax.scan` differentiated by JAX.  The only path with
-  ``return_gates`` and ``remat_chunk``, and the one forward-mode AD (`jax.jvp`,
+  ``return_gates``, ``remat_chunk`` and ``zoneout_mask``, and the one forward-mode AD (`jax.jvp`,
   `jax.jacfwd`) runs whatever the backend asked for: the other two have custom
   VJPs, which JAX cannot differentiate forwards.
 * "auto": "pallas" on GPU when the kernel applies, else "xla".
@@ -40,7 +40,7 @@ BACKENDS = ("auto", "xla", "pallas", "scan")
 
 def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
               time_major: bool, variant: str, backend: str, remat_chunk,
-              resets=None) -> tuple[int, int]:
+              resets=None, zoneout_mask=None) -> tuple[int, int]:
   """Checks user-facing arguments; returns (B, T). Errors name the argument and shapes."""
   cell_lib.check_variant(variant)
   if backend not in BACKENDS:
@@ -82,6 +82,15 @@ def _validate(params: GRUParams, xs, h0, mask, input_dropout_mask, recurrent_dro
   if recurrent_dropout_mask is not None and tuple(recurrent_dropout_mask.shape) != (b, hsz):
     raise ValueError(f"recurrent_dropout_mask must have shape [B,H]=({b}, {hsz}), "
                      f"got {tuple(recurrent_dropout_mask.shape)}")
+  if zoneout_mask is not None:
+    want = (t, b, hsz) if time_major else (b, t, hsz)
+    if zoneout_mask.ndim != 0 and tuple(zoneout_mask.shape) != want:
+      raise ValueError(f"zoneout_mask must be a scalar or have shape "
+                       f"{'[T,B,H]' if time_major else '[B,T,H]'}={want}, "
+                       f"got {tuple(zoneout_mask.shape)}")
+    if not jnp.issubdtype(zoneout_mask.dtype, jnp.floating):
+      raise ValueError(f"zoneout_mask must be floating point (the weight of the old state, "
+                       f"in [0, 1]), got dtype {zoneout_mask.dtype}")
   if remat_chunk is not None:
     # Any int (NumPy's too, as for unroll); not a bool, which would mean chunks of one step.
     try:
@@ -132,18 +141,19 @@ AUTO_PALLAS_RESETS = True
 def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype,
                     state_dtype, return_gates: bool = False, remat_chunk=None,
                     platform: str | None = None, resets: bool = False,
-                    variant: str = "reset_after", recurrent_dropout: bool = False) -> str:
+                    variant: str = "reset_after", recurrent_dropout: bool = False,
+                    zoneout: bool = False) -> str:
   """The implementation `gru` will run: "xla", "pallas" or "scan".
 
-  "scan" is forced by ``return_gates`` and ``remat_chunk`` (the fused paths
-  store their own residuals and return no gates).  "pallas" falls back to
+  "scan" is forced by ``return_gates``, ``remat_chunk`` and ``zoneout`` (the
+  fused paths store their own residuals, return no gates and have no zoneout).  "pallas" falls back to
   "xla", without error, where the kernel does not apply (see
   `gru_jax.kernels.pallas_gru.supported`); "auto" picks "pallas" only on GPU,
   and with ``resets`` only if `AUTO_PALLAS_RESETS`.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  if backend == "scan" or return_gates or remat_chunk is not None:
+  if backend == "scan" or return_gates or remat_chunk is not None or zoneout:
     return "scan"
   if backend == "xla" or (backend == "auto" and resets and not AUTO_PALLAS_RESETS):
     return "xla"
@@ -192,12 +202,14 @@ _project_nn.defvjp(_project_nn_fwd, _project_nn_bwd)
 
 
 def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant, reverse,
-                     unroll, return_gates, remat_chunk, resets_tm=None, compute_dtype=None):
+                     unroll, return_gates, remat_chunk, resets_tm=None, compute_dtype=None,
+                     zoneout_tm=None):
   """The plain `lax.scan` loop, differentiated by JAX.
 
   ``project`` maps inputs [...,D] to input projections [...,3H].  xs_tm
   [T,B,D], h0 [B,H], mask_tm [T,B] or None, resets_tm [T,B] (`effective_resets`)
-  or None -> (h_last, hs [T,B,H], gates).  w_h [H,3H] and b_h [3H] in any
+  or None, zoneout_tm [T,B,H], a scalar or None (the old state's weight)
+  -> (h_last, hs [T,B,H], gates).  w_h [H,3H] and b_h [3H] in any
   dtype; the matmuls take w_h in ``compute_dtype`` (default: h0's).
   """
   # JAX sums a loop-invariant's gradient over the steps in the dtype it enters
@@ -208,15 +220,21 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
   w_loop = cell_lib.loop_weights(w_h.astype(acc), variant)
   b_h = b_h.astype(acc)
   rec_mask = None if rec_mask is None else rec_mask.astype(acc)
+  # A scalar zoneout weight (evaluation) is the same at every step: closed over.
+  per_step_zo = zoneout_tm is not None and zoneout_tm.ndim == 3
+  zo_const = None if zoneout_tm is None or per_step_zo else zoneout_tm.astype(acc)
 
   def body(h, inp):
-    xp_t, m_t, r_t = inp
+    xp_t, m_t, r_t, zo_t = inp
     h = cell_lib.restart(h, r_t)
     g = cell_lib.recurrent_gates(jax.tree.map(lambda w: w.astype(compute_dtype), w_loop),
                                  b_h.astype(h.dtype), h, xp_t, variant=variant,
                                  h_drop=None if rec_mask is None else
                                  h * rec_mask.astype(h.dtype))
     h_new = cell_lib.blend(h, g)
+    zo_t = zo_const if zo_t is None else zo_t
+    if zo_t is not None:  # zoneout: k⊙h + (1−k)⊙h_new
+      h_new = h_new + zo_t.astype(h.dtype) * (h - h_new)
     out = h_new
     if m_t is not None:
       keep = m_t[:, None]
@@ -225,8 +243,9 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
     return h_new, (out, g if return_gates else None)
 
   if remat_chunk is None:
-    h_last, (hs, gs) = jax.lax.scan(body, h0, (project(xs_tm), mask_tm, resets_tm),
-                                    reverse=reverse, unroll=unroll)
+    h_last, (hs, gs) = jax.lax.scan(
+        body, h0, (project(xs_tm), mask_tm, resets_tm, zoneout_tm if per_step_zo else None),
+        reverse=reverse, unroll=unroll)
     return h_last, hs, gs
 
   # Chunked rematerialisation: the backward pass keeps only each chunk's first
@@ -242,16 +261,21 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
     mask_tm = jnp.concatenate([mask_tm, jnp.zeros((pad, b), bool)])
     if resets_tm is not None:
       resets_tm = jnp.concatenate([resets_tm, jnp.zeros((pad, b), bool)])
+    if per_step_zo:
+      zoneout_tm = jnp.concatenate(
+          [zoneout_tm, jnp.zeros((pad,) + zoneout_tm.shape[1:], zoneout_tm.dtype)])
   chunked = lambda a: a.reshape((n_chunks, remat_chunk) + a.shape[1:])
 
   @jax.checkpoint
   def chunk_body(h, inp):
-    x_c, m_c, r_c = inp
-    return jax.lax.scan(body, h, (project(x_c), m_c, r_c), reverse=reverse, unroll=unroll)
+    x_c, m_c, r_c, z_c = inp
+    return jax.lax.scan(body, h, (project(x_c), m_c, r_c, z_c), reverse=reverse,
+                        unroll=unroll)
 
   h_last, (hs, gs) = jax.lax.scan(
       chunk_body, h0, (chunked(xs_tm), chunked(mask_tm),
-                       None if resets_tm is None else chunked(resets_tm)), reverse=reverse)
+                       None if resets_tm is None else chunked(resets_tm),
+                       chunked(zoneout_tm) if per_step_zo else None), reverse=reverse)
   unchunk = lambda a: a.reshape((n_chunks * remat_chunk,) + a.shape[2:])[:t]
   return h_last, unchunk(hs), jax.tree.map(unchunk, gs)
 
@@ -441,7 +465,7 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
         unroll: int = 1, return_gates: bool = False,
         input_dropout_mask: Array | None = None, recurrent_dropout_mask: Array | None = None,
         compute_dtype=None, remat_chunk: int | None = None, backend: str = "auto",
-        resets: Array | None = None):
+        resets: Array | None = None, zoneout_mask: Array | None = None):
   """Runs a GRU over a batch of sequences.
 
   Args:
@@ -477,6 +501,10 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
       direction: forwards the first segment starts from h0 (from zero if
       resets[b,0]); with ``reverse`` the last one does.  A boundary on a
       masked step takes effect at the next valid step run (`effective_resets`).
+    zoneout_mask: float [B,T,H] ([T,B,H] if ``time_major``) or a scalar, the
+      weight k of the old state (zoneout, Krueger et al. 2016):
+      h_t = k⊙h_{t−1} + (1−k)⊙GRU(h_{t−1}, x_t).  Bernoulli(rate) draws in
+      training, the rate itself in evaluation.  Runs "scan".
 
   Returns:
     ``(h_last [B,H], hs [B,T,H])``, plus gates when ``return_gates``.
@@ -485,26 +513,28 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
   rows of the batch under `jax.shard_map`; outputs are sharded like xs along B.
   """
   # Lists and NumPy arrays are welcome; the checks below read .shape and .dtype.
-  xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets = (
+  xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets, zoneout_mask = (
       None if a is None else jnp.asarray(a)
-      for a in (xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets))
+      for a in (xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets,
+                zoneout_mask))
   b, t = _validate(params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask,
-                   time_major, variant, backend, remat_chunk, resets)
+                   time_major, variant, backend, remat_chunk, resets, zoneout_mask)
   mesh = cell_lib.explicit_mesh(params, xs, h0, mask, input_dropout_mask,
-                                recurrent_dropout_mask, resets)
+                                recurrent_dropout_mask, resets, zoneout_mask)
   if mesh is not None:
     return _on_explicit_mesh(mesh, params, xs, h0, mask=mask, reverse=reverse,
                              time_major=time_major, variant=variant, unroll=unroll,
                              return_gates=return_gates, input_dropout_mask=input_dropout_mask,
                              recurrent_dropout_mask=recurrent_dropout_mask,
                              compute_dtype=compute_dtype, remat_chunk=remat_chunk,
-                             backend=backend, resets=resets)
+                             backend=backend, resets=resets, zoneout_mask=zoneout_mask)
   # Inside `jax.shard_map` (check_vma): every input varies over the axes any one
   # does, so the loops' carries and the custom VJPs' cotangents agree; the
   # transpose of this marking sums an invariant input's gradient over the axes.
-  axes = cell_lib.vma(params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets)
-  params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets = cell_lib.vary(
-      (params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets), axes)
+  ins = (params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets, zoneout_mask)
+  axes = cell_lib.vma(*ins)
+  (params, xs, h0, mask, input_dropout_mask, recurrent_dropout_mask, resets,
+   zoneout_mask) = cell_lib.vary(ins, axes)
   unroll = cell_lib.check_unroll(unroll)
   remat_chunk = None if remat_chunk is None else operator.index(remat_chunk)
   state_dtype = xs.dtype
@@ -525,7 +555,8 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
                          compute_dtype=compute_dtype, state_dtype=state_dtype,
                          return_gates=return_gates, remat_chunk=remat_chunk,
                          resets=resets is not None, variant=variant,
-                         recurrent_dropout=recurrent_dropout_mask is not None)
+                         recurrent_dropout=recurrent_dropout_mask is not None,
+                         zoneout=zoneout_mask is not None)
   traces = ad_traces()
   if (not symbolic and (t == 0 or b == 0)) or (impl != "scan" and under_forward_mode(traces)):
     # T = 0 or B = 0: nothing to fuse (the fused loops need a step and a batch
@@ -567,11 +598,14 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
   w_x = params.w_x.astype(compute_dtype)
   bias = cell_lib.folded_bias(params, variant).astype(state_dtype)
   mask_tm, rs_tm = (m if time_major or m is None else m.T for m in (mask, rs))
+  zo_tm = zoneout_mask
+  if zo_tm is not None and zo_tm.ndim == 3 and not time_major:
+    zo_tm = jnp.swapaxes(zo_tm, 0, 1)
   h_last, hs, gs = _recurrence_scan(
       lambda x: cell_lib.matmul(x, w_x, state_dtype) + bias,
       params.w_h, params.b_h, xs_tm, h0, mask_tm, rec_mask, variant=variant, reverse=reverse,
       unroll=unroll, return_gates=return_gates, remat_chunk=remat_chunk, resets_tm=rs_tm,
-      compute_dtype=compute_dtype)
+      compute_dtype=compute_dtype, zoneout_tm=zo_tm)
   if not time_major:
     hs = jnp.swapaxes(hs, 0, 1)
     if gs is not None:
@@ -585,12 +619,15 @@ def _on_explicit_mesh(mesh, params: GRUParams, xs: Array, h0: Array | None, **kw
   """`gru` on inputs typed with Explicit mesh axes: each device runs its rows of
   the batch (`cell.shard_over_batch`); outputs are sharded like xs along B."""
   bt = 1 if kw["time_major"] else 0
+  zo = kw.pop("zoneout_mask")
+  if zo is not None and zo.ndim == 0:  # one weight for every row: passed to each shard as is
+    kw["zoneout_mask"], zo = zo, None
   named = {k: v for k, v in (("xs", xs), ("h0", h0), ("mask", kw.pop("mask")),
-                             ("resets", kw.pop("resets")),
+                             ("resets", kw.pop("resets")), ("zoneout_mask", zo),
                              ("input_dropout_mask", kw.pop("input_dropout_mask")),
                              ("recurrent_dropout_mask", kw.pop("recurrent_dropout_mask")))
            if v is not None}
-  dims = {k: bt if k in ("xs", "mask", "resets") else 0 for k in named}
+  dims = {k: bt if k in ("xs", "mask", "resets", "zoneout_mask") else 0 for k in named}
   in_specs = cell_lib.batch_specs(mesh, xs, bt, (named, params),
                                   (dims, GRUParams(None, None, None, None)))
   gates = kw["return_gates"]

@@ -65,6 +65,9 @@ def create_model(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, 
       unroll=m.unroll, remat_chunk=config.remat or None, backend=m.backend,
       compute_dtype=None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype))
   if info.task == "seq2seq":
+    if m.get("zoneout", 0.0):
+      raise ValueError(f"dataset {info.name!r} is sequence to sequence (models.Seq2Seq), "
+                       f"which has no zoneout: set config.model.zoneout=0.0 (got {m.zoneout})")
     if m.batch_norm or m.input_dropout:
       raise ValueError(f"dataset {info.name!r} is sequence to sequence (models.Seq2Seq): set "
                        "config.model.batch_norm=False and config.model.input_dropout=0.0 "
@@ -73,11 +76,11 @@ def create_model(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, 
     # act on in a Seq2Seq; every other override applies.
     kw = dict(common, vocab_size=info.input_dim, num_outputs=info.num_classes)
     kw.update({k: v for k, v in overrides.items()
-               if k not in ("bn_momentum", "bn_epsilon", "input_dropout")})
+               if k not in ("bn_momentum", "bn_epsilon", "input_dropout", "gru_eval_mode")})
     return models.Seq2Seq(**kw)
   kw = dict(
       common, task=info.task, num_outputs=info.num_classes, batch_norm=m.batch_norm,
-      input_dropout=m.input_dropout,
+      input_dropout=m.input_dropout, zoneout=m.get("zoneout", 0.0),
       vocab_size=info.input_dim if info.input_kind == "tokens" else None,
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, axis_name=axis_name)
   kw.update(overrides)
@@ -361,7 +364,7 @@ def recalibration_model(config: ml_collections.ConfigDict, info: data_lib.Datase
   """The model for `batch_stats_step`: the evaluated network (every dropout off), with batch
   norm momentum 0 so that one step returns the batch's exact statistics."""
   return create_model(config, info, axis_name=axis_name, bn_momentum=0.0, dropout=0.0,
-                      input_dropout=0.0, recurrent_dropout=0.0)
+                      input_dropout=0.0, recurrent_dropout=0.0, gru_eval_mode=True)
 
 
 def batch_stats_step(state: TrainState, batch: dict, *, model: nn.Module):
@@ -591,6 +594,11 @@ def stored_config(workdir: str) -> dict | None:
   return None
 
 
+# config.model keys added after runs were written, with the value an older config.json
+# that lacks them means.
+ADDED_MODEL_KEYS = {"zoneout": 0.0}
+
+
 def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> dict:
   """Refuses to resume a workdir written by a different model or dataset, naming each key
   that differs; returns the other keys that differ ({key: (stored, now)}), for a warning."""
@@ -599,7 +607,8 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> di
     return {}
   new = config.to_dict()
   def identity(c):
-    model = {k: v for k, v in (c.get("model") or {}).items() if k not in IMPLEMENTATION_KEYS}
+    model = {**ADDED_MODEL_KEYS, **(c.get("model") or {})}
+    model = {k: v for k, v in model.items() if k not in IMPLEMENTATION_KEYS}
     return {**_flat(model, "config.model."),
             **_flat(_dataset_identity(c.get("dataset")), "config.dataset.")}
   refused = _differences(identity(old), identity(new))
@@ -829,7 +838,7 @@ _COUNTS = {"batch_size": 1, "log_every_steps": 1, "num_epochs": 0, "num_train_st
            "eval_every_steps": 0, "checkpoint_every_steps": 0, "eval_batch_size": 0,
            "bn_recalibrate_batches": 0, "remat": 0, "trim_to_multiple": 0, "data_shards": 0,
            "seed": 0, "preemption_check_every_steps": 1}
-_RATES = ("dropout", "recurrent_dropout", "input_dropout")  # config.model keys, in [0, 1)
+_RATES = ("dropout", "recurrent_dropout", "input_dropout", "zoneout")  # config.model, [0, 1)
 
 
 def _is_number(x) -> bool:

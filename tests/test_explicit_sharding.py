@@ -89,6 +89,12 @@ def _explicit_checks():
   _close(got, gru_jax.gru(p, xs, h0, mask=mask, return_gates=True), 1e-5)
   _close(got[:2], reference.run(p, xs, np.asarray(h0), mask=np.asarray(mask)))
   assert jax.typeof(got[2].z).sharding.spec[0] == "data"
+  k = jax.random.bernoulli(jax.random.key(7), 0.4, (4, 5, 4)).astype(jnp.float32)
+  for zo, plain in ((put(k, "data"), k), (0.3, 0.3)):  # zoneout: per step and unit, or one
+    with jax.set_mesh(mesh):
+      got = jax.jit(lambda p, xs: gru_jax.gru(p, xs, sh0, mask=smask, zoneout_mask=zo))(sp, sxs)
+    _close(got, gru_jax.gru(p, xs, h0, mask=mask, zoneout_mask=plain), 1e-5)
+  print("zoneout ok", flush=True)
 
   # The layer-normalised GRU, and layers and a model: a train step's loss and gradients.
   ln = layernorm.LNParams(*(a + 0.1 * jnp.arange(a.shape[0]) for a in layernorm.init_ln(4)))
@@ -99,6 +105,7 @@ def _explicit_checks():
   cases = {
       "GRU(layer_norm)": layers.GRU(4, layer_norm=True),
       "GRU(dropout)": layers.GRU(4, dropout=0.2, recurrent_dropout=0.2),
+      "GRU(zoneout)": layers.GRU(4, zoneout=0.3),
       "StackedGRU(bidirectional)": layers.StackedGRU((4, 3), bidirectional=True,
                                                      dropout_between=0.2, return_state=True),
       "SequenceModel": models.SequenceModel("classification", 3, hidden_sizes=(4, 4)),

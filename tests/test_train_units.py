@@ -260,23 +260,28 @@ def test_divergence_is_named_at_its_step_between_checks(tmp_path):
     train.train_and_evaluate(c, str(tmp_path / "wd"))
 
 
-def test_batch_norm_recalibration_runs_the_network_without_dropout():
+@pytest.mark.parametrize("zoneout", [0.0, 0.4])
+def test_batch_norm_recalibration_runs_the_network_without_dropout(zoneout):
   """The re-estimated statistics are the exact per-batch moments of the evaluated network
-  (dropout off), computed here with the float64 reference GRU and NumPy batch norm."""
+  (dropout off, zoneout's expectation), computed here with the float64 reference GRU and
+  NumPy batch norm."""
   from gru_jax import data as data_lib
+  from tests.test_zoneout import _ref
   c = _tiny_digits()
+  c.model.zoneout = zoneout
   arrays, info = data_lib.load("sequential_digits", "train")
   model = train.recalibration_model(c, info)
   assert (model.dropout, model.input_dropout, model.recurrent_dropout) == (0.0, 0.0, 0.0)
+  assert model.zoneout == zoneout and model.gru_eval_mode
   x = arrays["inputs"][:32]
   batch = {"inputs": jnp.asarray(x), "mask": jnp.ones(x.shape[:2], bool)}
   state = train.init_state(model, optax.adam(1e-3), jax.random.key(0), batch)
   stats = train.batch_stats_step(state, batch, model=model)
   p = state.params
-  hs = reference.run(GRUParams(**p["gru_0"]), x)[1]                       # [B,T,H]
+  hs = _ref(GRUParams(**p["gru_0"]), x, zoneout)[1]                       # [B,T,H]
   m0, v0 = hs.reshape(-1, 8).mean(0), hs.reshape(-1, 8).var(0)
   y = (hs - m0) / np.sqrt(v0 + 1e-3) * np.asarray(p["bn_0"]["scale"]) + np.asarray(p["bn_0"]["bias"])
-  h_last = reference.run(GRUParams(**p["gru_1"]), y)[0]                    # [B,H]
+  h_last = _ref(GRUParams(**p["gru_1"]), y, zoneout)[0]                    # [B,H]
   np.testing.assert_allclose(stats["bn_0"]["mean"], m0, atol=1e-5)
   np.testing.assert_allclose(stats["bn_0"]["var"], v0, atol=1e-5)
   np.testing.assert_allclose(stats["bn_1"]["mean"], h_last.mean(0), atol=1e-5)

@@ -45,6 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.5
   c.model.input_dropout = 0.0
   c.model.recurrent_dropout = 0.0
+  c.model.zoneout = 0.0            # > 0: zoneout (Krueger et al. 2016); runs the scan backend
   c.model.variant = "seed"
   c.model.bidirectional = False
   c.model.embed_dim = 64
