@@ -12,9 +12,9 @@ does only the recurrent work.  Three implementations of the loop
 * "pallas": the same VJP with the loops as fused Pallas kernels
   (`gru_jax.kernels.pallas_gru`): GPU, or interpret mode on CPU (slow, for tests).
 * "scan": a plain `jax.lax.scan` differentiated by JAX.  The only path with
-  ``return_gates``, ``remat_chunk`` and ``zoneout_mask``, and the one forward-mode AD (`jax.jvp`,
-  `jax.jacfwd`) runs whatever the backend asked for: the other two have custom
-  VJPs, which JAX cannot differentiate forwards.
+  ``return_gates``, ``remat_chunk`` and ``zoneout_mask``, and the one
+  forward-mode AD (`jax.jvp`, `jax.jacfwd`) runs whatever the backend asked
+  for: the other two have custom VJPs, which JAX cannot differentiate forwards.
 * "auto": "pallas" on GPU when the kernel applies, else "xla".
 
 ``resets`` (segment starts: RL episodes, packed sequences) run on every
@@ -146,8 +146,8 @@ def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype
   """The implementation `gru` will run: "xla", "pallas" or "scan".
 
   "scan" is forced by ``return_gates``, ``remat_chunk`` and ``zoneout`` (the
-  fused paths store their own residuals, return no gates and have no zoneout).  "pallas" falls back to
-  "xla", without error, where the kernel does not apply (see
+  fused paths store their own residuals, return no gates and have no zoneout).
+  "pallas" falls back to "xla", without error, where the kernel does not apply (see
   `gru_jax.kernels.pallas_gru.supported`); "auto" picks "pallas" only on GPU,
   and with ``resets`` only if `AUTO_PALLAS_RESETS`.
   """
