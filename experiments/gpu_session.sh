@@ -31,7 +31,11 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # Keras, Haiku, ml_collections: no
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# x scales every budget and timeout: the CPU rehearsal interprets the Pallas
+# kernels, and on a loaded 2-core machine its split stage overran 65 s.
+x=1
 if [[ "${GPU_SESSION_TINY:-0}" == 1 ]]; then
+  x=3
   tiny=(--tiny --repeats=2)
   runs=train:8x20x16x16:float32,forward:8x40x16x32:float32
   probe_runs=train:8x30x16x32:float32,forward:4x20x8x16:float32
@@ -56,14 +60,16 @@ packed=gru_jax/xla/reset_after/packed  # 9 kernels a train step, not 16 (experim
 # implementations, mostly compiling).  195 + 90 + 120 + 2 x 85 = 575 s.
 common=(--split_budget_s=0 --sweep=none --train_check=false ${tiny[@]+"${tiny[@]}"})
 mkdir -p "$S/main"
-timeout 195 python3 -m experiments.gpu_check --out_dir="$S/main" --budget_s=140 --max_checks=1 \
+timeout $((195 * x)) python3 -m experiments.gpu_check --out_dir="$S/main" \
+  --budget_s=$((140 * x)) --max_checks=1 \
   --packed_checks=1 \
   "${common[@]}" --impls=gru_jax,$packed,$unroll,keras,torch --runs=$runs \
   2>&1 | grep -v "^I[0-9]" | tail -30
 echo "gpu_check exit ${PIPESTATUS[0]}"
 echo "== column split at H=256"
 mkdir -p "$S/split_h256"
-timeout 90 python3 -m experiments.gpu_check --out_dir="$S/split_h256" --budget_s=65 \
+timeout $((90 * x)) python3 -m experiments.gpu_check --out_dir="$S/split_h256" \
+  --budget_s=$((65 * x)) \
   --max_checks=0 --packed_checks=0 "${common[@]}" --split_checks=$split_checks \
   --impls=gru_jax,gru_jax/pallas/reset_after/split=$s_a,gru_jax/pallas/reset_after/split=$s_b \
   --runs=$split_runs 2>&1 | grep -v "^I[0-9]" | grep "split check\|not timed\|^| \|FAILED"
@@ -78,8 +84,9 @@ for flag in "" --xla_gpu_enable_triton_gemm=false \
     impls=gru_jax,$packed; limit=85; fi
   echo "== probe $probe: XLA_FLAGS=$flag"
   mkdir -p "$S/xla_flags_$probe" && echo "$flag" > "$S/xla_flags_$probe/xla_flags.txt"
-  XLA_FLAGS=$flag timeout $limit python3 -m experiments.gpu_check \
-    --out_dir="$S/xla_flags_$probe" --budget_s=$((limit - 30)) --max_checks=0 --packed_checks=0 "${common[@]}" \
+  XLA_FLAGS=$flag timeout $((limit * x)) python3 -m experiments.gpu_check \
+    --out_dir="$S/xla_flags_$probe" --budget_s=$(((limit - 30) * x)) --max_checks=0 \
+    --packed_checks=0 "${common[@]}" \
     --impls=$impls --runs=$probe_runs 2>&1 | grep -v "^I[0-9]" | grep -A4 "^| step"
   echo "exit ${PIPESTATUS[0]}"
 done
