@@ -208,6 +208,11 @@ class GRUCell(nnx.RNNCellBase):
   def from_params(cls, params: cell_lib.GRUParams | Mapping[str, Array], *,
                   variant: str = "seed") -> GRUCell:
     """A cell holding ``params`` (no layer-norm parameters: the cell has none)."""
+    names = params._fields if isinstance(params, cell_lib.GRUParams) else tuple(params)
+    ln = sorted(set(names) & set(ln_lib.LNParams._fields))
+    if ln:
+      raise ValueError(f"GRUCell has no layer norm, but params hold its parameters {ln}; "
+                       "run a layer-normalised GRU with GRU(layer_norm=True)")
     layer = GRU.from_params(params, variant=variant)
     cell = cls(layer.in_features, layer.hidden_size, variant=variant, rngs=nnx.Rngs(0))
     for name in cell_lib.GRUParams._fields:

@@ -149,3 +149,7 @@ def test_nnx_cell_from_linen_variables_and_its_initialisers():
   np.testing.assert_array_equal(c, np.ones((2, H)))
   with pytest.raises(ValueError, match="missing"):
     nnx_layers.GRUCell.from_params({"w_x": v["params"]["w_x"]})
+  ln = layers.GRU(H, layer_norm=True).init(jax.random.key(2), xs)["params"]
+  with pytest.raises(ValueError, match=r"GRUCell has no layer norm, but params hold its "
+                                       r"parameters \['beta_h', 'beta_x', 'gamma_h', 'gamma_x'\]"):
+    nnx_layers.GRUCell.from_params(ln)
