@@ -57,6 +57,9 @@ def test_readme_linen_example_runs_and_matches_reference():
   ref = reference.run(p, np.asarray(ns["xs"]), mask=np.asarray(ns["mask"]))[1]
   np.testing.assert_allclose(out, ref, atol=1e-5)
   assert float(np.abs(np.asarray(ns["hs"]) - ref).max()) > 1e-3  # dropout was on
+  # nn.RNN of the GRUCell, on the layer's params: the reference at every valid step.
+  np.testing.assert_allclose(np.where(np.asarray(ns["mask"])[..., None], ns["steps"], 0), ref,
+                             atol=1e-5)
 
 
 def test_readme_torch_example_matches_torch():
