@@ -25,6 +25,18 @@ from gru_jax import scan as scan_lib
 Array = jax.Array
 
 
+def keep_bits(rng: Array, keep: float, batch: int, shape: tuple[int, ...],
+              example_ids: Array | None = None) -> Array:
+  """Bernoulli(keep) bits [B, *shape]; with ``example_ids`` [B], row i depends only on
+  (rng, example_ids[i])."""
+  if example_ids is None:
+    return jax.random.bernoulli(rng, keep, (batch,) + shape)
+  if example_ids.shape != (batch,):
+    raise ValueError(f"example_ids must have shape [B]=({batch},), got {example_ids.shape}")
+  return jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(rng, i), keep, shape))(
+      example_ids)
+
+
 def dropout_multiplier(rng: Array, rate: float, batch: int, shape: tuple[int, ...],
                        example_ids: Array | None = None, dtype=jnp.float32) -> Array:
   """Inverted-dropout multiplier [B, *shape]: 0 or 1/(1-rate).
@@ -34,14 +46,7 @@ def dropout_multiplier(rng: Array, rate: float, batch: int, shape: tuple[int, ..
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
   keep = 1.0 - rate
-  if example_ids is None:
-    bits = jax.random.bernoulli(rng, keep, (batch,) + shape)
-  else:
-    if example_ids.shape != (batch,):
-      raise ValueError(f"example_ids must have shape [B]=({batch},), got {example_ids.shape}")
-    bits = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(rng, i), keep, shape))(
-        example_ids)
-  return bits.astype(dtype) / keep
+  return keep_bits(rng, keep, batch, shape, example_ids).astype(dtype) / keep
 
 
 def check_rate(name: str, rate: float) -> None:
@@ -261,9 +266,9 @@ def zoneout_weights(next_key: Callable[[], Array], xs: Array, hidden_size: int, 
   if deterministic:
     return jnp.asarray(rate, xs.dtype)
   b, t = xs.shape[:2]
-  # dropout_multiplier is 0 exactly where a Bernoulli(rate) draw is 1.
-  drop = dropout_multiplier(next_key(), rate, b, (t, hidden_size), example_ids, xs.dtype)
-  return (drop == 0).astype(xs.dtype)
+  # A unit zones out where dropout at this rate would drop it.
+  kept = keep_bits(next_key(), 1.0 - rate, b, (t, hidden_size), example_ids)
+  return (~kept).astype(xs.dtype)
 
 
 def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, xs: Array,

@@ -221,8 +221,11 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
   b_h = b_h.astype(acc)
   rec_mask = None if rec_mask is None else rec_mask.astype(acc)
   # A scalar zoneout weight (evaluation) is the same at every step: closed over.
+  # Cast once here, not per step.
   per_step_zo = zoneout_tm is not None and zoneout_tm.ndim == 3
-  zo_const = None if zoneout_tm is None or per_step_zo else zoneout_tm.astype(acc)
+  if zoneout_tm is not None:
+    zoneout_tm = zoneout_tm.astype(h0.dtype)
+  zo_const = None if zoneout_tm is None or per_step_zo else zoneout_tm
 
   def body(h, inp):
     xp_t, m_t, r_t, zo_t = inp
@@ -234,7 +237,7 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
     h_new = cell_lib.blend(h, g)
     zo_t = zo_const if zo_t is None else zo_t
     if zo_t is not None:  # zoneout: k⊙h + (1−k)⊙h_new
-      h_new = h_new + zo_t.astype(h.dtype) * (h - h_new)
+      h_new = h_new + zo_t * (h - h_new)
     out = h_new
     if m_t is not None:
       keep = m_t[:, None]

@@ -73,9 +73,11 @@ def test_linen_bidirectional_of_cells_equals_bidirectional_layer():
   bi = layers.Bidirectional(H)
   v = bi.init(jax.random.key(4), xs, mask)
   flax_bi = nn.Bidirectional(nn.RNN(layers.GRUCell(H)), nn.RNN(layers.GRUCell(H)))
-  fv = flax_bi.init(jax.random.key(5), xs, seq_lengths=LENGTHS)
   fv = {"params": {"forward_rnn": {"cell": v["params"]["forward"]},
                    "backward_rnn": {"cell": v["params"]["backward"]}}}
+  # The layer's variables have exactly the shapes nn.Bidirectional's own init makes.
+  assert (jax.tree.map(jnp.shape, flax_bi.init(jax.random.key(5), xs, seq_lengths=LENGTHS))
+          == jax.tree.map(jnp.shape, fv))
   out = flax_bi.apply(fv, xs, seq_lengths=LENGTHS)
   np.testing.assert_allclose(np.where(mask[..., None], out, 0), bi.apply(v, xs, mask),
                              atol=1e-5)
