@@ -3,12 +3,14 @@ or a translation from a sequence-to-sequence model.
 
   python -m experiments.sample --workdir=runs/shakes --prompt="ROMEO:" --length=300
   python -m experiments.sample --workdir=runs/words --prompt=30015 [--beam_size=4]
+  python -m experiments.sample --workdir=runs/words_attn --prompt=30015 --show_attention
 
 Reads the run's config.json and latest checkpoint.  For an LM, --temperature
 < 1 is more conservative, > 1 more varied, and --top_k / --top_p restrict each draw
 to the k most probable characters / the nucleus of that mass; a seq2seq model decodes greedily, or
 with --beam_size > 1 by beam search (one source per call; --prompt is split into
-characters, e.g. digits).
+characters, e.g. digits); --show_attention prints what a model trained with attention read
+for each output word.
 """
 from absl import flags
 
@@ -23,6 +25,9 @@ flags.DEFINE_integer("seed", 0, "Sampling seed (lm).")
 flags.DEFINE_integer("top_k", None, "Draw only from the k most probable tokens (lm).")
 flags.DEFINE_float("top_p", None, "Draw only from the nucleus of this probability mass (lm).")
 flags.DEFINE_integer("beam_size", 1, "Beams for seq2seq decoding (1: greedy).")
+flags.DEFINE_bool("show_attention", False, "Also print the attention weights of a seq2seq "
+                  "model with attention: one row per output word, in percent per source "
+                  "character.")
 FLAGS = flags.FLAGS
 
 
@@ -52,7 +57,7 @@ def check_flags(workdir: str, prompt: str, length: int, temperature: float,
 
 def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed: int,
                 beam_size: int = 1, top_k: int | None = None,
-                top_p: float | None = None) -> str:
+                top_p: float | None = None, show_attention: bool = False) -> str:
   import jax
   import jax.numpy as jnp
   from absl import logging
@@ -62,7 +67,9 @@ def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed
   _, model, variables, info = train.restore_for_inference(workdir)
   vocab = info.extras.get("vocab")
   if model.task == "seq2seq":
-    return translate(model, variables, info, prompt, beam_size)
+    return translate(model, variables, info, prompt, beam_size, show_attention)
+  if show_attention:
+    raise ValueError("--show_attention is for a sequence-to-sequence model with attention")
   if model.task != "lm" or vocab is None:
     raise ValueError(f"{workdir} holds a {model.task!r} model on {info.name}, not a character "
                      "LM or a sequence-to-sequence model")
@@ -78,9 +85,10 @@ def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed
   return "".join(vocab[int(i)] for i in out)
 
 
-def translate(model, variables, info, source: str, beam_size: int = 1) -> str:
+def translate(model, variables, info, source: str, beam_size: int = 1,
+              show_attention: bool = False) -> str:
   """Translation of one source string, read one character per token: greedy, or the
-  best of ``beam_size`` beams."""
+  best of ``beam_size`` beams; with ``show_attention``, followed by `alignment_table`."""
   import jax.numpy as jnp
   from gru_jax import models
 
@@ -99,10 +107,31 @@ def translate(model, variables, info, source: str, beam_size: int = 1) -> str:
                       pad_id=ex["pad_id"])[0]
   words = []
   for t in out.tolist():
+    words.append(vocab[t])
     if t == ex["eos_id"]:
       break
-    words.append(vocab[t])
-  return " ".join(words)
+  text = " ".join(w for w in words if w != vocab[ex["eos_id"]])
+  if not show_attention:
+    return text
+  if model.attention == "none":
+    raise ValueError("--show_attention needs a model trained with attention "
+                     "(config.model.attention='additive'); this one has none")
+  dec = jnp.concatenate([jnp.array([ex["bos_id"]], jnp.int32), out[:len(words) - 1]])
+  alpha = models.attention_weights(model, variables, ids, ids != ex["pad_id"],
+                                   decoder_inputs=dec[None])[0]
+  return text + "\n" + alignment_table(words, list(source), alpha[:, :len(source)])
+
+
+def alignment_table(targets: list[str], sources: list[str], alpha) -> str:
+  """Attention weights [len(targets), len(sources)] as a table of percentages."""
+  import numpy as np
+  width = max(map(len, targets))
+  cols = [max(3, len(s)) for s in sources]
+  lines = [" " * width + "".join(f" {s:>{c}}" for s, c in zip(sources, cols))]
+  for word, row in zip(targets, np.asarray(alpha)):
+    lines.append(f"{word:<{width}}" + "".join(f" {round(100 * a):>{c}d}"
+                                             for a, c in zip(row, cols)))
+  return "\n".join(lines)
 
 
 def main(argv):
@@ -110,7 +139,7 @@ def main(argv):
   opts = dict(beam_size=FLAGS.beam_size, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
   check_flags(FLAGS.workdir, FLAGS.prompt, FLAGS.length, FLAGS.temperature, **opts)
   print(sample_text(FLAGS.workdir, FLAGS.prompt, FLAGS.length, FLAGS.temperature, FLAGS.seed,
-                    **opts))
+                    show_attention=FLAGS.show_attention, **opts))
 
 
 if __name__ == "__main__":

@@ -336,14 +336,31 @@ def _check_step_args(params: GRUParams, h: Array, x: Array) -> None:
     raise ValueError(f"h {h.shape} and x {x.shape} must share leading (batch) dims")
 
 
-def gates(params: GRUParams, h: Array, x: Array, *, variant: str = "seed") -> Gates:
-  """Update gate z, reset gate r and candidate h̃ for one step. h [...,H], x [...,D]."""
+def gates(params: GRUParams, h: Array, x: Array, *, variant: str = "seed",
+          recurrent_dropout_mask: Array | None = None) -> Gates:
+  """Update gate z, reset gate r and candidate h̃ for one step. h [...,H], x [...,D].
+
+  ``recurrent_dropout_mask`` [...,H] (or anything that broadcasts to h) multiplies
+  h where it enters the matmuls, as `gru_jax.gru`'s does; the blend uses h itself.
+  """
   check_variant(variant)
   _check_step_args(params, h, x)
+  h_drop = None
+  if recurrent_dropout_mask is not None:
+    rm = jnp.asarray(recurrent_dropout_mask)
+    try:
+      fits = jnp.broadcast_shapes(rm.shape, h.shape) == h.shape
+    except ValueError:
+      fits = False
+    if not fits:
+      raise ValueError(f"recurrent_dropout_mask {rm.shape} must broadcast to h {h.shape}")
+    h_drop = h * rm.astype(h.dtype)
   xp = input_projection(params, x, variant=variant)
-  return recurrent_gates(params.w_h, params.b_h, h, xp, variant=variant)
+  return recurrent_gates(params.w_h, params.b_h, h, xp, variant=variant, h_drop=h_drop)
 
 
-def step(params: GRUParams, h: Array, x: Array, *, variant: str = "seed") -> Array:
-  """One GRU step. h [...,H], x [...,D] -> h' [...,H]."""
-  return blend(h, gates(params, h, x, variant=variant))
+def step(params: GRUParams, h: Array, x: Array, *, variant: str = "seed",
+         recurrent_dropout_mask: Array | None = None) -> Array:
+  """One GRU step. h [...,H], x [...,D] -> h' [...,H] (``recurrent_dropout_mask``: see `gates`)."""
+  return blend(h, gates(params, h, x, variant=variant,
+                        recurrent_dropout_mask=recurrent_dropout_mask))

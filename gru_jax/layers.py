@@ -187,17 +187,20 @@ def check_cell_input(owner: str, carry: Array, inputs: Array, hidden_size: int) 
 
 
 def cell_step(owner: str, get_params: Callable[[int], cell_lib.GRUParams], carry, inputs,
-              hidden_size: int, variant: str) -> tuple[Array, Array]:
+              hidden_size: int, variant: str, recurrent_dropout_mask=None
+              ) -> tuple[Array, Array]:
   """One checked step of a cell module: (carry [...,H], inputs [...,D]) -> (h', h').
 
-  ``get_params(D)`` gives the cell's `GRUParams` once the shapes have passed.
+  ``get_params(D)`` gives the cell's `GRUParams` once the shapes have passed;
+  ``recurrent_dropout_mask`` [...,H] as `gru_jax.cell.step`'s.
   """
   carry, inputs = as_arrays(carry, inputs)
   check_cell_input(owner, carry, inputs, hidden_size)
   params = get_params(inputs.shape[-1])
   # The carry keeps its dtype, as a scan over steps needs (float32 weights would
   # otherwise promote a bf16 carry).
-  h = cell_lib.step(params, carry, inputs, variant=variant).astype(carry.dtype)
+  h = cell_lib.step(params, carry, inputs, variant=variant,
+                    recurrent_dropout_mask=recurrent_dropout_mask).astype(carry.dtype)
   return h, h
 
 
@@ -221,10 +224,14 @@ class GRUCell(nn.RNNCellBase):
   carry_init: Callable = jax.nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
-    """carry [...,H], inputs [...,D] -> (h' [...,H], h' [...,H])."""
+  def __call__(self, carry: Array, inputs: Array, *,
+               recurrent_dropout_mask: Array | None = None) -> tuple[Array, Array]:
+    """carry [...,H], inputs [...,D] -> (h' [...,H], h' [...,H]).
+
+    ``recurrent_dropout_mask`` [...,H]: multiplies the carry where it enters the
+    matmuls (variational dropout: pass the same mask at every step)."""
     return cell_step("GRUCell", lambda d: gru_params(self, d), carry, inputs,
-                     self.hidden_size, self.variant)
+                     self.hidden_size, self.variant, recurrent_dropout_mask)
 
   @nn.nowrap
   def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]) -> Array:

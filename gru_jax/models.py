@@ -237,6 +237,51 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
   return buf[0] if unbatched else buf
 
 
+ATTENTIONS = ("none", "additive")
+
+
+def attend(energies: Array, memory: Array, mask: Array) -> tuple[Array, Array]:
+  """Softmax over the valid source steps: energies [B,S], memory [B,S,C], mask [B,S]
+  -> (context [B,C], weights [B,S]); padded steps weigh 0 (a row with none valid: all 0)."""
+  low = jnp.finfo(energies.dtype).min
+  alpha = jax.nn.softmax(jnp.where(mask, energies, low), axis=-1)
+  alpha = jnp.where(mask, alpha, 0.0)
+  return jnp.einsum("bs,bsc->bc", alpha, memory.astype(alpha.dtype)), alpha
+
+
+class AttentionDecoderStep(nn.Module):
+  """One decoder step with additive attention (Bahdanau et al. 2015), for `nn.scan`.
+
+  The previous state of the top decoder layer s [B,H] queries the encoder
+  outputs: e_j = v·tanh(s·W_q + k_j), with keys k_j = h_j·W_k + b [B,S,A]
+  computed once per source; α = softmax over the valid steps; the context is
+  c_t = Σ_j α_j h_j [B,C].  Decoder layer 0 reads [embed(y_{t-1}), c_t], each
+  further layer the one below.  ``carry``: one state [B,H_i] per layer;
+  ``inputs``: (embedded previous token [B,E], per-layer output dropout
+  multipliers [B,H_i] or None); returns the new states and (top output [B,H],
+  c_t [B,C], α [B,S]).
+  """
+  hidden_sizes: Sequence[int]
+  attention_size: int
+  variant: str = "seed"
+
+  @nn.compact
+  def __call__(self, carry, inputs, memory, keys, mask, recurrent_masks):
+    e, drops = inputs
+    query = nn.Dense(self.attention_size, use_bias=False, name="query")(carry[-1])
+    energies = nn.Dense(1, use_bias=False, name="energy")(
+        jnp.tanh(keys + query[:, None].astype(keys.dtype)))[..., 0]
+    context, alpha = attend(energies, memory, mask)
+    x = jnp.concatenate([e, context.astype(e.dtype)], -1)
+    new = []
+    for i, size in enumerate(self.hidden_sizes):
+      h, _ = layers.GRUCell(size, self.variant, name=f"decoder_{i}")(
+          carry[i], x, recurrent_dropout_mask=recurrent_masks[i])
+      new.append(h)
+      x = h if drops is None else h * drops[i]
+    return tuple(new), (x, context, alpha)
+
+
 class Seq2Seq(nn.Module):
   """GRU encoder–decoder (Cho et al. 2014, the paper that introduced the GRU).
 
@@ -250,11 +295,23 @@ class Seq2Seq(nn.Module):
   logits [B,L,num_outputs]; `greedy_decode` generates step by step with the
   same parameters (`start`, `step`).
 
+  With ``attention="additive"`` (Bahdanau et al. 2015, whose RNNsearch is a GRU
+  encoder–decoder) the decoder instead reads, at every step, a context c_t
+  that attends over all the encoder outputs (`AttentionDecoderStep`):
+  layer 0 reads [embed(y_{t-1}), c_t] and the output layer [h_t,
+  embed(y_{t-1}), c_t].  The decoder then runs step by step (an `nn.scan` of
+  `layers.GRUCell`s, in the params' dtype; ``backend``, ``compute_dtype`` and
+  ``remat_chunk`` apply to the encoder); its attention weights α [B,L,S] are
+  sown as ``intermediates/attention`` (`attention_weights`).
+
   Attributes:
     vocab_size: source vocabulary.  num_outputs: target vocabulary.
     hidden_sizes: GRU sizes, encoder and decoder alike.
     dropout: when training, on both embeddings, between encoder layers and after
       every decoder layer (the top one's output feeds the output layer).
+    attention: "none" (Cho et al.'s fixed context) or "additive".
+    attention_size: A, the width of the attention's hidden layer (None: the
+      top decoder layer's size).
     other fields: as `SequenceModel`, passed to every GRU.
   """
   vocab_size: int
@@ -270,12 +327,18 @@ class Seq2Seq(nn.Module):
   remat_chunk: int | None = None
   backend: str = "auto"
   task: str = "seq2seq"
+  attention: str = "none"
+  attention_size: int | None = None
 
   def setup(self):
     if self.task != "seq2seq":
       raise ValueError(f"Seq2Seq has task 'seq2seq', got {self.task!r}")
     if not self.hidden_sizes:
       raise ValueError("Seq2Seq needs at least one hidden size")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"Seq2Seq: attention must be one of {ATTENTIONS}, got {self.attention!r}")
+    if self.attention_size is not None:
+      check_int("Seq2Seq: attention_size", self.attention_size, 1)
     kw = dict(variant=self.variant, recurrent_dropout=self.recurrent_dropout,
               unroll=self.unroll, compute_dtype=self.compute_dtype,
               remat_chunk=self.remat_chunk, backend=self.backend, return_state=True)
@@ -286,7 +349,15 @@ class Seq2Seq(nn.Module):
               for rev in ((False, True) if self.bidirectional else (False,)))
         for size in self.hidden_sizes]
     self.bridge = [nn.Dense(size) for size in self.hidden_sizes]
-    self.decoder = [layers.GRU(size, **kw) for size in self.hidden_sizes]
+    if self.attention == "none":
+      self.decoder = [layers.GRU(size, **kw) for size in self.hidden_sizes]
+    else:
+      size = self.attention_size or self.hidden_sizes[-1]
+      self.attention_keys = nn.Dense(size)
+      self.attention_decoder = nn.scan(
+          AttentionDecoderStep, variable_broadcast="params", split_rngs={"params": False},
+          in_axes=(1, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), out_axes=1,
+          unroll=self.unroll)(tuple(self.hidden_sizes), size, self.variant)
     self.drop = layers.SequenceDropout(self.dropout)
     self.head = nn.Dense(self.num_outputs)
 
@@ -297,7 +368,11 @@ class Seq2Seq(nn.Module):
 
   def start(self, inputs: Array, mask: Array | None = None, *, train: bool = False,
             example_ids: Array | None = None):
-    """Encodes inputs [B,S] -> (context [B,C], initial decoder states, one [B,H_i] per layer)."""
+    """Encodes inputs [B,S] -> (context, initial decoder states, one [B,H_i] per layer).
+
+    The context is c [B,C], or with attention the tuple (c, encoder outputs [B,S,C],
+    attention keys [B,S,A], mask [B,S]); `step` takes it as it is.
+    """
     inputs, mask = layers.as_arrays(inputs, mask)
     self._check("inputs", inputs)
     if mask is not None and mask.shape != inputs.shape:
@@ -312,11 +387,16 @@ class Seq2Seq(nn.Module):
       if i < len(self.encoder) - 1:
         x = self.drop(x, deterministic=det, example_ids=example_ids)
     states = tuple(jnp.tanh(d(context)) for d in self.bridge)
+    if self.attention != "none":
+      valid = jnp.ones(inputs.shape, bool) if mask is None else mask.astype(bool)
+      context = (context, x, self.attention_keys(x), valid)
     return context, states
 
   def _decode(self, context, states, prev_tokens, det, example_ids):
     """prev_tokens [B,L] from states (one [B,H_i] per layer) -> (logits [B,L,V], new states)."""
     e = self.drop(self.tgt_embed(prev_tokens), deterministic=det, example_ids=example_ids)
+    if self.attention != "none":
+      return self._attend_decode(context, states, e, det, example_ids)
     c = jnp.broadcast_to(context[:, None], e.shape[:2] + context.shape[-1:])
     x = jnp.concatenate([e, c], -1)
     new = []
@@ -325,6 +405,27 @@ class Seq2Seq(nn.Module):
       new.append(h)
       x = self.drop(x, deterministic=det, example_ids=example_ids)
     return self.head(jnp.concatenate([x, e, c], -1)), tuple(new)
+
+  def _attend_decode(self, context, states, e, det, example_ids):
+    """`_decode` with attention: embedded previous tokens e [B,L,E]."""
+    _, memory, keys, mask = context
+    b, length = e.shape[:2]
+    # Dropout as without attention (after every layer, a fresh draw per step, and the
+    # GRUs' recurrent mask fixed over time), drawn before the loop.
+    drops = rec = (None,) * len(self.hidden_sizes)
+    if not det and self.dropout > 0:
+      drops = tuple(self.drop(jnp.ones((b, length, size), e.dtype), deterministic=False,
+                              example_ids=example_ids) for size in self.hidden_sizes)
+    if not det and self.recurrent_dropout > 0:
+      rec = tuple(layers.gru_dropout_masks(lambda: self.make_rng("dropout"), e, size, 0.0,
+                                           self.recurrent_dropout, False, example_ids)[1]
+                  for size in self.hidden_sizes)
+    if drops[0] is None:
+      drops = None
+    new, (x, c, alpha) = self.attention_decoder(tuple(states), (e, drops), memory, keys, mask,
+                                                rec)
+    self.sow("intermediates", "attention", alpha)
+    return self.head(jnp.concatenate([x, e, c.astype(e.dtype)], -1)), tuple(new)
 
   def step(self, context: Array, states: tuple, prev_token: Array):
     """One decoding step: prev_token [B] -> (logits [B,V], new states); no dropout."""
@@ -372,6 +473,18 @@ def greedy_decode(model: Seq2Seq, variables, inputs: Array, mask: Array | None =
   return toks.T
 
 
+def attention_weights(model: Seq2Seq, variables, inputs: Array, mask: Array | None = None, *,
+                      decoder_inputs: Array) -> Array:
+  """The attention weights α [B,L,S] of an attention `Seq2Seq`, teacher-forced on
+  decoder_inputs [B,L] (<bos> then the target, or a decoded output shifted right):
+  α[b,t,j] is how much target step t read source step j; 0 on padding."""
+  if model.attention == "none":
+    raise ValueError("attention_weights needs a Seq2Seq with attention, got attention='none'")
+  _, state = model.apply(variables, inputs, mask, decoder_inputs=decoder_inputs,
+                         mutable=["intermediates"])
+  return state["intermediates"]["attention"][0]
+
+
 def decode(model: Seq2Seq, variables, inputs: Array, mask: Array | None = None, *,
            beam_size: int = 1, length_penalty: float = 0.0, **kw) -> Array:
   """The decoded tokens [B,max_len]: `greedy_decode` at one beam, else `beam_search`'s
@@ -414,7 +527,7 @@ def beam_search(model: Seq2Seq, variables, inputs: Array, mask: Array | None = N
   b, k, v = inputs.shape[0], beam_size, model.num_outputs
   context, states = model.apply(variables, inputs, mask, method=Seq2Seq.start)
   tile = lambda a: jnp.repeat(a, k, axis=0)  # [B,...] -> [B*K,...], beams of a row adjacent
-  context, states = tile(context), jax.tree.map(tile, states)
+  context, states = jax.tree.map(tile, context), jax.tree.map(tile, states)
   rows = jnp.arange(b)[:, None]
 
   def body(carry, t):

@@ -223,10 +223,12 @@ class GRUCell(nnx.RNNCellBase):
   def params(self) -> cell_lib.GRUParams:
     return cell_lib.GRUParams(*(getattr(self, n)[...] for n in cell_lib.GRUParams._fields))
 
-  def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
-    """carry [...,H], inputs [...,D] -> (h' [...,H], h' [...,H])."""
+  def __call__(self, carry: Array, inputs: Array, *,
+               recurrent_dropout_mask: Array | None = None) -> tuple[Array, Array]:
+    """carry [...,H], inputs [...,D] -> (h' [...,H], h' [...,H]); ``recurrent_dropout_mask``
+    [...,H] as the Linen `GRUCell`'s."""
     return linen_layers.cell_step("GRUCell", lambda _: self.params, carry, inputs,
-                                  self.hidden_size, self.variant)
+                                  self.hidden_size, self.variant, recurrent_dropout_mask)
 
   def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None,
                        carry_init: Callable | None = None) -> Array:

@@ -74,10 +74,16 @@ def create_model(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, 
                        f"(got {m.batch_norm}, {m.input_dropout})")
     # Batch-norm and input-dropout overrides (e.g. from recalibration_model) have nothing to
     # act on in a Seq2Seq; every other override applies.
-    kw = dict(common, vocab_size=info.input_dim, num_outputs=info.num_classes)
+    kw = dict(common, vocab_size=info.input_dim, num_outputs=info.num_classes,
+              attention=m.get("attention", "none"),
+              attention_size=m.get("attention_size", 0) or None)
     kw.update({k: v for k, v in overrides.items()
                if k not in ("bn_momentum", "bn_epsilon", "input_dropout", "gru_eval_mode")})
     return models.Seq2Seq(**kw)
+  if m.get("attention", "none") != "none":
+    raise ValueError(f"config.model.attention={m.attention!r} is for sequence-to-sequence "
+                     f"data (models.Seq2Seq); dataset {info.name!r} is {info.task!r}: set "
+                     "config.model.attention='none'")
   kw = dict(
       common, task=info.task, num_outputs=info.num_classes, batch_norm=m.batch_norm,
       input_dropout=m.input_dropout, zoneout=m.get("zoneout", 0.0),
@@ -596,7 +602,7 @@ def stored_config(workdir: str) -> dict | None:
 
 # config.model keys added after runs were written, with the value an older config.json
 # that lacks them means.
-ADDED_MODEL_KEYS = {"zoneout": 0.0}
+ADDED_MODEL_KEYS = {"zoneout": 0.0, "attention": "none", "attention_size": 0}
 
 
 def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> dict:
@@ -882,6 +888,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _one_of("config.model.backend", m.backend, scan.BACKENDS)
   if "unroll" in m:
     data_lib.base.check_int("config.model.unroll", m.unroll, 1)
+  if "attention" in m:
+    _one_of("config.model.attention", m.attention, models.ATTENTIONS)
+  if "attention_size" in m:
+    data_lib.base.check_int("config.model.attention_size", m.attention_size, 0)
   _one_of("config.parallel", config.parallel, PARALLEL_MODES)
   if config.get("class_weights") not in ("", None, "balanced"):
     raise ValueError(f"config.class_weights must be '' or 'balanced', got "

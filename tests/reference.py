@@ -21,18 +21,23 @@ def concat_weights(params):
   return out
 
 
-def step(params, h, x, variant="seed"):
-  """One step for a single example: h [H], x [D] -> (h', z, r, h̃)."""
+def step(params, h, x, variant="seed", rec_mask=None):
+  """One step for a single example: h [H], x [D] -> (h', z, r, h̃).
+
+  ``rec_mask`` [H]: variational recurrent dropout, h⊙rec_mask in every matmul
+  (the update still blends h itself).
+  """
   w = concat_weights(params)
   hsz = h.shape[0]
-  hx = np.concatenate([h, x])
+  hd = h if rec_mask is None else h * np.asarray(rec_mask, np.float64)
+  hx = np.concatenate([hd, x])
   z = _sig(w["z"][0] @ hx + w["z"][1] + w["z"][2])
   r = _sig(w["r"][0] @ hx + w["r"][1] + w["r"][2])
   wh = w["h"][0]
   if variant == "seed":
-    cand = np.tanh(wh @ np.concatenate([r * h, x]) + w["h"][1] + w["h"][2])
+    cand = np.tanh(wh @ np.concatenate([r * hd, x]) + w["h"][1] + w["h"][2])
   else:  # reset after the recurrent matmul, its bias inside the product
-    cand = np.tanh(wh[:, hsz:] @ x + w["h"][1] + r * (wh[:, :hsz] @ h + w["h"][2]))
+    cand = np.tanh(wh[:, hsz:] @ x + w["h"][1] + r * (wh[:, :hsz] @ hd + w["h"][2]))
   h_new = (1 - z) * h + z * cand
   return h_new, z, r, cand
 

@@ -11,11 +11,11 @@ import pytest
 from gru_jax import models
 
 
-def _model(num_outputs, seed=0, b=2, s=5):
+def _model(num_outputs, seed=0, b=2, s=5, attention="none"):
   rs = np.random.RandomState(seed)
   src = jnp.asarray(rs.randint(1, 9, (b, s)), jnp.int32)
   mask = jnp.arange(s)[None] < jnp.array([s, 2, 4, 1][:b])[:, None]
-  model = models.Seq2Seq(9, num_outputs, hidden_sizes=(8, 6), embed_dim=5)
+  model = models.Seq2Seq(9, num_outputs, hidden_sizes=(8, 6), embed_dim=5, attention=attention)
   v = model.init(jax.random.key(seed), src, mask, decoder_inputs=jnp.zeros((b, 2), jnp.int32))
   # Spread the output layer so that sequences differ clearly in probability.
   v["params"]["head"]["kernel"] = v["params"]["head"]["kernel"] * 3
@@ -47,10 +47,11 @@ def _all_sequences(num_outputs, eos, max_len):
   yield from itertools.product(others, repeat=max_len)
 
 
-@pytest.mark.parametrize("length_penalty", [0.0, 0.8])
-def test_a_beam_as_wide_as_all_prefixes_is_exhaustive_search(length_penalty):
+@pytest.mark.parametrize("length_penalty,attention", [(0.0, "none"), (0.8, "none"),
+                                                      (0.8, "additive")])
+def test_a_beam_as_wide_as_all_prefixes_is_exhaustive_search(length_penalty, attention):
   v_size, eos, bos, pad, max_len = 3, 2, 0, 0, 3
-  model, v, src, mask = _model(v_size)
+  model, v, src, mask = _model(v_size, attention=attention)
   seqs = list(_all_sequences(v_size, eos, max_len))
   assert len(seqs) == 15
   k = v_size ** max_len  # more beams than prefixes at every step

@@ -16,6 +16,7 @@ PUBLIC = {"mnist", "imdb", "shakespeare"}
 SMALL_DATA = {"adding": dict(seq_len=12, num_train=64, num_validation=16, num_test=16),
               "copy": dict(delay=5, num_train=64, num_validation=16, num_test=16),
               "number_words": dict(num_train=64, num_validation=16, num_test=16),
+              "reversal": dict(max_len=12, num_train=64, num_validation=16, num_test=16),
               "python_docs": dict(seq_len=200),
               "imdb": dict(vocab_size=50, max_len=30), "shakespeare": dict(seq_len=20)}
 
@@ -30,7 +31,7 @@ def load_config(name):
 
 def test_every_config_is_covered():
   assert {"digits", "keras_faithful", "adding", "copy", "sunspots", "mnist", "imdb",
-          "shakespeare", "number_words", "python_docs"} <= set(CONFIGS)
+          "shakespeare", "number_words", "python_docs", "reversal"} <= set(CONFIGS)
 
 
 # The fast loop (-m "not slow") keeps the main job, regression, a synthetic task,

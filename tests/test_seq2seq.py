@@ -65,6 +65,36 @@ def test_number_words_arrays_spell_their_numbers_and_splits_are_disjoint():
   np.testing.assert_array_equal(again[0]["inputs"], splits["test"][0]["inputs"])
 
 
+def test_reversal_arrays_are_each_string_and_its_reverse():
+  a, info = data.load("reversal", "train", num_train=4000, min_len=3, max_len=9,
+                      num_symbols=5)
+  vocab, ex = info.extras["vocab"], info.extras
+  assert vocab == ["<pad>", "<bos>", "<eos>", "a", "b", "c", "d", "e"]
+  assert info.task == "seq2seq" and info.seq_len == 9 and ex["target_len"] == 10
+  lengths = a["mask"].sum(1)
+  for i in range(len(lengths)):
+    n = lengths[i]
+    src = "".join(vocab[t] for t in a["inputs"][i][:n])
+    assert a["mask"][i][:n].all() and (a["inputs"][i][n:] == 0).all()
+    assert set(src) <= set("abcde")
+    assert "".join(vocab[t] for t in a["labels"][i][:n]) == src[::-1]
+    assert a["labels"][i][n] == ex["eos_id"] and (a["labels"][i][n + 1:] == 0).all()
+    assert list(a["decoder_inputs"][i][:n + 1]) == [ex["bos_id"]] + list(a["labels"][i][:n])
+    assert a["label_mask"][i].sum() == n + 1
+  # Lengths uniform on [3, 9] and symbols uniform: 4000 draws, within 5 sigma.
+  counts = np.bincount(lengths, minlength=10)[3:]
+  assert len(counts) == 7 and np.abs(counts - 4000 / 7).max() < 5 * np.sqrt(4000 / 7)
+  letters = np.bincount(a["inputs"][a["mask"]], minlength=8)[3:]
+  assert np.abs(letters / letters.sum() - 0.2).max() < 0.01
+  other, _ = data.load("reversal", "test", num_test=50, min_len=3, max_len=9, num_symbols=5)
+  assert not np.array_equal(other["inputs"][:50], a["inputs"][:50])
+  for kw, match in [(dict(min_len=0), "min_len must be an int >= 1"),
+                    (dict(min_len=5, max_len=4), "max_len must be an int >= 5"),
+                    (dict(num_symbols=27), r"num_symbols must be an int in \[2, 26\]")]:
+    with pytest.raises(ValueError, match=match):
+      data.load("reversal", "validation", **kw)
+
+
 def _np_dense(p, x):
   return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
 
@@ -100,11 +130,13 @@ def test_seq2seq_logits_match_a_float64_composition_of_the_reference(bidirection
   np.testing.assert_allclose(logits, expected, atol=2e-5)
 
 
-def test_greedy_decode_is_the_argmax_of_the_teacher_forced_model_step_by_step():
+@pytest.mark.parametrize("attention", models.ATTENTIONS)
+def test_greedy_decode_is_the_argmax_of_the_teacher_forced_model_step_by_step(attention):
   rs = np.random.RandomState(1)
   src = jnp.asarray(rs.randint(3, 13, (4, 6)), jnp.int32)
   mask = jnp.arange(6)[None] < jnp.array([6, 2, 4, 1])[:, None]
-  model = models.Seq2Seq(43, 43, hidden_sizes=(8, 8), embed_dim=5, dropout=0.3)
+  model = models.Seq2Seq(43, 43, hidden_sizes=(8, 8), embed_dim=5, dropout=0.3,
+                         attention=attention)
   var = model.init(jax.random.key(2), src, mask, decoder_inputs=src[:, :3])
   # An eos id that random weights emit somewhere, so stopping is exercised too.
   probe = models.greedy_decode(model, var, src, mask, max_len=7, bos_id=1, eos_id=-1)

@@ -89,6 +89,8 @@ def test_resume_refusal_names_the_model_keys_that_differ(tmp_path):
     ("model.recurrent_dropout", -0.5, r"config.model.recurrent_dropout must be in \[0, 1\)"),
     ("model.input_dropout", 1.0, r"config.model.input_dropout must be in \[0, 1\)"),
     ("model.zoneout", 1.0, r"config.model.zoneout must be in \[0, 1\), got 1.0"),
+    ("model.attention", "bahdanau", "config.model.attention must be one of .*got 'bahdanau'"),
+    ("model.attention_size", -1, "config.model.attention_size must be an int >= 0, got -1"),
     ("model.backend", "cuda", "config.model.backend must be one of .*got 'cuda'"),
     ("model.variant", "foo", "config.model.variant must be one of .*got 'foo'"),
     ("optimizer.warmup_steps", 100, "config.optimizer.warmup_steps=100 exceeds the run's 2 "

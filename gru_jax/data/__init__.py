@@ -16,6 +16,7 @@ alone, which makes exact resume and multi-host slicing trivial.
 | adding            | regression     | [N,T,2]             | [N,1] float | 100k / 10k / 10k     |
 | copy              | tagging        | [N,T+20] tokens, 10 | [N,T+20] 10 | 100k / 10k / 10k     |
 | number_words      | seq2seq        | [N,6] digit tokens  | [N,10] 43   | 100k / 5k / 5k       |
+| reversal          | seq2seq        | [N,40] tokens       | [N,41] 23   | 100k / 5k / 5k       |
 | mnist             | classification | [N,784,1]           | [N] 10      | 55000 / 5000 / 10000 |
 | imdb_reviews      | classification | [N,max_len] tokens  | [N] 2       | 22500 / 2500 / 25000 |
 | tiny_shakespeare  | lm             | [N,T] tokens        | [N,T] vocab | (chars-1) // seq_len |
@@ -45,6 +46,7 @@ _LOADERS = {
     "adding": ("gru_jax.data.synthetic", "load_adding"),
     "copy": ("gru_jax.data.synthetic", "load_copy"),
     "number_words": ("gru_jax.data.synthetic", "load_number_words"),
+    "reversal": ("gru_jax.data.synthetic", "load_reversal"),
     "mnist": ("gru_jax.data.public", "load_mnist"),
     "imdb_reviews": ("gru_jax.data.public", "load_imdb_reviews"),
     "tiny_shakespeare": ("gru_jax.data.public", "load_tiny_shakespeare"),

@@ -19,6 +19,13 @@
   test set asks for numbers never seen in training; each example draws its
   digit count uniformly from those its split holds (training: 1–6; the hash
   leaves no one-digit number to validation or test), then the number.
+* ``reversal``: a string of ``min_len``–``max_len`` symbols (lengths uniform)
+  from an alphabet of ``num_symbols`` letters, to the same string reversed
+  (Sutskever et al. 2014 reversed their sources for exactly this reason: the
+  first target symbol is the source's last).  Every target symbol must be
+  recalled from one source position, so a decoder that reads the source only
+  through one fixed-size context (Cho et al. 2014) fails on long strings,
+  while attention (Bahdanau et al. 2015) reads each symbol where it is.
 
 Each split draws from its own generator seeded by (seed, split, dataset), so
 a split does not change when another split's size changes.
@@ -39,7 +46,7 @@ COPY_BLANK = 8
 COPY_DELIMITER = 9
 COPY_VOCAB = 10
 
-_ADDING_STREAM, _COPY_STREAM, _WORDS_STREAM = 1, 2, 3
+_ADDING_STREAM, _COPY_STREAM, _WORDS_STREAM, _REVERSAL_STREAM = 1, 2, 3, 4
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
          "fourteen fifteen sixteen seventeen eighteen nineteen").split()
@@ -192,4 +199,52 @@ def load_number_words(split: str, *, num_train: int = 100_000, num_validation: i
                      extras={"vocab": list(WORDS_VOCAB), "pad_id": WORDS_PAD,
                              "bos_id": WORDS_BOS, "eos_id": WORDS_EOS,
                              "target_len": length, "seed": seed})
+  return arrays, info
+
+
+REVERSAL_PAD, REVERSAL_BOS, REVERSAL_EOS = 0, 1, 2
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def load_reversal(split: str, *, min_len: int = 10, max_len: int = 40, num_symbols: int = 20,
+                  num_train: int = 100_000, num_validation: int = 5_000,
+                  num_test: int = 5_000, seed: int = 0, data_dir=None):
+  """A string of symbols to the same string reversed, a sequence-to-sequence task.
+
+  Vocabulary: <pad>, <bos>, <eos>, then ``num_symbols`` letters "a", "b", ....
+  Returns "inputs" [N,max_len] int32 and "mask" [N,max_len] (padding after the
+  string), "decoder_inputs" [N,max_len+1] (<bos> then the reversed string),
+  "labels" [N,max_len+1] (the reversed string then <eos>) and "label_mask".
+  """
+  del data_dir
+  lo = check_int("min_len", min_len, 1)
+  hi = check_int("max_len", max_len, lo)
+  k = check_int("num_symbols", num_symbols, 2)
+  if k > len(_LETTERS):
+    raise ValueError(f"num_symbols must be an int in [2, {len(_LETTERS)}], got {num_symbols}")
+  sizes = _sizes(num_train, num_validation, num_test)
+  n = sizes[split]
+  rng = split_rng(seed, split, _REVERSAL_STREAM)
+  lengths = rng.integers(lo, hi + 1, size=n)
+  symbols = rng.integers(3, 3 + k, size=(n, hi), dtype=np.int32)
+  valid = np.arange(hi)[None] < lengths[:, None]
+  inputs = np.where(valid, symbols, REVERSAL_PAD).astype(np.int32)
+  # Row i reversed in its first lengths[i] columns: column j reads source column len-1-j.
+  src_col = np.clip(lengths[:, None] - 1 - np.arange(hi)[None], 0, hi - 1)
+  reversed_ = np.where(valid, np.take_along_axis(inputs, src_col, 1), REVERSAL_PAD)
+  rows = np.arange(n)
+  labels = np.full((n, hi + 1), REVERSAL_PAD, np.int32)
+  labels[:, :hi] = reversed_
+  labels[rows, lengths] = REVERSAL_EOS
+  dec = np.full((n, hi + 1), REVERSAL_PAD, np.int32)
+  dec[:, 0] = REVERSAL_BOS
+  dec[:, 1:] = reversed_
+  arrays = {"inputs": inputs, "mask": valid, "decoder_inputs": dec, "labels": labels,
+            "label_mask": np.arange(hi + 1)[None] <= lengths[:, None]}
+  vocab = ["<pad>", "<bos>", "<eos>"] + list(_LETTERS[:k])
+  info = DatasetInfo(name="reversal", task="seq2seq", input_kind="tokens", input_dim=len(vocab),
+                     num_classes=len(vocab), seq_len=hi, num_examples=sizes,
+                     extras={"vocab": vocab, "pad_id": REVERSAL_PAD, "bos_id": REVERSAL_BOS,
+                             "eos_id": REVERSAL_EOS, "target_len": hi + 1, "seed": seed,
+                             "min_len": lo})
   return arrays, info

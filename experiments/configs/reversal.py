@@ -1,0 +1,31 @@
+r"""Sequence reversal: where attention is needed.
+
+  python -m experiments.train --config=experiments/configs/reversal.py --workdir=runs/rev \
+      [--config.model.attention=none]
+
+Strings of 10-40 letters from a 20-letter alphabet, reversed (`gru_jax.data`'s
+"reversal").  With attention (Bahdanau et al. 2015, the default here) each
+target letter is read from its source position; Cho et al. (2014)'s
+encoder–decoder (``--config.model.attention=none``) must hold the whole
+string in one 128-unit state.  `sequence_accuracy` is greedy decoding's
+exact-match rate.  Measured results: README, "Experiments".
+"""
+from experiments.configs import base
+
+
+def get_config():
+  c = base.get_base_config()
+  c.dataset = base.dataset_config("reversal")
+  c.model.hidden_sizes = (128,)
+  c.model.batch_norm = False
+  c.model.dropout = 0.0
+  c.model.embed_dim = 32
+  c.model.attention = "additive"
+  c.batch_size = 64
+  c.num_epochs = 0
+  c.num_train_steps = 3000
+  c.eval_every_steps = 1000
+  c.learning_rate = 1e-3  # 3e-3 diverged with attention (README, "Experiments")
+  c.optimizer.clip_norm = 1.0
+  c.bn_recalibrate_batches = 0
+  return c

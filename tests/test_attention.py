@@ -1,0 +1,272 @@
+"""`Seq2Seq(attention="additive")` (Bahdanau et al. 2015) against a float64 NumPy
+composition of the reference GRU and the attention equations, written out here."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gru_jax
+from gru_jax import cell, models
+from gru_jax.cell import GRUParams
+from tests import reference
+
+
+def _dense(p, x):
+  out = x @ np.asarray(p["kernel"], np.float64)
+  return out + np.asarray(p["bias"], np.float64) if "bias" in p else out
+
+
+def _reference(p, src, mask, dec, *, layers, bidirectional, variant):
+  """Logits [B,L,V] and attention weights [B,L,S], one example and one step at a time."""
+  m = np.asarray(mask, bool)
+  x = np.asarray(p["src_embed"]["embedding"], np.float64)[np.asarray(src)]
+  for i in range(layers):
+    dirs = [GRUParams(**p[f"encoder_{i}_{k}"]) for k in range(2 if bidirectional else 1)]
+    runs = [reference.run(q, x, mask=m, reverse=k == 1, variant=variant)
+            for k, q in enumerate(dirs)]
+    x = np.concatenate([r[1] for r in runs], -1)
+    summary = np.concatenate([r[0] for r in runs], -1)
+  memory, keys = x, _dense(p["attention_keys"], x)
+  a = p["attention_decoder"]
+  w_q = np.asarray(a["query"]["kernel"], np.float64)
+  v = np.asarray(a["energy"]["kernel"], np.float64)[:, 0]
+  emb = np.asarray(p["tgt_embed"]["embedding"], np.float64)[np.asarray(dec)]
+  b, length = dec.shape
+  logits, alphas = [], np.zeros((b, length, src.shape[1]))
+  for row in range(b):
+    hs = [np.tanh(_dense(p[f"bridge_{i}"], summary[row])) for i in range(layers)]
+    out = []
+    for t in range(length):
+      energy = np.tanh(keys[row] + hs[-1] @ w_q) @ v  # [S]
+      valid = m[row]
+      alpha = np.zeros_like(energy)
+      if valid.any():
+        ex = np.exp(energy[valid] - energy[valid].max())
+        alpha[valid] = ex / ex.sum()
+      alphas[row, t] = alpha
+      context = alpha @ memory[row]
+      h_in = np.concatenate([emb[row, t], context])
+      for i in range(layers):
+        hs[i] = reference.step(GRUParams(**a[f"decoder_{i}"]), hs[i], h_in, variant)[0]
+        h_in = hs[i]
+      out.append(_dense(p["head"], np.concatenate([hs[-1], emb[row, t], context])))
+    logits.append(out)
+  return np.asarray(logits), alphas
+
+
+def _setup(seed=0, b=3, s=6, l=4, v=11, lengths=(6, 3, 1), **kw):
+  rs = np.random.RandomState(seed)
+  src = jnp.asarray(rs.randint(1, v, (b, s)), jnp.int32)
+  mask = jnp.arange(s)[None] < jnp.array(lengths)[:, None]
+  dec = jnp.asarray(rs.randint(1, v, (b, l)), jnp.int32)
+  model = models.Seq2Seq(v, v, embed_dim=4, attention="additive", **kw)
+  var = model.init(jax.random.key(seed), src, mask, decoder_inputs=dec)
+  return model, var, src, mask, dec
+
+
+@pytest.mark.parametrize("variant,bidirectional,sizes,attention_size", [
+    ("seed", False, (7,), None), ("reset_after", True, (6, 5), 3), ("seed", True, (5, 4), None)])
+def test_logits_and_weights_match_a_float64_reference(variant, bidirectional, sizes,
+                                                      attention_size):
+  model, var, src, mask, dec = _setup(hidden_sizes=sizes, bidirectional=bidirectional,
+                                      variant=variant, attention_size=attention_size)
+  logits, state = model.apply(var, src, mask, decoder_inputs=dec, mutable=["intermediates"])
+  want, want_alpha = _reference(var["params"], src, mask, dec, layers=len(sizes),
+                                bidirectional=bidirectional, variant=variant)
+  np.testing.assert_allclose(logits, want, atol=3e-5)
+  alpha = models.attention_weights(model, var, src, mask, decoder_inputs=dec)
+  np.testing.assert_allclose(alpha, want_alpha, atol=1e-6)
+  np.testing.assert_array_equal(alpha, state["intermediates"]["attention"][0])
+  assert alpha.shape == (3, 4, 6)
+  assert var["params"]["attention_keys"]["kernel"].shape[-1] == (attention_size or sizes[-1])
+  # Padding is never read: 0 weight, rows sum to 1, other pad tokens change nothing.
+  assert (np.asarray(alpha)[~np.broadcast_to(np.asarray(mask)[:, None], alpha.shape)] == 0).all()
+  np.testing.assert_allclose(np.asarray(alpha).sum(-1), 1.0, atol=1e-6)
+  other = jnp.where(mask, src, (src + 3) % 11)
+  np.testing.assert_array_equal(model.apply(var, other, mask, decoder_inputs=dec), logits)
+
+
+def test_a_source_with_no_valid_step_reads_a_zero_context():
+  model, var, src, mask, dec = _setup(hidden_sizes=(5,), lengths=(6, 0, 2))
+  logits = model.apply(var, src, mask, decoder_inputs=dec)
+  want, want_alpha = _reference(var["params"], src, mask, dec, layers=1, bidirectional=False,
+                                variant="seed")
+  assert np.isfinite(np.asarray(logits)).all()
+  np.testing.assert_allclose(logits, want, atol=3e-5)
+  alpha = models.attention_weights(model, var, src, mask, decoder_inputs=dec)
+  assert (np.asarray(alpha[1]) == 0).all() and (want_alpha[1] == 0).all()
+
+
+def test_gradients_match_central_differences_in_float64():
+  with jax.enable_x64(True):
+    model, var, src, mask, dec = _setup(hidden_sizes=(4, 3), bidirectional=True, l=3)
+    var = jax.tree.map(lambda a: a.astype(jnp.float64), var)
+    w = jax.random.normal(jax.random.key(3), (3, 3, 11), jnp.float64)
+    loss = jax.jit(
+        lambda p: jnp.sum(w * model.apply({"params": p}, src, mask, decoder_inputs=dec)))
+    grads = jax.jit(jax.grad(loss))(var["params"])
+    rs = np.random.RandomState(0)
+    for path in (("attention_decoder", "query", "kernel"),
+                 ("attention_decoder", "energy", "kernel"),
+                 ("attention_keys", "kernel"), ("attention_keys", "bias"),
+                 ("attention_decoder", "decoder_0", "w_x"), ("encoder_0_1", "w_h")):
+      leaf = var["params"]
+      for k in path:
+        leaf = leaf[k]
+      g = grads
+      for k in path:
+        g = g[k]
+      for _ in range(3):
+        idx = tuple(rs.randint(n) for n in leaf.shape)
+        def shifted(eps):
+          p = jax.tree.map(lambda a: a, var["params"])
+          node = p
+          for k in path[:-1]:
+            node = node[k]
+          node[path[-1]] = leaf.at[idx].add(eps)
+          return float(loss(p))
+        fd = (shifted(1e-6) - shifted(-1e-6)) / 2e-6
+        np.testing.assert_allclose(g[idx], fd, rtol=1e-6, atol=1e-8, err_msg=str((path, idx)))
+
+
+def test_dropout_in_training_is_per_example_and_off_in_evaluation():
+  model, var, src, mask, dec = _setup(hidden_sizes=(6, 5), dropout=0.3, recurrent_dropout=0.4)
+  ids = jnp.array([7, 8, 9])
+  run = lambda s, m, d, i, key=1: model.apply(var, s, m, decoder_inputs=d, train=True,
+                                              example_ids=i,
+                                              rngs={"dropout": jax.random.key(key)})
+  batch = run(src, mask, dec, ids)
+  # Row i's draws depend only on (key, example id): alone it gives the same logits.
+  np.testing.assert_allclose(run(src[1:2], mask[1:2], dec[1:2], ids[1:2])[0], batch[1],
+                             atol=1e-6)
+  assert not np.allclose(run(src, mask, dec, ids, key=2), batch)
+  evaluated = model.apply(var, src, mask, decoder_inputs=dec)
+  assert not np.allclose(batch, evaluated)
+  # At rate 0 training computes the evaluation's function.
+  plain = models.Seq2Seq(11, 11, embed_dim=4, attention="additive", hidden_sizes=(6, 5))
+  np.testing.assert_allclose(
+      plain.apply(var, src, mask, decoder_inputs=dec, train=True, example_ids=ids,
+                  rngs={"dropout": jax.random.key(1)}), evaluated, atol=1e-6)
+  # The recurrent dropout alone acts too (the masks' effect on one step is checked in
+  # test_cell_step_recurrent_dropout_mask_feeds_only_the_matmuls).
+  rec_only = models.Seq2Seq(11, 11, embed_dim=4, attention="additive", hidden_sizes=(6, 5),
+                            recurrent_dropout=0.4)
+  assert not np.allclose(rec_only.apply(var, src, mask, decoder_inputs=dec, train=True,
+                                        rngs={"dropout": jax.random.key(1)}), evaluated)
+
+
+def test_cell_step_recurrent_dropout_mask_feeds_only_the_matmuls():
+  params = cell.init(jax.random.key(0), 3, 4)
+  h = jax.random.normal(jax.random.key(1), (2, 4))
+  x = jax.random.normal(jax.random.key(2), (2, 3))
+  m = jnp.array([[2.0, 0.0, 2.0, 0.0], [0.0, 2.0, 2.0, 2.0]])
+  for variant in cell.VARIANTS:
+    got = cell.step(params, h, x, variant=variant, recurrent_dropout_mask=m)
+    want = [reference.step(params, hb, xb, variant, rec_mask=mb)[0]
+            for hb, xb, mb in zip(*(np.asarray(a, np.float64) for a in (h, x, m)))]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # The whole-sequence function's recurrent dropout, one step long.
+    one = gru_jax.gru(params, x[:, None], h, variant=variant, recurrent_dropout_mask=m,
+                      backend="scan")[0]
+    np.testing.assert_allclose(got, one, atol=1e-5)
+    np.testing.assert_array_equal(
+        cell.step(params, h, x, variant=variant, recurrent_dropout_mask=jnp.ones(4)),
+        cell.step(params, h, x, variant=variant))
+  with pytest.raises(ValueError, match=r"recurrent_dropout_mask \(3,\) must broadcast to h "
+                                       r"\(2, 4\)"):
+    cell.step(params, h, x, recurrent_dropout_mask=jnp.ones(3))
+
+
+def test_bad_attention_settings_are_refused():
+  src = jnp.ones((2, 3), jnp.int32)
+  with pytest.raises(ValueError, match=r"attention must be one of \('none', 'additive'\), "
+                                       r"got 'dot'"):
+    models.Seq2Seq(5, 5, hidden_sizes=(4,), attention="dot").init(
+        jax.random.key(0), src, decoder_inputs=src)
+  with pytest.raises(ValueError, match=r"attention_size must be an int >= 1, got 0"):
+    models.Seq2Seq(5, 5, hidden_sizes=(4,), attention="additive", attention_size=0).init(
+        jax.random.key(0), src, decoder_inputs=src)
+  plain = models.Seq2Seq(5, 5, hidden_sizes=(4,))
+  v = plain.init(jax.random.key(0), src, decoder_inputs=src)
+  with pytest.raises(ValueError, match="attention_weights needs a Seq2Seq with attention"):
+    models.attention_weights(plain, v, src, decoder_inputs=src)
+
+
+def _words(steps, attention="additive", **data):
+  from tests.test_configs import load_config
+  c = load_config("number_words")
+  c.num_train_steps = c.eval_every_steps = c.checkpoint_every_steps = steps
+  c.log_every_steps = 50
+  c.model.hidden_sizes = (16,)
+  c.model.attention = attention
+  c.dataset.update(data or dict(num_train=256, num_validation=32, num_test=32))
+  return c
+
+
+def test_training_resumes_translates_and_shows_the_alignment(tmp_path):
+  import json
+  import os
+  from experiments import sample
+  from gru_jax import train
+  wd = str(tmp_path / "wd")
+  c = _words(2)
+  c.model.attention_size = 5
+  train.train_and_evaluate(c, wd)
+  _, model, variables, info = train.restore_for_inference(wd)
+  assert (model.attention, model.attention_size) == ("additive", 5)
+  out = sample.translate(model, variables, info, "30015", show_attention=True).split("\n")
+  words = out[0].split()
+  # A header of source digits, then one row per output word and <eos> (if it came):
+  # percentages of the row's weights, which sum to 100 up to rounding.
+  assert out[1].split() == list("30015")
+  rows = [l.split() for l in out[2:]]
+  assert [r[0] for r in rows[:len(words)]] == words and len(rows) in (len(words),
+                                                                       len(words) + 1)
+  for r in rows:
+    assert len(r) == 6 and abs(sum(int(p) for p in r[1:]) - 100) <= 3, out
+  assert sample.translate(model, variables, info, "30015") == out[0]
+  # A workdir written before the attention keys existed resumes as attention "none".
+  old = str(tmp_path / "old")
+  train.train_and_evaluate(_words(2, attention="none"), old)
+  for name in ("config.json", "config_history.jsonl"):
+    path = os.path.join(old, name)
+    with open(path) as f:
+      recs = [json.loads(l) for l in f] if name.endswith("l") else [json.load(f)]
+    for r in recs:
+      model_cfg = (r.get("config") or r)["model"]
+      del model_cfg["attention"], model_cfg["attention_size"]
+    with open(path, "w") as f:
+      f.write("\n".join(json.dumps(r) for r in recs) + "\n")
+  train.train_and_evaluate(_words(4, attention="none"), old)
+  assert train.restore_for_inference(old)[1].attention == "none"
+  with pytest.raises(train.TrainingError, match="config.model.attention was 'none', now "
+                                                "'additive'"):
+    train.train_and_evaluate(_words(6), old)
+  with pytest.raises(ValueError, match="needs a model trained with attention"):
+    _, plain, pv, _ = train.restore_for_inference(old)
+    sample.translate(plain, pv, info, "12", show_attention=True)
+
+
+def test_attention_on_a_dataset_that_is_not_seq2seq_is_refused(tmp_path):
+  from gru_jax import train
+  from tests.test_configs import load_config
+  c = load_config("digits")
+  c.model.attention = "additive"
+  with pytest.raises(ValueError, match=r"config.model.attention='additive' is for "
+                                       r"sequence-to-sequence data .* set "
+                                       r"config.model.attention='none'"):
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
+
+
+@pytest.mark.slow
+def test_training_with_attention_learns_and_its_metric_is_greedy_exact_match(tmp_path):
+  from gru_jax import train
+  c = _words(300, num_train=20_000, num_validation=500, num_test=500)
+  c.model.hidden_sizes = (128,)
+  wd = str(tmp_path / "wd")
+  results = train.train_and_evaluate(c, wd)
+  # A decoder blind to its source spells at most 0.102 of the test numbers.
+  assert results["validation"]["sequence_accuracy"] > 0.4, results
+  acc = train.decode_accuracy(wd, [1, 2], split="validation")
+  assert acc[1] == pytest.approx(results["validation"]["sequence_accuracy"], abs=1e-9)
+  assert acc[2] > 0.4, acc
