@@ -522,6 +522,38 @@ def decode_accuracy(workdir: str, beam_sizes=(1,), split: str = "test",
   """{beam size: exact-match sequence accuracy over ``split``} of a seq2seq run's latest
   checkpoint: 1 decodes greedily (the trainer's ``sequence_accuracy``), more by
   `models.beam_search` (its best beam), ``batch_size`` sources per compiled call."""
+  exact, _ = decode_exact(workdir, beam_sizes, split, length_penalty, batch_size)
+  return {k: float(np.mean(v)) for k, v in exact.items()}
+
+
+def accuracy_by_length(exact: np.ndarray, lengths: np.ndarray, edges) -> dict:
+  """{(lo, hi): mean of exact [N] over the examples with lo <= length < hi}, for consecutive
+  ``edges``; bins with no example are left out."""
+  edges = check_length_bins(edges)
+  out = {}
+  for lo, hi in zip(edges, edges[1:]):
+    sel = (lengths >= lo) & (lengths < hi)
+    if sel.any():
+      out[(lo, hi)] = float(np.mean(exact[sel]))
+  return out
+
+
+def check_length_bins(edges) -> list[int]:
+  """Bin edges as ints: at least two, increasing."""
+  try:
+    ints = [int(e) for e in edges]
+  except (TypeError, ValueError):
+    ints = None
+  if not ints or len(ints) < 2 or any(b <= a for a, b in zip(ints, ints[1:])):
+    raise ValueError(f"length bin edges must be at least two increasing ints, got {list(edges)}")
+  return ints
+
+
+def decode_exact(workdir: str, beam_sizes=(1,), split: str = "test",
+                 length_penalty: float = 0.0, batch_size: int = 500
+                 ) -> tuple[dict, np.ndarray]:
+  """({beam size: whether each example of ``split`` decodes exactly, bool [N]}, source
+  lengths [N]) of a seq2seq run's latest checkpoint (see `decode_accuracy`)."""
   sizes = [int(k) for k in beam_sizes]
   if not sizes or min(sizes) < 1:
     raise ValueError(f"beam sizes must be ints >= 1, got {list(beam_sizes)}")
@@ -539,8 +571,8 @@ def decode_accuracy(workdir: str, beam_sizes=(1,), split: str = "test",
                                             a["mask"][i:i + batch_size]))
                           for i in range(0, len(a["inputs"]), batch_size)])
     want = np.where(a["label_mask"], a["labels"], ex["pad_id"])
-    results[k] = float(np.mean((out == want).all(-1)))
-  return results
+    results[k] = (out == want).all(-1)
+  return results, a["mask"].sum(-1)
 
 
 def _dataset_identity(options: dict | None) -> dict | None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import gru_jax
-from gru_jax import cell, models
+from gru_jax import cell, data, models
 from gru_jax.cell import GRUParams
 from tests import reference
 
@@ -225,6 +225,13 @@ def test_training_resumes_translates_and_shows_the_alignment(tmp_path):
   for r in rows:
     assert len(r) == 6 and abs(sum(int(p) for p in r[1:]) - 100) <= 3, out
   assert sample.translate(model, variables, info, "30015") == out[0]
+  # Per-example exact matches: their mean is decode_accuracy, lengths are the sources'.
+  exact, lengths = train.decode_exact(wd, [1], split="validation")
+  a, _ = data.load("number_words", "validation", **dict(num_train=256, num_validation=32,
+                                                        num_test=32))
+  np.testing.assert_array_equal(lengths, a["mask"].sum(1))
+  assert exact[1].shape == (32,)
+  assert train.decode_accuracy(wd, [1], split="validation")[1] == exact[1].mean()
   # A workdir written before the attention keys existed resumes as attention "none".
   old = str(tmp_path / "old")
   train.train_and_evaluate(_words(2, attention="none"), old)
@@ -245,6 +252,18 @@ def test_training_resumes_translates_and_shows_the_alignment(tmp_path):
   with pytest.raises(ValueError, match="needs a model trained with attention"):
     _, plain, pv, _ = train.restore_for_inference(old)
     sample.translate(plain, pv, info, "12", show_attention=True)
+
+
+def test_accuracy_by_length_known_answers():
+  from gru_jax import train
+  exact = np.array([1, 0, 1, 1, 0, 0, 1], bool)
+  lengths = np.array([3, 3, 5, 9, 9, 9, 12])
+  assert train.accuracy_by_length(exact, lengths, [3, 6, 10, 20]) == {
+      (3, 6): 2 / 3, (6, 10): 1 / 3, (10, 20): 1.0}
+  assert train.accuracy_by_length(exact, lengths, ["0", "3"]) == {}  # empty bins left out
+  for bad in ([5], [5, 3], ["a", "b"], [3, 3]):
+    with pytest.raises(ValueError, match="length bin edges must be at least two increasing"):
+      train.accuracy_by_length(exact, lengths, bad)
 
 
 def test_attention_on_a_dataset_that_is_not_seq2seq_is_refused(tmp_path):

@@ -197,6 +197,9 @@ def test_sample_checks_its_flags_before_restoring(tmp_path):
   assert r.returncode == 1 and r.stderr.strip() == f"error: workdir {tmp_path}/nope does not exist"
   r = _cli(f"--workdir={tmp_path}", "--beam_sizes=2,0", module="experiments.beam_eval")
   assert r.returncode == 1 and r.stderr.strip() == "error: beam sizes must be ints >= 1, got ['2', '0']"
+  r = _cli(f"--workdir={tmp_path}", "--length_bins=20,10", module="experiments.beam_eval")
+  assert r.returncode == 1 and r.stderr.strip() == ("error: length bin edges must be at least "
+                                                    "two increasing ints, got ['20', '10']")
 
 
 def test_progress_rate_leaves_out_compile_and_evaluation():
