@@ -8,7 +8,14 @@ Strings of 10-40 letters from a 20-letter alphabet, reversed (`gru_jax.data`'s
 target letter is read from its source position; Cho et al. (2014)'s
 encoder–decoder (``--config.model.attention=none``) must hold the whole
 string in one 128-unit state.  `sequence_accuracy` is greedy decoding's
-exact-match rate.  Measured results: README, "Experiments".
+exact-match rate.
+
+Measured 2026-11-29 on the project's 2-core CPU machine, seeds 0 / 1 / 2, 3,000
+steps: test sequence accuracy 0.995 / 0.986 / 0.992 with attention (6.4-7.8 min),
+0.049 / 0.053 / 0.069 without (2.1-2.5 min); by source length (seed 0, `python -m
+experiments.beam_eval --workdir=DIR --beam_sizes=1 --length_bins=10,20,30,41`):
+0.997 / 0.996 / 0.992 for 10-19 / 20-29 / 30-40 letters with attention, 0.158 / 0 / 0
+without.  At learning rate 3e-3 the attention run diverged.
 """
 from experiments.configs import base
 
