@@ -35,8 +35,8 @@ def main(argv):
     print(f"beam_size {k}: {FLAGS.split} sequence accuracy {ok.mean():.4f}")
     if FLAGS.length_bins:
       for (lo, hi), acc in train.accuracy_by_length(ok, lengths, FLAGS.length_bins).items():
-        print(f"  source length {lo}-{hi - 1}: {acc:.4f} ({((lengths >= lo) & (lengths < hi)).sum()} "
-              "examples)")
+        count = ((lengths >= lo) & (lengths < hi)).sum()
+        print(f"  source length {lo}-{hi - 1}: {acc:.4f} ({count} examples)")
 
 
 if __name__ == "__main__":

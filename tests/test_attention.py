@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import gru_jax
-from gru_jax import cell, data, models
+from gru_jax import cell, data, layers, models, nnx_layers
 from gru_jax.cell import GRUParams
 from tests import reference
 
@@ -28,8 +28,10 @@ def _reference(p, src, mask, dec, *, layers, bidirectional, variant):
     summary = np.concatenate([r[0] for r in runs], -1)
   memory, keys = x, _dense(p["attention_keys"], x)
   a = p["attention_decoder"]
-  w_q = np.asarray(a["query"]["kernel"], np.float64)
-  v = np.asarray(a["energy"]["kernel"], np.float64)[:, 0]
+  additive = "query" in a
+  if additive:
+    w_q = np.asarray(a["query"]["kernel"], np.float64)
+    v = np.asarray(a["energy"]["kernel"], np.float64)[:, 0]
   emb = np.asarray(p["tgt_embed"]["embedding"], np.float64)[np.asarray(dec)]
   b, length = dec.shape
   logits, alphas = [], np.zeros((b, length, src.shape[1]))
@@ -37,7 +39,10 @@ def _reference(p, src, mask, dec, *, layers, bidirectional, variant):
     hs = [np.tanh(_dense(p[f"bridge_{i}"], summary[row])) for i in range(layers)]
     out = []
     for t in range(length):
-      energy = np.tanh(keys[row] + hs[-1] @ w_q) @ v  # [S]
+      if additive:
+        energy = np.tanh(keys[row] + hs[-1] @ w_q) @ v  # [S]
+      else:  # multiplicative: e_j = s·(h_j W_k)
+        energy = keys[row] @ hs[-1]
       valid = m[row]
       alpha = np.zeros_like(energy)
       if valid.any():
@@ -54,22 +59,25 @@ def _reference(p, src, mask, dec, *, layers, bidirectional, variant):
   return np.asarray(logits), alphas
 
 
-def _setup(seed=0, b=3, s=6, l=4, v=11, lengths=(6, 3, 1), **kw):
+def _setup(seed=0, b=3, s=6, l=4, v=11, lengths=(6, 3, 1), attention="additive", **kw):
   rs = np.random.RandomState(seed)
   src = jnp.asarray(rs.randint(1, v, (b, s)), jnp.int32)
   mask = jnp.arange(s)[None] < jnp.array(lengths)[:, None]
   dec = jnp.asarray(rs.randint(1, v, (b, l)), jnp.int32)
-  model = models.Seq2Seq(v, v, embed_dim=4, attention="additive", **kw)
+  model = models.Seq2Seq(v, v, embed_dim=4, attention=attention, **kw)
   var = model.init(jax.random.key(seed), src, mask, decoder_inputs=dec)
   return model, var, src, mask, dec
 
 
-@pytest.mark.parametrize("variant,bidirectional,sizes,attention_size", [
-    ("seed", False, (7,), None), ("reset_after", True, (6, 5), 3), ("seed", True, (5, 4), None)])
-def test_logits_and_weights_match_a_float64_reference(variant, bidirectional, sizes,
+@pytest.mark.parametrize("attention,variant,bidirectional,sizes,attention_size", [
+    ("additive", "seed", False, (7,), None), ("additive", "reset_after", True, (6, 5), 3),
+    ("additive", "seed", True, (5, 4), None), ("multiplicative", "seed", False, (7,), None),
+    ("multiplicative", "reset_after", True, (6, 5), 5)])
+def test_logits_and_weights_match_a_float64_reference(attention, variant, bidirectional, sizes,
                                                       attention_size):
   model, var, src, mask, dec = _setup(hidden_sizes=sizes, bidirectional=bidirectional,
-                                      variant=variant, attention_size=attention_size)
+                                      variant=variant, attention_size=attention_size,
+                                      attention=attention)
   logits, state = model.apply(var, src, mask, decoder_inputs=dec, mutable=["intermediates"])
   want, want_alpha = _reference(var["params"], src, mask, dec, layers=len(sizes),
                                 bidirectional=bidirectional, variant=variant)
@@ -79,6 +87,7 @@ def test_logits_and_weights_match_a_float64_reference(variant, bidirectional, si
   np.testing.assert_array_equal(alpha, state["intermediates"]["attention"][0])
   assert alpha.shape == (3, 4, 6)
   assert var["params"]["attention_keys"]["kernel"].shape[-1] == (attention_size or sizes[-1])
+  assert ("bias" in var["params"]["attention_keys"]) == (attention == "additive")
   # Padding is never read: 0 weight, rows sum to 1, other pad tokens change nothing.
   assert (np.asarray(alpha)[~np.broadcast_to(np.asarray(mask)[:, None], alpha.shape)] == 0).all()
   np.testing.assert_allclose(np.asarray(alpha).sum(-1), 1.0, atol=1e-6)
@@ -97,19 +106,23 @@ def test_a_source_with_no_valid_step_reads_a_zero_context():
   assert (np.asarray(alpha[1]) == 0).all() and (want_alpha[1] == 0).all()
 
 
-def test_gradients_match_central_differences_in_float64():
+@pytest.mark.parametrize("attention", ["additive", "multiplicative"])
+def test_gradients_match_central_differences_in_float64(attention):
   with jax.enable_x64(True):
-    model, var, src, mask, dec = _setup(hidden_sizes=(4, 3), bidirectional=True, l=3)
+    model, var, src, mask, dec = _setup(hidden_sizes=(4, 3), bidirectional=True, l=3,
+                                        attention=attention)
     var = jax.tree.map(lambda a: a.astype(jnp.float64), var)
     w = jax.random.normal(jax.random.key(3), (3, 3, 11), jnp.float64)
     loss = jax.jit(
         lambda p: jnp.sum(w * model.apply({"params": p}, src, mask, decoder_inputs=dec)))
     grads = jax.jit(jax.grad(loss))(var["params"])
     rs = np.random.RandomState(0)
-    for path in (("attention_decoder", "query", "kernel"),
-                 ("attention_decoder", "energy", "kernel"),
-                 ("attention_keys", "kernel"), ("attention_keys", "bias"),
-                 ("attention_decoder", "decoder_0", "w_x"), ("encoder_0_1", "w_h")):
+    paths = [("attention_keys", "kernel"), ("attention_decoder", "decoder_0", "w_x"),
+             ("encoder_0_1", "w_h")]
+    if attention == "additive":
+      paths += [("attention_decoder", "query", "kernel"),
+                ("attention_decoder", "energy", "kernel"), ("attention_keys", "bias")]
+    for path in paths:
       leaf = var["params"]
       for k in path:
         leaf = leaf[k]
@@ -172,6 +185,12 @@ def test_cell_step_recurrent_dropout_mask_feeds_only_the_matmuls():
     np.testing.assert_array_equal(
         cell.step(params, h, x, variant=variant, recurrent_dropout_mask=jnp.ones(4)),
         cell.step(params, h, x, variant=variant))
+    # The Linen and NNX cells pass it through.
+    linen = layers.GRUCell(4, variant).apply({"params": params._asdict()}, h, x,
+                                             recurrent_dropout_mask=m)[0]
+    nnx_cell = nnx_layers.GRUCell.from_params(params, variant=variant)
+    np.testing.assert_allclose(linen, got, atol=1e-6)
+    np.testing.assert_allclose(nnx_cell(h, x, recurrent_dropout_mask=m)[0], got, atol=1e-6)
   with pytest.raises(ValueError, match=r"recurrent_dropout_mask \(3,\) must broadcast to h "
                                        r"\(2, 4\)"):
     cell.step(params, h, x, recurrent_dropout_mask=jnp.ones(3))
@@ -179,12 +198,17 @@ def test_cell_step_recurrent_dropout_mask_feeds_only_the_matmuls():
 
 def test_bad_attention_settings_are_refused():
   src = jnp.ones((2, 3), jnp.int32)
-  with pytest.raises(ValueError, match=r"attention must be one of \('none', 'additive'\), "
-                                       r"got 'dot'"):
+  with pytest.raises(ValueError, match=r"attention must be one of \('none', 'additive', "
+                                       r"'multiplicative'\), got 'dot'"):
     models.Seq2Seq(5, 5, hidden_sizes=(4,), attention="dot").init(
         jax.random.key(0), src, decoder_inputs=src)
   with pytest.raises(ValueError, match=r"attention_size must be an int >= 1, got 0"):
     models.Seq2Seq(5, 5, hidden_sizes=(4,), attention="additive", attention_size=0).init(
+        jax.random.key(0), src, decoder_inputs=src)
+  with pytest.raises(ValueError, match=r"multiplicative attention scores against the top "
+                                       r"decoder state, so attention_size must be None or 4, "
+                                       r"got 3"):
+    models.Seq2Seq(5, 5, hidden_sizes=(4,), attention="multiplicative", attention_size=3).init(
         jax.random.key(0), src, decoder_inputs=src)
   plain = models.Seq2Seq(5, 5, hidden_sizes=(4,))
   v = plain.init(jax.random.key(0), src, decoder_inputs=src)

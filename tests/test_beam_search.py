@@ -48,7 +48,8 @@ def _all_sequences(num_outputs, eos, max_len):
 
 
 @pytest.mark.parametrize("length_penalty,attention", [(0.0, "none"), (0.8, "none"),
-                                                      (0.8, "additive")])
+                                                      (0.8, "additive"),
+                                                      (0.0, "multiplicative")])
 def test_a_beam_as_wide_as_all_prefixes_is_exhaustive_search(length_penalty, attention):
   v_size, eos, bos, pad, max_len = 3, 2, 0, 0, 3
   model, v, src, mask = _model(v_size, attention=attention)
