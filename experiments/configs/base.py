@@ -47,7 +47,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.recurrent_dropout = 0.0
   c.model.zoneout = 0.0            # > 0: zoneout (Krueger et al. 2016); runs the scan backend
   c.model.variant = "seed"
-  c.model.attention = "none"       # "additive": Bahdanau attention (Seq2Seq datasets only)
+  c.model.attention = "none"       # "additive" | "multiplicative" (Seq2Seq datasets only)
   c.model.attention_size = 0       # its hidden width; 0: the top decoder layer's size
   c.model.bidirectional = False
   c.model.embed_dim = 64
