@@ -20,9 +20,8 @@
   digit count uniformly from those its split holds (training: 1–6; the hash
   leaves no one-digit number to validation or test), then the number.
 * ``reversal``: a string of ``min_len``–``max_len`` symbols (lengths uniform)
-  from an alphabet of ``num_symbols`` letters, to the same string reversed
-  (Sutskever et al. 2014 reversed their sources for exactly this reason: the
-  first target symbol is the source's last).  Every target symbol must be
+  from an alphabet of ``num_symbols`` letters, to the same string reversed (the
+  first target symbol is the last one the encoder read).  Every target symbol must be
   recalled from one source position, so a decoder that reads the source only
   through one fixed-size context (Cho et al. 2014) fails on long strings,
   while attention (Bahdanau et al. 2015) reads each symbol where it is.
