@@ -14,7 +14,7 @@ from absl import flags
 
 from experiments import cli
 
-flags.DEFINE_string("workdir", None, "Training workdir of a 'seq2seq' run.", required=True)
+flags.DEFINE_string("workdir", None, "Training workdir of a 'seq2seq' run.")
 flags.DEFINE_list("beam_sizes", ["1", "4"], "Beam sizes to compare (1: greedy).")
 flags.DEFINE_string("split", "test", "Split to decode: train, validation or test.")
 flags.DEFINE_float("length_penalty", 0.0, "beam_search's length_penalty.")
@@ -40,4 +40,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required here, not at import: tests import this module and parse other flags in-process.
+  flags.mark_flag_as_required("workdir")
   cli.run(main)

@@ -16,8 +16,7 @@ from absl import flags
 
 from experiments import cli
 
-flags.DEFINE_string("workdir", None, "Training workdir of an 'lm' or 'seq2seq' run.",
-                    required=True)
+flags.DEFINE_string("workdir", None, "Training workdir of an 'lm' or 'seq2seq' run.")
 flags.DEFINE_string("prompt", "\n", "Text to continue (lm) or to translate (seq2seq).")
 flags.DEFINE_integer("length", 200, "Characters to generate (lm).")
 flags.DEFINE_float("temperature", 1.0, "Softmax temperature (lm).")
@@ -143,4 +142,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required here, not at import: tests import this module and parse other flags in-process.
+  flags.mark_flag_as_required("workdir")
   cli.run(main)

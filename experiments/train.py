@@ -16,7 +16,7 @@ from experiments import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
 cli.define_config("config", _DEFAULT_CONFIG, "Training config file.")
-flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.", required=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
@@ -38,4 +38,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required here, not at import: tests import this module and parse other flags in-process.
+  flags.mark_flag_as_required("workdir")
   cli.run(main)
