@@ -427,16 +427,16 @@ class Seq2Seq(nn.Module):
     b, length = e.shape[:2]
     # Dropout as without attention (after every layer, a fresh draw per step, and the
     # GRUs' recurrent mask fixed over time), drawn before the loop.
-    drops = rec = (None,) * len(self.hidden_sizes)
+    def masks(rate, shape):
+      return tuple(layers.dropout_multiplier(self.make_rng("dropout"), rate, b, shape(size),
+                                             example_ids, e.dtype)
+                   for size in self.hidden_sizes)
+    drops = None
+    rec = (None,) * len(self.hidden_sizes)
     if not det and self.dropout > 0:
-      drops = tuple(self.drop(jnp.ones((b, length, size), e.dtype), deterministic=False,
-                              example_ids=example_ids) for size in self.hidden_sizes)
+      drops = masks(self.dropout, lambda size: (length, size))
     if not det and self.recurrent_dropout > 0:
-      rec = tuple(layers.gru_dropout_masks(lambda: self.make_rng("dropout"), e, size, 0.0,
-                                           self.recurrent_dropout, False, example_ids)[1]
-                  for size in self.hidden_sizes)
-    if drops[0] is None:
-      drops = None
+      rec = masks(self.recurrent_dropout, lambda size: (size,))
     new, (x, c, alpha) = self.attention_decoder(tuple(states), (e, drops), memory, keys, mask,
                                                 rec)
     self.sow("intermediates", "attention", alpha)
