@@ -28,6 +28,8 @@ Implementations (``--impls``, default all that are installed and apply):
                                differentiated CPU call; 1 = unchunked),
                                /resets=P (segment resets at a fraction P of
                                the steps, drawn once: the cost of `resets=`),
+                               /zoneout=P (zoneout weights [B,T,H], Bernoulli(P),
+                               drawn once: the cost of `zoneout_mask=`),
                                /unroll=N (`gru_jax.gru`'s unroll: steps per
                                loop iteration of the "xla" and "scan" loops),
                                /packed (the "xla" loops store one packed row
@@ -164,7 +166,7 @@ def gru_jax_apply(impl: str, shape, act):
   backend, variant, *opts = parts
   settings = {(fused_rnn, "PRIMAL"): None, (gru_jax.scan, "CPU_CHUNKS"): None,
               (fused_rnn, "PACKED"): None, (pallas_gru, "SPLIT"): None}
-  resets, unroll = None, 1
+  resets, zoneout, unroll = None, None, 1
   for opt in opts:
     if opt in ("loop", "scan"):
       settings[fused_rnn, "PRIMAL"] = opt
@@ -174,13 +176,17 @@ def gru_jax_apply(impl: str, shape, act):
       settings[gru_jax.scan, "CPU_CHUNKS"] = int(opt[7:])
     elif opt.startswith("resets=") and _fraction(opt[7:]) is not None:
       resets = jax.random.bernoulli(jax.random.key(7), _fraction(opt[7:]), (b, t))
+    elif opt.startswith("zoneout=") and _fraction(opt[8:]) is not None:
+      zoneout = jax.random.bernoulli(jax.random.key(8), _fraction(opt[8:]),
+                                     (b, t, h)).astype(jnp.float32)
     elif opt.startswith("unroll=") and opt[7:].isdigit() and int(opt[7:]) >= 1:
       unroll = int(opt[7:])
     elif opt.startswith("split=") and opt[6:].isdigit():
       settings[pallas_gru, "SPLIT"] = int(opt[6:])
     else:
       raise ValueError(f"unknown option {opt!r} in {impl!r}: expected loop, scan, packed, "
-                       "chunks=N, resets=P (0 <= P <= 1), unroll=N (N >= 1) or split=N")
+                       "chunks=N, resets=P or zoneout=P (0 <= P <= 1), unroll=N (N >= 1) "
+                       "or split=N")
   params = gru_jax.cell.init(jax.random.key(42), d, h)
 
   @contextlib.contextmanager
@@ -197,7 +203,8 @@ def gru_jax_apply(impl: str, shape, act):
   with configured():
     path = gru_jax.scan.resolve_backend(backend, hidden_size=h, batch=b, compute_dtype=act,
                                         state_dtype=jnp.float32, variant=variant,
-                                        resets=resets is not None)
+                                        resets=resets is not None,
+                                        zoneout=zoneout is not None)
   if backend == "pallas" and path != "pallas":  # it falls back to "xla" silently: not pallas
     raise ValueError(f"{impl!r}: the Pallas kernels do not apply at B={b}, H={h} "
                      f"({jnp.dtype(act).name}); gru_jax would run {path!r}")
@@ -205,7 +212,7 @@ def gru_jax_apply(impl: str, shape, act):
   def apply(p, x):
     with configured():
       return gru_jax.gru(p, x, variant=variant, backend=backend, compute_dtype=act,
-                         resets=resets, unroll=unroll)[1]
+                         resets=resets, unroll=unroll, zoneout_mask=zoneout)[1]
   apply.path = path  # the backend it runs ("auto" resolved), recorded in the results
   return apply, params
 

@@ -105,7 +105,7 @@ class GRU(nn.Module):
     zoneout: rate at which each unit keeps its previous value at each step
       (Krueger et al. 2016): in training a Bernoulli(rate) draw per step and
       unit, in evaluation the expectation rate⊙h_{t−1} + (1−rate)⊙h_t.  Runs
-      the plain scan backend (see `gru_jax.gru`'s ``zoneout_mask``).
+      the "xla" loops (or "scan" if asked; see `gru_jax.gru`'s ``zoneout_mask``).
     layer_norm: layer-normalised GRU (`gru_jax.layernorm.ln_gru`), with extra
       params ``gamma_x``, ``beta_x``, ``gamma_h``, ``beta_h`` [3H].
     unroll, compute_dtype, remat_chunk, backend: passed to `gru_jax.gru`.

@@ -12,10 +12,11 @@ does only the recurrent work.  Three implementations of the loop
 * "pallas": the same VJP with the loops as fused Pallas kernels
   (`gru_jax.kernels.pallas_gru`): GPU, or interpret mode on CPU (slow, for tests).
 * "scan": a plain `jax.lax.scan` differentiated by JAX.  The only path with
-  ``return_gates``, ``remat_chunk`` and ``zoneout_mask``, and the one
+  ``return_gates`` and ``remat_chunk``, and the one
   forward-mode AD (`jax.jvp`, `jax.jacfwd`) runs whatever the backend asked
   for: the other two have custom VJPs, which JAX cannot differentiate forwards.
-* "auto": "pallas" on GPU when the kernel applies, else "xla".
+* "auto": "pallas" on GPU when the kernel applies, else "xla".  Zoneout
+  (``zoneout_mask``) runs "xla" or "scan": the kernels have none.
 
 ``resets`` (segment starts: RL episodes, packed sequences) run on every
 backend; "auto" picks for them as without (`AUTO_PALLAS_RESETS`).
@@ -145,17 +146,18 @@ def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype
                     zoneout: bool = False) -> str:
   """The implementation `gru` will run: "xla", "pallas" or "scan".
 
-  "scan" is forced by ``return_gates``, ``remat_chunk`` and ``zoneout`` (the
-  fused paths store their own residuals, return no gates and have no zoneout).
+  "scan" is forced by ``return_gates`` and ``remat_chunk`` (the fused paths
+  store their own residuals and return no gates).  ``zoneout`` runs "xla" for
+  "pallas" and "auto" (the kernels have no zoneout).
   "pallas" falls back to "xla", without error, where the kernel does not apply (see
   `gru_jax.kernels.pallas_gru.supported`); "auto" picks "pallas" only on GPU,
   and with ``resets`` only if `AUTO_PALLAS_RESETS`.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  if backend == "scan" or return_gates or remat_chunk is not None or zoneout:
+  if backend == "scan" or return_gates or remat_chunk is not None:
     return "scan"
-  if backend == "xla" or (backend == "auto" and resets and not AUTO_PALLAS_RESETS):
+  if backend == "xla" or zoneout or (backend == "auto" and resets and not AUTO_PALLAS_RESETS):
     return "xla"
   platform = platform or jax.default_backend()
   if backend == "auto" and platform != "gpu":
@@ -283,8 +285,8 @@ def _recurrence_scan(project, w_h, b_h, xs_tm, h0, mask_tm, rec_mask, *, variant
   return h_last, unchunk(hs), jax.tree.map(unchunk, gs)
 
 
-def _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, *, time_major: bool, variant: str,
-               reverse: bool, unroll: int, impl: str):
+def _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, zk=None, *, time_major: bool,
+               variant: str, reverse: bool, unroll: int, impl: str):
   """The "xla"/"pallas" backends: projection, then `fused_rnn.recurrence`.
 
   No bias and no transpose of xp: the loops add the bias per step and read xp
@@ -293,7 +295,7 @@ def _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, *, time_major: bool, v
   xp = _project(xs, w_x, h0.dtype)
   return rec_lib.recurrence(
       w_h, b_x, b_hn, xp, h0, mask, rm, variant=variant, reverse=reverse, resets=rs,
-      time_axis=0 if time_major else 1, impl=impl, unroll=unroll,
+      zoneout=zk, time_axis=0 if time_major else 1, impl=impl, unroll=unroll,
       interpret=jax.default_backend() != "gpu")
 
 
@@ -349,15 +351,15 @@ def cpu_forward_chunks(t: int, xp_bytes: int) -> int:
   return max(1, min(-(-xp_bytes // (8 * 2**20)), t // 10))
 
 
-def _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, *, chunks: int, time_major: bool,
-             reverse: bool, **static):
+def _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, zk=None, *, chunks: int,
+             time_major: bool, reverse: bool, **static):
   """`_projected` in ``chunks`` runs of consecutive steps.
 
   The state is carried from chunk to chunk in running order (last chunk
   first when ``reverse``), so the result is the unchunked one.
   """
   if chunks == 1:
-    return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, time_major=time_major,
+    return _projected(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, zk, time_major=time_major,
                       reverse=reverse, **static)
   ax = 0 if time_major else 1
   cut = lambda a, lo, hi: None if a is None else lax.slice_in_dim(a, lo, hi, axis=ax)
@@ -370,8 +372,10 @@ def _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, *, chunks: int, time_maj
     if before is not None:
       x_c = _waits_for(x_c, before)
     before = h
+    zk_c = zk if zk is None or zk.ndim == 0 else cut(zk, lo, hi)
     h, outs[lo] = _projected(w_x, w_h, b_x, b_hn, x_c, h, cut(mask, lo, hi), rm,
-                             cut(rs, lo, hi), time_major=time_major, reverse=reverse, **static)
+                             cut(rs, lo, hi), zk_c, time_major=time_major, reverse=reverse,
+                             **static)
   return h, jnp.concatenate([outs[lo] for lo, _ in spans], axis=ax)
 
 
@@ -398,23 +402,23 @@ def _cpu(time_major: bool, chunks: int, forward_chunks: int, **static):
   runs in the caller's layout and the forward rule time-major.
   """
   @jax.custom_vjp
-  def run(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs):
-    return _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, chunks=forward_chunks,
+  def run(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, zk):
+    return _chunked(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, zk, chunks=forward_chunks,
                     time_major=time_major, **static)
 
-  def run_fwd(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs):
+  def run_fwd(w_x, w_h, b_x, b_hn, xs, h0, mask, rm, rs, zk):
     mask_tm, rs_tm = (m if time_major or m is None else m.T for m in (mask, rs))
+    to_tm = lambda a: a if time_major or a is None or a.ndim == 0 else jnp.swapaxes(a, 0, 1)
 
-    def chunked(w_x, w_h, b_x, b_hn, xs, h0, rm):  # everything but the bool masks
-      xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
-      h_last, hs = _chunked(w_x, w_h, b_x, b_hn, xs_tm, h0, mask_tm, rm, rs_tm, chunks=chunks,
-                            time_major=True, **static)
-      return h_last, hs if time_major else jnp.swapaxes(hs, 0, 1)
-    return jax.vjp(chunked, w_x, w_h, b_x, b_hn, xs, h0, rm)  # residuals: the VJP
+    def chunked(w_x, w_h, b_x, b_hn, xs, h0, rm, zk):  # everything but the bool masks
+      h_last, hs = _chunked(w_x, w_h, b_x, b_hn, to_tm(xs), h0, mask_tm, rm, rs_tm, to_tm(zk),
+                            chunks=chunks, time_major=True, **static)
+      return h_last, to_tm(hs)
+    return jax.vjp(chunked, w_x, w_h, b_x, b_hn, xs, h0, rm, zk)  # residuals: the VJP
 
   def run_bwd(vjp, cts):
-    *grads, d_rm = vjp(cts)
-    return (*grads, None, d_rm, None)  # None: the bool masks' cotangents
+    *grads, d_rm, d_zk = vjp(cts)
+    return (*grads, None, d_rm, None, d_zk)  # None: the bool masks' cotangents
 
   run.defvjp(run_fwd, run_bwd)
   return run
@@ -507,7 +511,8 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
     zoneout_mask: float [B,T,H] ([T,B,H] if ``time_major``) or a scalar, the
       weight k of the old state (zoneout, Krueger et al. 2016):
       h_t = k⊙h_{t−1} + (1−k)⊙GRU(h_{t−1}, x_t).  Bernoulli(rate) draws in
-      training, the rate itself in evaluation.  Runs "scan".
+      training, the rate itself in evaluation.  Runs "xla" or "scan" (the
+      Pallas kernels have none, so "pallas" and "auto" run "xla").
 
   Returns:
     ``(h_last [B,H], hs [B,T,H])``, plus gates when ``return_gates``.
@@ -588,7 +593,8 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
       xs = xs * (input_dropout_mask[None] if time_major else input_dropout_mask[:, None])
     args = (params.w_x.astype(compute_dtype), params.w_h.astype(compute_dtype),
             cell_lib.folded_bias(params, variant).astype(state_dtype),
-            params.b_h[2 * params.hidden_size:].astype(state_dtype), xs, h0, mask, rec_mask, rs)
+            params.b_h[2 * params.hidden_size:].astype(state_dtype), xs, h0, mask, rec_mask, rs,
+            None if zoneout_mask is None else zoneout_mask.astype(state_dtype))
     static = dict(variant=variant, reverse=bool(reverse), unroll=unroll, impl=impl)
     if impl == "xla" and jax.default_backend() == "cpu" and not symbolic:
       xp_bytes = b * t * 3 * params.hidden_size * jnp.dtype(state_dtype).itemsize

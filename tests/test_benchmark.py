@@ -165,6 +165,26 @@ def test_resets_option_reaches_gru(tmp_path, monkeypatch):
   assert seen and set(seen) == {(8, 200)}, seen
 
 
+def test_zoneout_option_reaches_the_xla_loops(tmp_path, monkeypatch):
+  """/zoneout=P times gru_jax with [B,T,H] zoneout weights in the "xla" loops
+  (not the scan), and "auto" resolves to "xla" with them; P outside [0,1] is refused."""
+  from gru_jax.kernels import fused_rnn
+  seen = []
+  real = fused_rnn.xla_forward
+  monkeypatch.setattr(fused_rnn, "xla_forward",
+                      lambda *a, zk=None, **k: seen.append(zk.shape) or real(*a, zk=zk, **k))
+  res = benchmark.run(["8x30x4x8"], impls=["gru_jax/xla/reset_after/zoneout=0.1",
+                                           "gru_jax/auto/seed/zoneout=0.1",
+                                           "gru_jax/xla/reset_after/zoneout=-1"],
+                      repeats=1, warmup=0, gap_ms=0, out_dir=str(tmp_path), plot=False,
+                      log=lambda *_: None)
+  r = res["results"][0]
+  assert "gru_jax/xla/reset_after/zoneout=0.1" in r["timings"]
+  assert r["timings"]["gru_jax/auto/seed/zoneout=0.1"]["path"] == "xla"
+  assert "unknown option 'zoneout=-1'" in r["errors"]["gru_jax/xla/reset_after/zoneout=-1"]
+  assert seen and set(seen) == {(30, 8, 8)}, seen  # [T,B,H]: under AD on CPU, time-major
+
+
 def test_unroll_option_reaches_the_loops(tmp_path, monkeypatch):
   """/unroll=N is the unroll the "xla" loops compile with; N < 1 is refused."""
   from gru_jax.kernels import fused_rnn

@@ -1,5 +1,6 @@
 """Zoneout (Krueger et al. 2016) against a float64 NumPy loop over the seed's equations,
 central differences, and known answers (k = 0 is the plain GRU, k = 1 freezes the state)."""
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from flax import nnx
 import gru_jax
 from gru_jax import layers, models, nnx_layers
 from gru_jax.cell import GRUParams
+from gru_jax.kernels import fused_rnn
 from tests import reference
 
 B, T, D, H = 3, 6, 4, 5
@@ -24,7 +26,8 @@ def _setup(seed=0):
   return p, xs, k, h0
 
 
-def _ref(p, xs, k, h0=None, mask=None, reverse=False, resets=None, variant="seed"):
+def _ref(p, xs, k, h0=None, mask=None, reverse=False, resets=None, variant="seed",
+         rec_mask=None):
   """float64: h_t = k⊙h_{t−1} + (1−k)⊙GRU(h_{t−1}, x_t) over each sequence's valid steps."""
   xs = np.asarray(xs, np.float64)
   hsz = np.asarray(p.w_h).shape[0]
@@ -34,10 +37,16 @@ def _ref(p, xs, k, h0=None, mask=None, reverse=False, resets=None, variant="seed
   for b in range(xs.shape[0]):
     h = np.zeros(hsz) if h0 is None else np.asarray(h0[b], np.float64)
     steps = [t for t in range(xs.shape[1]) if mask is None or mask[b, t]]
+    # Segment numbers: a step starts from zero when its segment differs from the
+    # one run before it (h0's: the first forwards, the last in reverse).
+    seg = np.cumsum(np.zeros(xs.shape[1], int) if resets is None else resets[b])
+    before = seg[-1] if reverse else 0
     for t in (steps[::-1] if reverse else steps):
-      if resets is not None and resets[b, t]:
+      if seg[t] != before:
         h = np.zeros(hsz)
-      h = k[b, t] * h + (1 - k[b, t]) * reference.step(p, h, xs[b, t], variant)[0]
+      before = seg[t]
+      h = k[b, t] * h + (1 - k[b, t]) * reference.step(
+          p, h, xs[b, t], variant, None if rec_mask is None else rec_mask[b])[0]
       hs[b, t] = h
     last[b] = h
   return last, hs
@@ -49,7 +58,8 @@ def test_zoneout_matches_the_float64_loop(variant, reverse):
   p, xs, k, h0 = _setup()
   mask = np.arange(T)[None] < np.array([6, 4, 1])[:, None]
   want = _ref(p, xs, k, h0, mask, reverse, variant=variant)
-  for kw in (dict(), dict(remat_chunk=4), dict(backend="xla"), dict(backend="pallas")):
+  for kw in (dict(), dict(backend="scan"), dict(remat_chunk=4), dict(backend="xla"),
+             dict(backend="pallas")):
     got = gru_jax.gru(p, xs, h0, mask=mask, reverse=reverse, variant=variant,
                       zoneout_mask=k, **kw)
     np.testing.assert_allclose(got[0], want[0], atol=1e-5, err_msg=str(kw))
@@ -78,16 +88,20 @@ def test_zoneout_known_answers_and_resets():
   np.testing.assert_allclose(got[1], _ref(p, xs, k, h0, resets=resets)[1], atol=1e-5)
 
 
-def test_zoneout_gradients_match_central_differences_of_the_float64_loop():
+@pytest.mark.parametrize("backend", ["xla", "scan"])
+def test_zoneout_gradients_match_central_differences_of_the_float64_loop(backend):
   p, xs, k, h0 = _setup(2)
+  k = k * 0.8 + 0.1  # away from 0 and 1, so dk is tested at weights of both kinds
   mask = np.arange(T)[None] < np.array([6, 5, 3])[:, None]
   c = np.asarray(jax.random.normal(jax.random.key(9), (B, T, H)), np.float64)
 
-  def loss_ref(p64, xs64):
-    return float((_ref(p64, xs64, k, h0, mask)[1] * c).sum())
+  def loss_ref(p64, xs64, k64=np.asarray(k, np.float64)):
+    return float((_ref(p64, xs64, k64, h0, mask)[1] * c).sum())
 
-  g_p, g_x = jax.grad(lambda p, x: jnp.sum(gru_jax.gru(p, x, h0, mask=mask, zoneout_mask=k)[1]
-                                           * c), argnums=(0, 1))(p, xs)
+  def loss(p, x, k):
+    return jnp.sum(gru_jax.gru(p, x, h0, mask=mask, zoneout_mask=k, backend=backend)[1] * c)
+
+  g_p, g_x, g_k = jax.grad(loss, argnums=(0, 1, 2))(p, xs, k)
   p64 = GRUParams(*(np.asarray(a, np.float64) for a in p))
   eps = 1e-6
   for field, idx in (("w_h", (1, 7)), ("w_x", (2, 11)), ("b_x", (3,)), ("b_h", (12,))):
@@ -103,6 +117,80 @@ def test_zoneout_gradients_match_central_differences_of_the_float64_loop():
   minus[1, 2, 3] -= eps
   np.testing.assert_allclose(g_x[1, 2, 3], (loss_ref(p64, plus) - loss_ref(p64, minus))
                              / (2 * eps), rtol=2e-3, atol=1e-5)
+  k64 = np.asarray(k, np.float64)
+  for idx in ((0, 0, 1), (1, 3, 4), (2, 1, 0), (1, 5, 2)):  # (1, 5, .): a masked step, dk = 0
+    plus, minus = k64.copy(), k64.copy()
+    plus[idx] += eps
+    minus[idx] -= eps
+    num = (loss_ref(p64, xs, plus) - loss_ref(p64, xs, minus)) / (2 * eps)
+    np.testing.assert_allclose(g_k[idx], num, rtol=2e-3, atol=1e-5, err_msg=str(idx))
+  assert g_k[1, 5, 2] == 0
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the chunks and layouts are CPU's")
+@pytest.mark.parametrize("variant,reverse,time_major,chunks,packed,primal", [
+    ("seed", False, False, None, False, None),
+    ("reset_after", True, True, 3, False, None),
+    ("seed", True, False, 3, True, "scan"),
+    ("reset_after", False, False, None, True, "scan")])
+def test_fused_zoneout_matches_float64_and_scan_autodiff(monkeypatch, variant, reverse,
+                                                         time_major, chunks, packed, primal):
+  """The "xla" loops with zoneout, in each of their forms (CPU time chunks, the
+  packed residual stores, the scan primal), with a mask, resets and recurrent
+  dropout: outputs (undifferentiated and under AD) against the float64 loop;
+  gradients of every input, the zoneout weights too, per step and scalar,
+  against JAX's autodiff of the "scan" backend."""
+  monkeypatch.setattr(gru_jax.scan, "CPU_CHUNKS", chunks)
+  monkeypatch.setattr(fused_rnn, "PACKED", packed)
+  monkeypatch.setattr(fused_rnn, "PRIMAL", primal)
+  t = 8
+  ks = jax.random.split(jax.random.key(11), 6)
+  p = gru_jax.cell.init(ks[0], D, H, bias_init=jax.nn.initializers.normal(0.5))
+  xs = jax.random.normal(ks[1], (B, t, D))
+  k = jax.random.bernoulli(ks[2], 0.4, (B, t, H)).astype(jnp.float32)
+  h0 = jax.random.normal(ks[3], (B, H)) * 0.5
+  m_rec = 2.0 * jax.random.bernoulli(ks[4], 0.5, (B, H)).astype(jnp.float32)
+  mask = np.arange(t)[None] < np.array([8, 5, 2])[:, None]
+  resets = np.zeros((B, t), bool)
+  resets[0, 3] = resets[1, 1] = True
+  tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
+
+  def run(backend):
+    def f(p, xs, h0, k, m_rec):
+      return gru_jax.gru(p, tm(xs), h0, mask=tm(mask), resets=tm(resets), reverse=reverse,
+                         variant=variant, time_major=time_major, zoneout_mask=
+                         k if jnp.ndim(k) == 0 else tm(k), recurrent_dropout_mask=m_rec,
+                         backend=backend)
+    return f
+
+  want_last, want_hs = _ref(p, xs, k, h0, mask, reverse, resets, variant, m_rec)
+  args = (p, xs, h0, k, m_rec)
+  for h_last, hs in (jax.jit(run("xla"))(*args), jax.vjp(run("xla"), *args)[0]):
+    np.testing.assert_allclose(tm(hs), want_hs, atol=2e-5)
+    np.testing.assert_allclose(h_last, want_last, atol=2e-5)
+  ct = jax.random.normal(ks[5], (B, t, H))
+  ct_last = jax.random.normal(jax.random.fold_in(ks[5], 1), (B, H))
+  for zk in (k, jnp.float32(0.3)):
+    def loss(backend):
+      def f(p, xs, h0, k, m_rec):
+        h_last, hs = run(backend)(p, xs, h0, k, m_rec)
+        return jnp.sum(tm(hs) * ct) + jnp.sum(h_last * ct_last)
+      return f
+    got, want = (jax.jit(jax.grad(loss(b), argnums=range(5)))(p, xs, h0, zk, m_rec)
+                 for b in ("xla", "scan"))
+    chex.assert_trees_all_close(got, want, atol=3e-5, rtol=3e-5)
+
+
+def test_fused_zoneout_second_order_matches_scan():
+  """grad of grad (the Hessian-vector product) through the "xla" loops' VJP with zoneout."""
+  p, xs, k, h0 = _setup(5)
+  v = jax.random.normal(jax.random.key(12), xs.shape)
+
+  def hvp(backend):
+    loss = lambda x: jnp.sum(jnp.tanh(gru_jax.gru(p, x, h0, zoneout_mask=k,
+                                                  backend=backend)[1]))
+    return jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(xs)
+  np.testing.assert_allclose(hvp("xla"), hvp("scan"), atol=2e-5, rtol=2e-5)
 
 
 def test_layer_zoneout_keeps_each_unit_at_the_rate_in_training_and_averages_in_eval():
@@ -175,7 +263,7 @@ def test_zoneout_refusals():
   with pytest.raises(ValueError, match="zoneout_mask must be floating point"):
     gru_jax.gru(p, xs, zoneout_mask=k.astype(bool))
   assert gru_jax.scan.resolve_backend("pallas", hidden_size=H, batch=B, compute_dtype=None,
-                                      state_dtype=jnp.float32, zoneout=True) == "scan"
+                                      state_dtype=jnp.float32, zoneout=True) == "xla"
   with pytest.raises(ValueError, match=r"zoneout must be in \[0, 1\), got 1.0"):
     layers.GRU(H, zoneout=1.0).init(jax.random.key(0), xs)
   with pytest.raises(ValueError, match="zoneout must be in"):

@@ -139,14 +139,17 @@ def put_gate(buf: Array, v: Array, t, gate: int, axis: int) -> Array:
 
 # ---------------------------------------------------------------- XLA loops
 
-def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs=None):
+def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs=None,
+                zk=None):
   """The forward loop. Returns (h_last [B,H], hs, Residuals or None).
 
   With ``save`` the loop writes the state entering each step and the gate
   activations for the backward pass, and ``hs`` is derived from the states;
   without it, only the outputs.  ``rs`` (bool, laid out like ``mask``):
   steps that start from a zero state (`gru_jax.scan.effective_resets`); the
-  stored state is the one carried in, before that reset.
+  stored state is the one carried in, before that reset.  ``zk``: zoneout's
+  weight of the old state, laid out like xp with H columns, or a scalar
+  (`zoneout_at`); the residuals need nothing more for it.
   """
   ax = cfg.time_axis
   n = xp.shape[ax]
@@ -168,12 +171,12 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs
     keep = None if mask is None else take(mask, t, ax)[:, None]
     if save and cfg.packed:  # one store of [h, z, r, h̃(, hn)] per step
       h_new, _, g, hn = _step(w_h, b_hn, rm, _reset(h, rs, t, ax), xz, xr, xc, keep,
-                              cfg.variant)
+                              cfg.variant, zk=zoneout_at(zk, t, ax, sd))
       row = jnp.concatenate([h, g.z, g.r, g.candidate] + ([] if hn is None else [hn]), -1)
       return h_new, (put(bufs[0], row, t, ax),)
     if not save:
       h_new, out, _, _ = _step(w_h, b_hn, rm, _reset(h, rs, t, ax), xz, xr, xc, keep,
-                               cfg.variant)
+                               cfg.variant, zk=zoneout_at(zk, t, ax, sd))
       return h_new, (put(bufs[0], out, t, ax),)
     bufs = dict(zip(names, bufs))
     # On CPU each gate is stored as soon as it is computed and read back from
@@ -189,7 +192,7 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs
 
     through("prev", h)
     h_new, _, _, _ = _step(w_h, b_hn, rm, _reset(h, rs, t, ax), xz, xr, xc, keep, cfg.variant,
-                           through)
+                           through, zoneout_at(zk, t, ax, sd))
     return h_new, tuple(bufs[k] for k in names)
 
   # Every slot is written, so the initial values are never read.
@@ -206,7 +209,7 @@ def xla_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs
     # Distinct fill values keep XLA:CPU from filling one buffer and copying it
     # to the others (0.35 ms of the 64x100x128x128 CPU train step).
     bufs = tuple(jnp.full(s, i, sd) for i, s in enumerate(shapes))
-  init = cell_lib.vary((h0, bufs), cell_lib.vma(w_h, b_x, b_hn, xp, h0, mask, rm, rs))
+  init = cell_lib.vary((h0, bufs), cell_lib.vma(w_h, b_x, b_hn, xp, h0, mask, rm, rs, zk))
   h_last, bufs = lax.fori_loop(0, n, body, init, unroll=cfg.unroll)
   if not save:
     return h_last, bufs[0], None
@@ -222,48 +225,67 @@ def _reset(h: Array, rs, t, axis: int) -> Array:
   return h if rs is None else cell_lib.restart(h, take(rs, t, axis))
 
 
-def _step(w_h, b_hn, rm, h, xz, xr, xc, keep, variant, through=None):
-  """One step from the gate inputs (bias included): (h_new, output, gates, hn)."""
+def zoneout_at(zk, t, axis: int, dtype):
+  """Zoneout's weight of the old state at step t: [B,H], the scalar, or None."""
+  if zk is None:
+    return None
+  return (zk if zk.ndim == 0 else take(zk, t, axis)).astype(dtype)
+
+
+def _step(w_h, b_hn, rm, h, xz, xr, xc, keep, variant, through=None, zk=None):
+  """One step from the gate inputs (bias included): (h_new, output, gates, hn).
+
+  ``zk`` (zoneout): h_new = zk⊙h + (1−zk)⊙GRU(h, x), before the mask.
+  """
   hin = h if rm is None else h * rm
   g, hn = cell_lib.split_gates(w_h, b_hn, h, xz, xr, xc, variant=variant,
                                h_drop=None if rm is None else hin, through=through)
   h_cell = cell_lib.blend(h, g)
+  if zk is not None:
+    h_cell = h_cell + zk * (h - h_cell)
   if keep is None:
     return h_cell, h_cell, g, hn
   return jnp.where(keep, h_cell, h), jnp.where(keep, h_cell, jnp.zeros_like(h_cell)), g, hn
 
 
-def scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, rs=None):
+def scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, rs=None, zk=None):
   """The undifferentiated forward as a time-major `lax.scan`: (h_last, hs, None)."""
   ax, hsz = cfg.time_axis, h0.shape[-1]
   xp_tm = xp if ax == 0 else jnp.swapaxes(xp, 0, 1)
   mask_tm, rs_tm = (None if m is None else (m if ax == 0 else m.T) for m in (mask, rs))
+  per_step = zk is not None and zk.ndim == 3
+  zk_tm = (zk if ax == 0 else jnp.swapaxes(zk, 0, 1)) if per_step else None
   bias = [b_x[i * hsz:(i + 1) * hsz] for i in range(3)]
   w_h = cell_lib.loop_weights(w_h, cfg.variant)
 
   def body(h, inp):
-    xp_t, m_t, r_t = inp
+    xp_t, m_t, r_t, k_t = inp
     h = cell_lib.restart(h, r_t)
     xz, xr, xc = (xp_t[:, i * hsz:(i + 1) * hsz] + bias[i] for i in range(3))
+    k_t = zk if zk is not None and not per_step else k_t
     h_new, out, _, _ = _step(w_h, b_hn, rm, h, xz, xr, xc,
-                             None if m_t is None else m_t[:, None], cfg.variant)
+                             None if m_t is None else m_t[:, None], cfg.variant,
+                             zk=None if k_t is None else k_t.astype(h.dtype))
     return h_new, out
 
-  h_last, hs = lax.scan(body, h0, (xp_tm, mask_tm, rs_tm), reverse=cfg.reverse,
+  h_last, hs = lax.scan(body, h0, (xp_tm, mask_tm, rs_tm, zk_tm), reverse=cfg.reverse,
                         unroll=cfg.unroll)
   return h_last, hs if ax == 0 else jnp.swapaxes(hs, 0, 1), None
 
 
 def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg: Config,
-                 rs=None):
-  """The reverse loop. Returns (dh0 [B,H], dxp, drm [B,H] or None).
+                 rs=None, zk=None):
+  """The reverse loop. Returns (dh0 [B,H], dxp, drm [B,H] or None, dzk or None).
 
   Per step, with d the gradient reaching h_t:
     dã_c = d·z·(1−h̃²), dã_z = d·(h̃−h_{t-1})·z·(1−z),
     seed:        dq = dã_c·W_hcᵀ, dã_r = dq·h·r·(1−r), dh += dq·r + [dã_z,dã_r]·W_zrᵀ
     reset_after: dhn = dã_c·r,    dã_r = dhn·hn·(1−r), dh += [dã_z,dã_r,dhn]·W_hᵀ
   and dh += d·(1−z); dxp_t = [dã_z, dã_r, dã_c].  At a masked step d is zero
-  and dh passes unchanged; a step that starts from zero (``rs``) passes none.  ``scratch`` is a dead array shaped like xp (the
+  and dh passes unchanged; a step that starts from zero (``rs``) passes none.
+  Zoneout (``zk`` = k, h_t = k·h_{t-1} + (1−k)·h_cell): the steps above take
+  d·(1−k), h_{t-1} also gets d·k directly, and dk = d·(h_{t-1} − h_cell) =
+  −d·z·(h̃ − h_{t-1}).  ``scratch`` is a dead array shaped like xp (the
   forward's xp itself) that the loop overwrites, every step in full: a fresh
   zero-filled buffer would be hoisted by XLA's scheduler to before the
   forward loop and raise peak memory.
@@ -280,9 +302,10 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
     wt = w_h.T
 
   packed = res.slab is not None
+  zk_steps = zk is not None and zk.ndim != 0  # per step: dk written per step; scalar: summed
 
   def body(i, carry):
-    dh, drm, buf = carry
+    dh, drm, buf, dzk = carry
     t = i if cfg.reverse else n - 1 - i  # opposite to the forward loop
     if packed:  # one [B,5H] (seed: 4H) row read, split in the gate fusion
       row = take(res.slab, t, ax)
@@ -296,6 +319,12 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
     if mask is not None:
       keep = take(mask, t, ax)[:, None]
       d = jnp.where(keep, d, jnp.zeros_like(d))
+    d_all = d
+    if zk is not None:
+      k = zoneout_at(zk, t, ax, sd)
+      dk = -d * z * (c - hp)
+      dzk = put(dzk, dk, t, ax) if zk_steps else dzk + dk
+      d = d * (1 - k)
     da_c = d * z * (1 - c * c)
     da_z = d * (c - hp) * z * (1 - z)
     if seed:
@@ -307,6 +336,8 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
       da_r = dhn * hn[0] * (1 - r)
       dhin = cell_lib.matmul(jnp.concatenate([da_z, da_r, dhn], -1), wt, sd)
     direct = d * (1 - z)
+    if zk is not None:
+      direct = direct + d_all * k
     if mask is not None:
       direct = jnp.where(keep, direct, dh)
     if rm is not None:
@@ -317,13 +348,20 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
     else:
       for gate, v in enumerate((da_z, da_r, da_c)):
         buf = put_gate(buf, v, t, gate, ax)
-    return _reset(direct + dhin, rs, t, ax), drm, buf
+    return _reset(direct + dhin, rs, t, ax), drm, buf, dzk
 
   drm0 = None if rm is None else jnp.zeros_like(rm)
-  init = (g_last.astype(sd), drm0, scratch.astype(sd))
-  init = cell_lib.vary(init, cell_lib.vma(w_h, b_hn, res, mask, rm, g_last, g_hs, scratch))
-  dh0, drm, dxp = lax.fori_loop(0, n, body, init, unroll=cfg.unroll)
-  return dh0, dxp, drm
+  if zk is None:
+    dzk0 = None
+  else:  # every step's slot is written, so the fill is never read
+    rows = res.z.shape[:ax] + res.z.shape[ax + 1:]  # [B,H]
+    dzk0 = jnp.zeros(zk.shape if zk_steps else rows, sd)
+  init = (g_last.astype(sd), drm0, scratch.astype(sd), dzk0)
+  init = cell_lib.vary(init, cell_lib.vma(w_h, b_hn, res, mask, rm, g_last, g_hs, scratch, zk))
+  dh0, drm, dxp, dzk = lax.fori_loop(0, n, body, init, unroll=cfg.unroll)
+  if zk is not None and not zk_steps:
+    dzk = jnp.sum(dzk)
+  return dh0, dxp, drm, dzk
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -392,25 +430,32 @@ def _loops(impl: str):
 def _make(cfg: Config):
   forward, backward = _loops(cfg.impl)
 
+  # Zoneout exists only in the "xla" loops: passed only when given.
+  zo = lambda zk: {} if zk is None else {"zk": zk}
+
   @jax.custom_vjp
-  def fn(w_h, b_x, b_hn, xp, h0, mask, rm, rs):
+  def fn(w_h, b_x, b_hn, xp, h0, mask, rm, rs, zk):
     if cfg.impl == "xla" and cfg.primal == "scan":
-      h_last, hs, _ = scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, rs=rs)
+      h_last, hs, _ = scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, rs=rs, **zo(zk))
     else:
-      h_last, hs, _ = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=False, rs=rs)
+      h_last, hs, _ = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=False, rs=rs,
+                              **zo(zk))
     return h_last, hs
 
-  def fn_fwd(w_h, b_x, b_hn, xp, h0, mask, rm, rs):
-    h_last, hs, res = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=True, rs=rs)
-    return (h_last, hs), (w_h, b_x, b_hn, xp, h0, mask, rm, rs, res)
+  def fn_fwd(w_h, b_x, b_hn, xp, h0, mask, rm, rs, zk):
+    h_last, hs, res = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=True, rs=rs,
+                              **zo(zk))
+    return (h_last, hs), (w_h, b_x, b_hn, xp, h0, mask, rm, rs, zk, res)
 
   def fn_bwd(saved, cts):
-    w_h, b_x, b_hn, xp, h0, mask, rm, rs, res = saved
+    w_h, b_x, b_hn, xp, h0, mask, rm, rs, zk, res = saved
     g_last, g_hs = cts
-    dh0, dxp, drm = backward(w_h, b_hn, res, mask, rm, g_last, g_hs, xp, cfg=cfg, rs=rs)
+    dh0, dxp, drm, *dzk = backward(w_h, b_hn, res, mask, rm, g_last, g_hs, xp, cfg=cfg, rs=rs,
+                                   **zo(zk))
     dw, db_x, db_hn = weight_grads(w_h, b_x, b_hn, res, rm, dxp, cfg=cfg, rs=rs)
     return (dw, db_x, db_hn, dxp.astype(xp.dtype), dh0.astype(h0.dtype), None,
-            None if rm is None else drm.astype(rm.dtype), None)
+            None if rm is None else drm.astype(rm.dtype), None,
+            None if zk is None else dzk[0].astype(zk.dtype))
 
   fn.defvjp(fn_fwd, fn_bwd)
   return fn
@@ -420,8 +465,8 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
                mask: Array | None = None, rm: Array | None = None, *, variant: str = "seed",
                reverse: bool = False, time_axis: int = 0, impl: str = "xla", unroll: int = 1,
                interpret: bool = False, primal: str | None = None,
-               resets: Array | None = None, packed: bool | None = None
-               ) -> tuple[Array, Array]:
+               resets: Array | None = None, packed: bool | None = None,
+               zoneout: Array | None = None) -> tuple[Array, Array]:
   """Runs the recurrence over the projected inputs with the hand-written VJP.
 
   Args:
@@ -440,6 +485,8 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
       them from segment starts).
     packed: whether differentiated "xla" loops store one packed row per step
       (`Config.packed`); None: `default_packed`.  Same results either way.
+    zoneout: zoneout's weight of the old state, laid out like xp with H
+      columns, or a scalar; None: no zoneout.  "xla" only.
 
   Returns:
     (h_last [B,H], hs [T,B,H] / [B,T,H]).  Differentiable in reverse mode
@@ -452,10 +499,12 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     raise ValueError(f"primal must be 'loop' or 'scan', got {primal!r}")
   if packed is None:
     packed = default_packed()
+  if zoneout is not None and impl != "xla":
+    raise ValueError(f"zoneout runs only in the 'xla' loops, not impl={impl!r}")
   split = None
   if impl == "pallas":
     from gru_jax.kernels import pallas_gru  # imported lazily: Pallas is optional
     split = pallas_gru.SPLIT
   cfg = Config(variant, bool(reverse), int(time_axis), impl, int(unroll), bool(interpret),
                primal, bool(packed) and impl == "xla", split)
-  return _make(cfg)(w_h, b_x, b_hn, xp, h0, mask, rm, resets)
+  return _make(cfg)(w_h, b_x, b_hn, xp, h0, mask, rm, resets, zoneout)
