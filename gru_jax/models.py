@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gru_jax import attention as attention_lib
 from gru_jax import layers
 from gru_jax.cell import check_int
 
@@ -240,52 +241,57 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
 ATTENTIONS = ("none", "additive", "multiplicative")
 
 
-def attend(energies: Array, memory: Array, mask: Array) -> tuple[Array, Array]:
-  """Softmax over the valid source steps: energies [B,S], memory [B,S,C], mask [B,S]
-  -> (context [B,C], weights [B,S]); padded steps weigh 0 (a row with none valid: all 0)."""
-  low = jnp.finfo(energies.dtype).min
-  alpha = jax.nn.softmax(jnp.where(mask, energies, low), axis=-1)
-  alpha = jnp.where(mask, alpha, 0.0)
-  return jnp.einsum("bs,bsc->bc", alpha, memory.astype(alpha.dtype)), alpha
+attend = attention_lib.attend  # the masked softmax and context, as `gru_jax.attention.attend`
 
 
-class AttentionDecoderStep(nn.Module):
-  """One decoder step with attention, for `nn.scan`.
+class _Kernel(nn.Module):
+  """A bias-free `nn.Dense`'s kernel [in,features], same name and init, as an array."""
+  features: int
 
-  The previous state of the top decoder layer s [B,H] queries the encoder
-  outputs h_j: "additive" (Bahdanau et al. 2015) scores e_j = v·tanh(s·W_q +
-  k_j) with keys k_j = h_j·W_k + b [B,S,A]; "multiplicative" (Luong et al.
-  2015, "general") scores e_j = s·k_j with k_j = h_j·W_k [B,S,H]; the keys are
-  computed once per source; α = softmax over the valid steps; the context is
-  c_t = Σ_j α_j h_j [B,C].  Decoder layer 0 reads [embed(y_{t-1}), c_t], each
-  further layer the one below.  ``carry``: one state [B,H_i] per layer;
-  ``inputs``: (embedded previous token [B,E], per-layer output dropout
-  multipliers [B,H_i] or None); returns the new states and (top output [B,H],
-  c_t [B,C], α [B,S]).
+  @nn.compact
+  def __call__(self, in_features: int) -> Array:
+    return self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features))
+
+
+class _CellParams(layers.GRUCell):
+  """A `layers.GRUCell`'s params (same fields, names and init), as a `GRUParams`."""
+
+  @nn.compact
+  def __call__(self, input_size: int):  # pylint: disable=arguments-differ
+    return layers.gru_params(self, input_size)
+
+
+class AttentionDecoder(nn.Module):
+  """The attention decoder's parameters, run by `gru_jax.attention.decode`.
+
+  Params: ``query`` / ``energy`` kernels [H,A] and [A,1] ("additive" only) and
+  one `layers.GRUCell`'s params per layer, ``decoder_{i}`` (layer 0 reads
+  [embedding, context], E + C wide).  ``__call__(states, embedded [B,L,E],
+  memory [B,S,C], keys [B,S,A], mask [B,S], output_drops, recurrent_masks)``
+  returns `decode`'s (states, outputs [B,L,H], contexts [B,L,C], α [B,L,S]).
   """
   hidden_sizes: Sequence[int]
   attention_size: int
   variant: str = "seed"
   kind: str = "additive"
+  compute_dtype: Any = None
+  unroll: int = 1
 
   @nn.compact
-  def __call__(self, carry, inputs, memory, keys, mask, recurrent_masks):
-    e, drops = inputs
-    if self.kind == "multiplicative":
-      energies = jnp.einsum("bsa,ba->bs", keys, carry[-1].astype(keys.dtype))
-    else:
-      query = nn.Dense(self.attention_size, use_bias=False, name="query")(carry[-1])
-      energies = nn.Dense(1, use_bias=False, name="energy")(
-          jnp.tanh(keys + query[:, None].astype(keys.dtype)))[..., 0]
-    context, alpha = attend(energies, memory, mask)
-    x = jnp.concatenate([e, context.astype(e.dtype)], -1)
-    new = []
+  def __call__(self, states, embedded, memory, keys, mask, output_drops=None,
+               recurrent_masks=None):
+    w_query = v = None
+    if self.kind == "additive":
+      w_query = _Kernel(self.attention_size, name="query")(self.hidden_sizes[-1])
+      v = _Kernel(1, name="energy")(self.attention_size)[:, 0]
+    cells, width = [], embedded.shape[-1] + memory.shape[-1]
     for i, size in enumerate(self.hidden_sizes):
-      h, _ = layers.GRUCell(size, self.variant, name=f"decoder_{i}")(
-          carry[i], x, recurrent_dropout_mask=recurrent_masks[i])
-      new.append(h)
-      x = h if drops is None else h * drops[i]
-    return tuple(new), (x, context, alpha)
+      cells.append(_CellParams(size, self.variant, name=f"decoder_{i}")(width))
+      width = size
+    return attention_lib.decode(
+        cells, states, embedded, memory, keys, mask, kind=self.kind, variant=self.variant,
+        w_query=w_query, v=v, output_drops=output_drops, recurrent_masks=recurrent_masks,
+        compute_dtype=self.compute_dtype, unroll=self.unroll)
 
 
 class Seq2Seq(nn.Module):
@@ -304,12 +310,12 @@ class Seq2Seq(nn.Module):
   With ``attention="additive"`` (Bahdanau et al. 2015, whose RNNsearch is a GRU
   encoder–decoder) or ``"multiplicative"`` (Luong et al. 2015's "general"
   score) the decoder instead reads, at every step, a context c_t that attends
-  over all the encoder outputs (`AttentionDecoderStep`):
+  over all the encoder outputs (`AttentionDecoder`, `gru_jax.attention.decode`):
   layer 0 reads [embed(y_{t-1}), c_t] and the output layer [h_t,
-  embed(y_{t-1}), c_t].  The decoder then runs step by step (an `nn.scan` of
-  `layers.GRUCell`s, in the params' dtype; ``backend``, ``compute_dtype`` and
-  ``remat_chunk`` apply to the encoder); its attention weights α [B,L,S] are
-  sown as ``intermediates/attention`` (`attention_weights`).
+  embed(y_{t-1}), c_t].  The decoder then runs step by step (a `lax.scan`,
+  each step rematerialised in the backward pass; ``compute_dtype`` applies
+  to it too, ``backend`` and ``remat_chunk`` to the encoder); its attention
+  weights α [B,L,S] are sown as ``intermediates/attention`` (`attention_weights`).
 
   Attributes:
     vocab_size: source vocabulary.  num_outputs: target vocabulary.
@@ -365,14 +371,9 @@ class Seq2Seq(nn.Module):
     else:
       size = self.attention_size or self.hidden_sizes[-1]
       self.attention_keys = nn.Dense(size, use_bias=self.attention == "additive")
-      # Rematerialised: stored per step, tanh(keys + query) [B,S,A] made the backward pass
-      # 5x the forward (train 64x40->41, H=A=128, 2-core CPU: 121 ms a step; remat: 74 ms;
-      # multiplicative: 63 ms, remat 57 ms).
-      self.attention_decoder = nn.scan(
-          nn.remat(AttentionDecoderStep), variable_broadcast="params",
-          split_rngs={"params": False},
-          in_axes=(1, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), out_axes=1,
-          unroll=self.unroll)(tuple(self.hidden_sizes), size, self.variant, self.attention)
+      self.attention_decoder = AttentionDecoder(
+          tuple(self.hidden_sizes), size, self.variant, self.attention,
+          compute_dtype=self.compute_dtype, unroll=self.unroll)
     self.drop = layers.SequenceDropout(self.dropout)
     self.head = nn.Dense(self.num_outputs)
 
@@ -437,8 +438,7 @@ class Seq2Seq(nn.Module):
       drops = masks(self.dropout, lambda size: (length, size))
     if not det and self.recurrent_dropout > 0:
       rec = masks(self.recurrent_dropout, lambda size: (size,))
-    new, (x, c, alpha) = self.attention_decoder(tuple(states), (e, drops), memory, keys, mask,
-                                                rec)
+    new, x, c, alpha = self.attention_decoder(tuple(states), e, memory, keys, mask, drops, rec)
     self.sow("intermediates", "attention", alpha)
     return self.head(jnp.concatenate([x, e, c.astype(e.dtype)], -1)), tuple(new)
 

@@ -196,6 +196,149 @@ def test_cell_step_recurrent_dropout_mask_feeds_only_the_matmuls():
     cell.step(params, h, x, recurrent_dropout_mask=jnp.ones(3))
 
 
+def _eqns(jaxpr):
+  """Every equation of ``jaxpr``, those of nested jaxprs (remat, pjit) included."""
+  for e in jaxpr.eqns:
+    yield e
+    for sub in jax.core.jaxprs_in_params(e.params):
+      yield from _eqns(sub)
+
+
+def _decode_problem(kind, seed=0, b=3, s=5, length=4, e=3, c=6, sizes=(5, 4), a=3):
+  ks = iter(jax.random.split(jax.random.key(seed), 16))
+  normal = lambda shape, scale=1.0: scale * jax.random.normal(next(ks), shape)
+  cells, width = [], e + c
+  for size in sizes:
+    cells.append(cell.init(next(ks), width, size, bias_init=jax.nn.initializers.normal(0.5)))
+    width = size
+  a = sizes[-1] if kind == "multiplicative" else a
+  kw = dict(w_query=normal((sizes[-1], a)), v=normal((a,))) if kind == "additive" else {}
+  mask = jnp.arange(s)[None] < jnp.array([5, 2, 0])[:, None]
+  drops = tuple(2.0 * jax.random.bernoulli(next(ks), 0.5, (b, length, h)) for h in sizes)
+  rec = tuple(2.0 * jax.random.bernoulli(next(ks), 0.5, (b, h)) for h in sizes)
+  states = tuple(normal((b, h), 0.5) for h in sizes)
+  return (cells, states, normal((b, length, e)), normal((b, s, c)), normal((b, s, a)), mask,
+          dict(kw, output_drops=drops, recurrent_masks=rec))
+
+
+def _decode_reference(kind, variant, cells, states, emb, memory, keys, mask, w_query=None,
+                      v=None, output_drops=None, recurrent_masks=None):
+  """float64, one example and one step at a time: (states, outputs, contexts, α)."""
+  f64 = lambda a: np.asarray(a, np.float64)
+  emb, memory, keys, mask = f64(emb), f64(memory), f64(keys), np.asarray(mask)
+  b, length = emb.shape[:2]
+  outs = np.zeros((b, length, cells[-1].hidden_size))
+  ctxs = np.zeros((b, length, memory.shape[-1]))
+  alphas = np.zeros((b, length, memory.shape[1]))
+  final = []
+  for row in range(b):
+    hs = [f64(h[row]) for h in states]
+    for t in range(length):
+      if kind == "additive":
+        energy = np.tanh(keys[row] + hs[-1] @ f64(w_query)) @ f64(v)
+      else:
+        energy = keys[row] @ hs[-1]
+      alpha = np.zeros_like(energy)
+      if mask[row].any():
+        ex = np.exp(energy[mask[row]] - energy[mask[row]].max())
+        alpha[mask[row]] = ex / ex.sum()
+      context = alpha @ memory[row]
+      x = np.concatenate([emb[row, t], context])
+      for i, p in enumerate(cells):
+        hs[i] = reference.step(p, hs[i], x, variant, f64(recurrent_masks[i][row]))[0]
+        x = hs[i] * f64(output_drops[i][row, t])
+      outs[row, t], ctxs[row, t], alphas[row, t] = x, context, alpha
+    final.append(hs)
+  return [np.stack([f[i] for f in final]) for i in range(len(cells))], outs, ctxs, alphas
+
+
+@pytest.mark.parametrize("kind,variant", [("additive", "seed"), ("multiplicative", "reset_after")])
+def test_pure_decode_matches_float64_in_float32_and_bfloat16(kind, variant):
+  """`gru_jax.attention.decode` (two layers, output and recurrent dropout, a row with no
+  valid source step) against the float64 loop; with compute_dtype=bfloat16 its matmuls
+  take bf16 operands (the jaxpr's dots inside the scan), within bf16's rounding."""
+  cells, states, emb, memory, keys, mask, kw = _decode_problem(kind)
+  want = _decode_reference(kind, variant, cells, states, emb, memory, keys, mask, **kw)
+  run = lambda dtype, remat=True: gru_jax.attention.decode(
+      cells, states, emb, memory, keys, mask, kind=kind, variant=variant, compute_dtype=dtype,
+      remat=remat, **kw)
+  got = run(None)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=2e-5)
+  assert (np.asarray(got[3][2]) == 0).all()  # no valid step: no weight, zero context
+  low = run(jnp.bfloat16)
+  for g, w in zip(jax.tree.leaves(low), jax.tree.leaves(want)):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(g, w, atol=0.1)
+  assert not np.allclose(low[1], got[1], atol=1e-6)
+  # Every matmul inside the scan takes bf16 operands but the context's α·memory: the
+  # scores (2 additive, 1 multiplicative), two input projections, the recurrent ones.
+  loop = next(e for e in jax.make_jaxpr(lambda: run(jnp.bfloat16))().eqns
+              if e.primitive.name == "scan")
+  dots = [[str(v.aval.dtype) for v in e.invars] for e in _eqns(loop.params["jaxpr"].jaxpr)
+          if e.primitive.name == "dot_general"]
+  per_step = {"additive": 2, "multiplicative": 1}[kind] + 2 + 2 * (2 if variant == "seed" else 1)
+  assert sorted(map(tuple, dots)) == sorted([("bfloat16",) * 2] * per_step
+                                            + [("float32",) * 2]), dots
+  # Without the per-step remat: the same values and gradients.
+  loss = lambda remat: lambda cs: jnp.sum(jnp.sin(gru_jax.attention.decode(
+      cs, states, emb, memory, keys, mask, kind=kind, variant=variant, remat=remat, **kw)[1]))
+  np.testing.assert_array_equal(run(None, remat=False)[1], got[1])
+  import chex
+  chex.assert_trees_all_close(jax.grad(loss(True))(cells), jax.grad(loss(False))(cells),
+                              atol=1e-5, rtol=1e-5)
+
+
+def test_pure_decode_names_the_bad_argument_and_its_shape():
+  cells, states, emb, memory, keys, mask, kw = _decode_problem("additive")
+  run = lambda **over: gru_jax.attention.decode(
+      **{**dict(cells=cells, states=states, embedded=emb, memory=memory, keys=keys, mask=mask,
+                kind="additive", **kw), **over})
+  with pytest.raises(ValueError, match=r"cells\[0\].w_x must have E\+C=3\+6 rows, got shape "
+                                       r"\(8, 15\)"):
+    run(cells=[cells[0]._replace(w_x=cells[0].w_x[:8])] + cells[1:])
+  with pytest.raises(ValueError, match=r"keys must be \[B,S,A\]=\(3, 5, A\) to match memory "
+                                       r"\(3, 5, 6\), got \(3, 4, 3\)"):
+    run(keys=keys[:, :4])
+  with pytest.raises(ValueError, match=r"mask must be \[B,S\]=\(3, 5\), got \(3, 4\)"):
+    run(mask=mask[:, :4])
+  with pytest.raises(ValueError, match=r"states\[1\] must be \[B,H\]=\(3, 4\), got \(3, 5\)"):
+    run(states=(states[0], states[0]))
+  with pytest.raises(ValueError, match=r"additive attention needs w_query \[H,A\]=\(4, 3\)"):
+    run(w_query=None)
+  with pytest.raises(ValueError, match=r"output_drops\[0\] must have shape \(3, 4, 5\)"):
+    run(output_drops=(kw["output_drops"][0][:, :2], None))
+  with pytest.raises(ValueError, match="kind must be one of"):
+    run(kind="dot")
+
+
+def test_decoder_params_keep_their_names_shapes_and_init():
+  """The decoder's params are the tree the first (nn.scan) version made, so its
+  workdirs restore: names and shapes written out."""
+  model, var, *_ = _setup(hidden_sizes=(6, 5), bidirectional=True, attention_size=3)
+  got = jax.tree.map(lambda a: a.shape, var["params"]["attention_decoder"])
+  cells = lambda d, h: {"w_x": (d, 3 * h), "w_h": (h, 3 * h), "b_x": (3 * h,), "b_h": (3 * h,)}
+  assert got == {"query": {"kernel": (5, 3)}, "energy": {"kernel": (3, 1)},
+                 "decoder_0": cells(4 + 10, 6), "decoder_1": cells(6, 5)}
+
+
+@pytest.mark.parametrize("attention", ["additive", "multiplicative"])
+def test_seq2seq_compute_dtype_reaches_the_attention_decoder(attention, monkeypatch):
+  """Seq2Seq(compute_dtype=bfloat16): the decoder is asked for bf16 compute and the
+  logits stay within bf16 rounding of the float64 reference."""
+  seen = []
+  real = gru_jax.attention.decode
+  monkeypatch.setattr(gru_jax.attention, "decode",
+                      lambda *a, **k: seen.append(k["compute_dtype"]) or real(*a, **k))
+  model, var, src, mask, dec = _setup(hidden_sizes=(6,), attention=attention,
+                                      compute_dtype=jnp.bfloat16)
+  logits = model.apply(var, src, mask, decoder_inputs=dec)
+  want, _ = _reference(var["params"], src, mask, dec, layers=1, bidirectional=False,
+                       variant="seed")
+  assert logits.dtype == jnp.float32 and seen[-1] == jnp.bfloat16
+  np.testing.assert_allclose(logits, want, atol=0.05)
+
+
 def test_bad_attention_settings_are_refused():
   src = jnp.ones((2, 3), jnp.int32)
   with pytest.raises(ValueError, match=r"attention must be one of \('none', 'additive', "
