@@ -1,7 +1,9 @@
 """Times a `Seq2Seq` training step (gradient of the teacher-forced loss) and its forward
 pass with each attention, at the `reversal` config's shapes by default.
 
-    python experiments/attention_speed.py [B S L H]
+    python experiments/attention_speed.py [B S L H [DTYPE]]
+
+DTYPE ("float32" or "bfloat16") is the model's ``compute_dtype``.
 
 Median of 10 calls after one that compiles.  Measured on the project's 2-core CPU VM
 (2026-11-30, B=64, S=40, L=41, H=A=128): gradient none 27.2 ms, additive 73.1 ms,
@@ -29,13 +31,15 @@ def median_ms(fn, *args, calls: int = 10) -> float:
   return 1e3 * float(np.median(times))
 
 
-def main(b: int = 64, s: int = 40, length: int = 41, h: int = 128, vocab: int = 23):
+def main(b: int = 64, s: int = 40, length: int = 41, h: int = 128, dtype: str = "float32",
+         vocab: int = 23):
   rs = np.random.RandomState(0)
   src = jnp.asarray(rs.randint(3, vocab, (b, s)), jnp.int32)
   mask = jnp.ones((b, s), bool)
   dec, labels = (jnp.asarray(rs.randint(3, vocab, (b, length)), jnp.int32) for _ in range(2))
   for attention in models.ATTENTIONS:
-    model = models.Seq2Seq(vocab, vocab, hidden_sizes=(h,), embed_dim=32, attention=attention)
+    model = models.Seq2Seq(vocab, vocab, hidden_sizes=(h,), embed_dim=32, attention=attention,
+                           compute_dtype=None if dtype == "float32" else jnp.dtype(dtype))
     params = model.init(jax.random.key(0), src, mask, decoder_inputs=dec)["params"]
 
     def loss(p, model=model):
@@ -44,8 +48,9 @@ def main(b: int = 64, s: int = 40, length: int = 41, h: int = 128, vocab: int = 
     grad = median_ms(jax.jit(jax.grad(loss)), params)
     fwd = median_ms(jax.jit(loss), params)
     print(f"{attention:>14}: gradient {grad:6.1f} ms, forward {fwd:6.1f} ms "
-          f"(B={b} S={s} L={length} H={h})")
+          f"(B={b} S={s} L={length} H={h}, {dtype})")
 
 
 if __name__ == "__main__":
-  main(*map(int, sys.argv[1:]))
+  args = sys.argv[1:]
+  main(*map(int, args[:4]), *args[4:5])

@@ -10,10 +10,8 @@ enters decoder layer 0 beside the embedded previous token.
 * "multiplicative" (Luong et al. 2015, "general"): e_j = s·k_j, keys k_j = h_j·W_k [B,S,H].
 
 `decode` runs the teacher-forced decoder over L steps with `jax.lax.scan`.
-Layer 0's input projection is split by rows: the embedding's part, known for
-every step, is one matmul before the loop; only the context's part is computed
-per step.  Matmul operands take ``compute_dtype`` (e.g. bf16); the state,
-scores, softmax and outputs stay in the state's dtype.  Nothing here knows
+Matmul operands take ``compute_dtype`` (e.g. bf16); the state, scores,
+softmax and outputs stay in the state's dtype.  Nothing here knows
 Flax: `gru_jax.models.Seq2Seq` creates the parameters and calls `decode`.
 """
 from __future__ import annotations
@@ -54,7 +52,8 @@ def scores(kind: str, s: Array, keys: Array, w_query: Array | None = None,
     return jnp.einsum("bsa,ba->bs", keys.astype(cd), s.astype(cd), preferred_element_type=sd)
   q = cell_lib.matmul(s, w_query.astype(cd), sd)
   hidden = jnp.tanh(keys.astype(sd) + q[:, None])
-  return cell_lib.matmul(hidden, v.astype(cd), sd)
+  # v as an [A,1] matrix: the matrix-vector dot was slower on XLA:CPU (train 78 against 76 ms).
+  return cell_lib.matmul(hidden, v.astype(cd)[:, None], sd)[..., 0]
 
 
 def _check(cells, states, embedded, memory, keys, mask, kind, w_query, v,
@@ -141,31 +140,29 @@ def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
   cell_lib.check_variant(variant)
   sd = states[0].dtype
   cd = jnp.dtype(compute_dtype or sd)
-  e_size = embedded.shape[-1]
   mask = mask.astype(bool)
   n = len(cells)
   # Loop-invariant weights enter the loop in the state dtype (at least float32)
   # and are cast inside: JAX sums their gradients over the steps in the dtype
   # they enter with (see `gru_jax.scan._recurrence_scan`).
   acc = jnp.promote_types(sd, jnp.float32)
-  w_ctx = cells[0].w_x[e_size:].astype(acc)
-  w_in = [None] + [p.w_x.astype(acc) for p in cells[1:]]
+  w_in = [p.w_x.astype(acc) for p in cells]
   bias = [cell_lib.folded_bias(p, variant).astype(acc) for p in cells]
-  w_h = [p.w_h.astype(acc) for p in cells]
+  # Split for "seed" here, not in the loop body, where XLA:CPU copies the slices every
+  # step (`gru_jax.cell.loop_weights`).
+  w_h = [cell_lib.loop_weights(p.w_h.astype(acc), variant) for p in cells]
   b_h = [p.b_h.astype(acc) for p in cells]
   w_query = None if w_query is None else w_query.astype(acc)
   v = None if v is None else v.astype(acc)
   rec = tuple(recurrent_masks) if recurrent_masks is not None else (None,) * n
   rec = tuple(None if m is None else m.astype(sd) for m in rec)
-  # The embedding's share of layer 0's projection, for every step at once.
-  x_emb = cell_lib.matmul(embedded, cells[0].w_x[:e_size].astype(cd), sd)
   time_major = lambda a: jnp.swapaxes(a, 0, 1)
   drops = None
   if output_drops is not None and any(d is not None for d in output_drops):
     drops = tuple(None if d is None else time_major(d.astype(sd)) for d in output_drops)
 
   def body(carry, inp):
-    xe_t, drops_t = inp
+    e_t, drops_t = inp
     cast = lambda w: w.astype(cd)
     energies = scores(kind, carry[-1], keys, None if w_query is None else cast(w_query),
                       None if v is None else cast(v), cd)
@@ -174,12 +171,13 @@ def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
     new, x = [], None
     for i in range(n):
       h = carry[i]
-      if i == 0:
-        xp = xe_t + cell_lib.matmul(context, cast(w_ctx), sd) + bias[0].astype(sd)
-      else:
-        xp = cell_lib.matmul(x, cast(w_in[i]), sd) + bias[i].astype(sd)
-      g = cell_lib.recurrent_gates(cell_lib.loop_weights(cast(w_h[i]), variant),
-                                   b_h[i].astype(sd), h, xp, variant=variant,
+      # Layer 0 projects [e_t, c_t] here.  Projecting e for all steps before the loop
+      # and only c_t inside was slower on XLA:CPU (train B=64, S=40, L=41, H=A=128,
+      # E=32: additive 87-91 against 78 ms, multiplicative 73-76 against 59).
+      x = jnp.concatenate([e_t, context], -1) if i == 0 else x
+      xp = cell_lib.matmul(x, cast(w_in[i]), sd) + bias[i].astype(sd)
+      g = cell_lib.recurrent_gates(jax.tree.map(cast, w_h[i]), b_h[i].astype(sd), h, xp,
+                                   variant=variant,
                                    h_drop=None if rec[i] is None else h * rec[i])
       h = cell_lib.blend(h, g).astype(sd)
       new.append(h)
@@ -187,6 +185,6 @@ def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
     return tuple(new), (x, context, alpha)
 
   step = jax.checkpoint(body) if remat else body
-  final, (outs, contexts, alpha) = lax.scan(step, states, (time_major(x_emb), drops),
-                                            unroll=unroll)
+  final, (outs, contexts, alpha) = lax.scan(
+      step, states, (time_major(embedded.astype(sd)), drops), unroll=unroll)
   return final, time_major(outs), time_major(contexts), time_major(alpha)

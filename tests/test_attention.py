@@ -456,3 +456,12 @@ def test_training_with_attention_learns_and_its_metric_is_greedy_exact_match(tmp
   acc = train.decode_accuracy(wd, [1, 2], split="validation")
   assert acc[1] == pytest.approx(results["validation"]["sequence_accuracy"], abs=1e-9)
   assert acc[2] > 0.4, acc
+
+
+def test_attention_speed_script_times_every_attention(capsys):
+  from experiments import attention_speed
+  dtype = "bfloat16"
+  attention_speed.main(2, 3, 4, 5, dtype)
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split(":")[0].strip() for line in lines] == list(models.ATTENTIONS)
+  assert all(f"(B=2 S=3 L=4 H=5, {dtype})" in line for line in lines)
