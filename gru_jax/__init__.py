@@ -7,4 +7,5 @@ from gru_jax.cell import Gates, GRUParams
 from gru_jax.scan import gru
 
 __version__ = "0.1.0"
-__all__ = ["attention", "cell", "convert", "layernorm", "scan", "gru", "GRUParams", "Gates", "__version__"]
+__all__ = ["attention", "cell", "convert", "layernorm", "scan", "gru", "GRUParams", "Gates",
+           "__version__"]

@@ -270,3 +270,23 @@ def test_zoneout_refusals():
     nnx_layers.GRU(D, H, zoneout=-0.1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="neither dropout, recurrent_dropout, zoneout"):
     layers.GRU(H, zoneout=0.1, layer_norm=True).init(jax.random.key(0), xs)
+
+
+def test_fused_zoneout_under_vmap_and_forward_mode():
+  """vmap of grad through the "xla" loops with per-step and (batched) scalar weights,
+  T = 50 so the CPU path runs in time chunks, against the scan's; jacfwd (which runs
+  "scan") of the final state in the scalar weight against central differences."""
+  p = gru_jax.cell.init(jax.random.key(0), D, H, bias_init=jax.nn.initializers.normal(0.5))
+  xs = jax.random.normal(jax.random.key(1), (4, B, 50, D))
+  k = jax.random.bernoulli(jax.random.key(2), 0.3, (4, B, 50, H)).astype(jnp.float32)
+
+  def grads(backend, k):
+    loss = lambda x, k: jnp.sum(jnp.sin(gru_jax.gru(p, x, zoneout_mask=k, backend=backend)[1]))
+    return jax.vmap(jax.grad(loss, argnums=(0, 1)))(xs, k)
+  for weights in (k, jnp.linspace(0.1, 0.5, 4)):
+    chex.assert_trees_all_close(grads("xla", weights), grads("scan", weights), atol=1e-4,
+                                rtol=1e-4)
+  last = lambda w: gru_jax.gru(p, xs[0], zoneout_mask=w)[0]
+  eps = 1e-3
+  numeric = (last(0.3 + eps) - last(0.3 - eps)) / (2 * eps)
+  np.testing.assert_allclose(jax.jacfwd(last)(0.3), numeric, atol=2e-3)
