@@ -127,7 +127,8 @@ def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
     compute_dtype: matmul operand dtype (e.g. jnp.bfloat16); None: the state's.
     unroll: `lax.scan`'s unroll.
     remat: recompute each step in the backward pass instead of storing its
-      [B,S,A] activations (5x less backward time at B=64, S=40, A=128 on CPU).
+      [B,S,A] activations (additive, train B=64, S=40, L=41, H=A=128 on the
+      2-core CPU: 121 ms a step stored, 74 ms recomputed).
 
   Returns:
     (final states, one [B,H_i] per layer; top outputs [B,L,H_top] after its

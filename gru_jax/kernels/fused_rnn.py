@@ -353,7 +353,7 @@ def xla_backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, 
   drm0 = None if rm is None else jnp.zeros_like(rm)
   if zk is None:
     dzk0 = None
-  else:  # every step's slot is written, so the fill is never read
+  else:  # per step: every slot is written; a scalar's [B,H] sum starts from zero
     rows = res.z.shape[:ax] + res.z.shape[ax + 1:]  # [B,H]
     dzk0 = jnp.zeros(zk.shape if zk_steps else rows, sd)
   init = (g_last.astype(sd), drm0, scratch.astype(sd), dzk0)
