@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gru_jax import attention as attention_lib
 from gru_jax import cell as cell_lib
 from gru_jax import layernorm as ln_lib
 from gru_jax import layers as linen_layers
@@ -392,3 +393,131 @@ class SequenceBatchNorm(nnx.Module):
           (self.mean[...], self.var[...]), (mean, var), count, self.momentum)
     return linen_layers.normalize(x, mask, mean, var, self.scale[...], self.bias[...],
                                   self.epsilon)
+
+
+class AttentionDecoder(nnx.Module):
+  """The GRU decoder with attention (`gru_jax.attention.decode`) for NNX models.
+
+  Teacher-forced: ``__call__(states, embedded [B,L,E], memory [B,S,C], keys
+  [B,S,A], mask [B,S])`` -> (final states, one [B,H_i] per layer; top outputs
+  [B,L,H_top]; contexts [B,L,C]; α [B,L,S]).  The caller computes the keys from
+  the encoder outputs once per source (additive: h_j·W_k + b, A wide;
+  multiplicative: h_j·W_k, H_top wide).  Layer 0 reads [embedding, context];
+  its output and every further layer's feed the next.
+
+  Args:
+    embed_features: E.  memory_features: C.
+    hidden_sizes: the decoder layers' sizes H_i.
+    kind: "additive" (Bahdanau et al. 2015) or "multiplicative" (Luong et al. 2015).
+    attention_size: A for "additive" (None: H_top); "multiplicative" uses H_top.
+    variant, kernel_init, recurrent_init, bias_init, param_dtype: the GRUs', as `GRU`.
+    dropout: after every layer, a fresh draw per step; recurrent_dropout: each
+      layer's recurrent mask [B,H_i], fixed over time (as the Linen `Seq2Seq`).
+    compute_dtype, unroll: passed to `decode`.
+    deterministic: dropout off; flipped by ``model.eval()`` / ``model.train()``.
+    rngs: ``params`` for the weights, ``dropout`` for the masks.
+
+  Params: ``query.kernel`` [H_top,A] and ``energy.kernel`` [A,1] (additive
+  only) and ``decoder_{i}`` with ``w_x``/``w_h``/``b_x``/``b_h``: the tree of
+  the Linen `Seq2Seq`'s ``attention_decoder``, which `from_params` loads.
+  """
+
+  def __init__(self, embed_features: int, memory_features: int, hidden_sizes: Sequence[int],
+               *, kind: str = "additive", attention_size: int | None = None,
+               variant: str = "seed", dropout: float = 0.0, recurrent_dropout: float = 0.0,
+               kernel_init: Callable = jax.nn.initializers.glorot_uniform(),
+               recurrent_init: Callable = jax.nn.initializers.orthogonal(),
+               bias_init: Callable = jax.nn.initializers.zeros, param_dtype: Any = jnp.float32,
+               compute_dtype: Any = None, unroll: int = 1, deterministic: bool = False,
+               rngs: nnx.Rngs):
+    if kind not in ("additive", "multiplicative"):
+      raise ValueError(f"AttentionDecoder: kind must be 'additive' or 'multiplicative', got "
+                       f"{kind!r}")
+    if not hidden_sizes:
+      raise ValueError("AttentionDecoder needs at least one hidden size")
+    top = hidden_sizes[-1]
+    if kind == "multiplicative" and attention_size not in (None, top):
+      raise ValueError(f"AttentionDecoder: multiplicative attention scores against the top "
+                       f"state, so attention_size must be None or {top}, got {attention_size}")
+    linen_layers.check_rate("dropout", dropout)
+    linen_layers.check_rate("recurrent_dropout", recurrent_dropout)
+    self.kind, self.variant, self.hidden_sizes = kind, variant, tuple(hidden_sizes)
+    self.attention_size = attention_size or top
+    if kind == "additive":
+      self.query = nnx.Linear(top, self.attention_size, use_bias=False,
+                              param_dtype=param_dtype, rngs=rngs)
+      self.energy = nnx.Linear(self.attention_size, 1, use_bias=False,
+                               param_dtype=param_dtype, rngs=rngs)
+    width = embed_features + memory_features
+    for i, size in enumerate(hidden_sizes):
+      setattr(self, f"decoder_{i}", GRU(width, size, variant=variant, kernel_init=kernel_init,
+                                        recurrent_init=recurrent_init, bias_init=bias_init,
+                                        param_dtype=param_dtype, rngs=rngs))
+      width = size
+    self.dropout, self.recurrent_dropout = dropout, recurrent_dropout
+    self.compute_dtype, self.unroll, self.deterministic = compute_dtype, unroll, deterministic
+    self.rngs = _dropout_stream(rngs, dropout > 0 or recurrent_dropout > 0)
+
+  @classmethod
+  def from_params(cls, params: Mapping[str, Any], embed_features: int, *,
+                  rngs: nnx.Rngs | None = None, **kwargs) -> AttentionDecoder:
+    """A decoder holding a Linen `Seq2Seq`'s ``variables["params"]["attention_decoder"]``.
+
+    The kind (``query`` present: additive), sizes and memory width C are read
+    from the params; E must be given (layer 0's w_x has E + C rows).  ``rngs``
+    is needed only for dropout; ``kwargs`` are the other constructor arguments.
+    """
+    sizes, i = [], 0
+    while f"decoder_{i}" in params:
+      sizes.append(int(jnp.shape(params[f"decoder_{i}"]["w_h"])[0]))
+      i += 1
+    if not sizes:
+      raise ValueError(f"params hold no decoder_0: got keys {sorted(params)}")
+    kind = "additive" if "query" in params else "multiplicative"
+    memory = int(jnp.shape(params["decoder_0"]["w_x"])[0]) - embed_features
+    if memory < 1:
+      raise ValueError(f"decoder_0.w_x has {jnp.shape(params['decoder_0']['w_x'])[0]} rows, "
+                       f"not more than embed_features={embed_features}")
+    size = int(jnp.shape(params["query"]["kernel"])[1]) if kind == "additive" else None
+    drops = any(kwargs.get(k, 0) > 0 for k in ("dropout", "recurrent_dropout"))
+    if drops and rngs is None:
+      raise ValueError("from_params with dropout needs rngs=nnx.Rngs(...)")
+    layer = cls(embed_features, memory, sizes, kind=kind, attention_size=size,
+                rngs=nnx.Rngs(0), **kwargs)  # placeholder weights, replaced
+    if drops:
+      layer.rngs = _dropout_stream(rngs, True)
+    for i in range(len(sizes)):
+      setattr(layer, f"decoder_{i}", GRU.from_params(
+          params[f"decoder_{i}"], variant=layer.variant,
+          param_dtype=jnp.asarray(params[f"decoder_{i}"]["w_x"]).dtype))
+    for name in ("query", "energy") if kind == "additive" else ():
+      old, new = getattr(layer, name).kernel, jnp.asarray(params[name]["kernel"])
+      if new.shape != old[...].shape:
+        raise ValueError(f"params {name}.kernel has shape {new.shape}, expected "
+                         f"{old[...].shape}")
+      old[...] = new
+    return layer
+
+  def __call__(self, states, embedded, memory, keys, mask, *, deterministic: bool | None = None,
+               example_ids: Array | None = None, rngs: nnx.Rngs | None = None):
+    embedded = jnp.asarray(embedded)
+    det = self.deterministic if deterministic is None else deterministic
+    b, length = embedded.shape[:2]
+    next_key = _dropout_key(self.rngs, rngs, "AttentionDecoder")
+    drops = rec = None
+    if not det and self.dropout > 0:
+      drops = tuple(linen_layers.dropout_multiplier(next_key(), self.dropout, b, (length, h),
+                                                    example_ids, embedded.dtype)
+                    for h in self.hidden_sizes)
+    if not det and self.recurrent_dropout > 0:
+      rec = tuple(linen_layers.dropout_multiplier(next_key(), self.recurrent_dropout, b, (h,),
+                                                  example_ids, embedded.dtype)
+                  for h in self.hidden_sizes)
+    w_query = v = None
+    if self.kind == "additive":
+      w_query, v = self.query.kernel[...], self.energy.kernel[...][:, 0]
+    cells = [getattr(self, f"decoder_{i}").params for i in range(len(self.hidden_sizes))]
+    return attention_lib.decode(cells, states, embedded, memory, keys, mask, kind=self.kind,
+                                variant=self.variant, w_query=w_query, v=v, output_drops=drops,
+                                recurrent_masks=rec, compute_dtype=self.compute_dtype,
+                                unroll=self.unroll)

@@ -339,6 +339,71 @@ def test_seq2seq_compute_dtype_reaches_the_attention_decoder(attention, monkeypa
   np.testing.assert_allclose(logits, want, atol=0.05)
 
 
+@pytest.mark.parametrize("kind,variant", [("additive", "reset_after"), ("multiplicative", "seed")])
+def test_nnx_attention_decoder_matches_float64_and_loads_linen_params(kind, variant):
+  """nnx_layers.AttentionDecoder against the float64 loop (its own random params), its
+  dropout (per example with example_ids, off in eval), and `from_params` of a Linen
+  Seq2Seq's attention_decoder: every param equal to Linen's."""
+  from flax import nnx
+  _, states, emb, memory, keys, mask, _ = _decode_problem(kind)
+  dec = nnx_layers.AttentionDecoder(3, 6, (5, 4), kind=kind, variant=variant,
+                                    attention_size=3 if kind == "additive" else None,
+                                    rngs=nnx.Rngs(0))
+  got = dec(states, emb, memory, keys, mask)
+  cells = [getattr(dec, f"decoder_{i}").params for i in range(2)]
+  extra = dict(w_query=dec.query.kernel[...], v=dec.energy.kernel[...][:, 0]) \
+      if kind == "additive" else {}
+  ones = tuple(jnp.ones((3, 4, h)) for h in (5, 4)), tuple(jnp.ones((3, h)) for h in (5, 4))
+  want = _decode_reference(kind, variant, cells, states, emb, memory, keys, mask, **extra,
+                           output_drops=ones[0], recurrent_masks=ones[1])
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=2e-5)
+
+  drop = nnx_layers.AttentionDecoder(3, 6, (5, 4), kind=kind, variant=variant, dropout=0.5,
+                                     recurrent_dropout=0.3,
+                                     attention_size=3 if kind == "additive" else None,
+                                     rngs=nnx.Rngs(0, dropout=1))
+  ids = jnp.array([7, 8, 9])
+  trained = drop(states, emb, memory, keys, mask, example_ids=ids)[1]
+  assert not np.allclose(trained, got[1])
+  again = drop(states, emb, memory, keys, mask, example_ids=ids, rngs=nnx.Rngs(dropout=5))[1]
+  part = drop(jax.tree.map(lambda h: h[1:], states), emb[1:], memory[1:], keys[1:], mask[1:],
+              example_ids=ids[1:], rngs=nnx.Rngs(dropout=5))[1]
+  np.testing.assert_allclose(part, again[1:], atol=1e-6)
+  drop.eval()
+  np.testing.assert_allclose(drop(states, emb, memory, keys, mask)[1], got[1], atol=1e-6)
+
+  model, var, *_ = _setup(hidden_sizes=(6, 5), bidirectional=True, attention=kind,
+                          variant=variant, attention_size=3 if kind == "additive" else None)
+  linen = var["params"]["attention_decoder"]
+  loaded = nnx_layers.AttentionDecoder.from_params(linen, 4, variant=variant)
+  assert loaded.hidden_sizes == (6, 5) and loaded.kind == kind
+  for i in range(2):
+    for name, value in getattr(loaded, f"decoder_{i}").params._asdict().items():
+      np.testing.assert_array_equal(value, linen[f"decoder_{i}"][name])
+  if kind == "additive":
+    np.testing.assert_array_equal(loaded.query.kernel[...], linen["query"]["kernel"])
+    np.testing.assert_array_equal(loaded.energy.kernel[...], linen["energy"]["kernel"])
+
+
+def test_nnx_attention_decoder_refusals():
+  from flax import nnx
+  with pytest.raises(ValueError, match="kind must be 'additive' or 'multiplicative'"):
+    nnx_layers.AttentionDecoder(3, 6, (5,), kind="dot", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="attention_size must be None or 5, got 3"):
+    nnx_layers.AttentionDecoder(3, 6, (5,), kind="multiplicative", attention_size=3,
+                                rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="dropout must be in"):
+    nnx_layers.AttentionDecoder(3, 6, (5,), dropout=1.0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="no decoder_0"):
+    nnx_layers.AttentionDecoder.from_params({"query": {}}, 3)
+  cells = nnx_layers.AttentionDecoder(3, 6, (5,), rngs=nnx.Rngs(0)).decoder_0.params
+  tree = {"decoder_0": cells._asdict(),
+          "query": {"kernel": jnp.zeros((5, 4))}, "energy": {"kernel": jnp.zeros((5, 1))}}
+  with pytest.raises(ValueError, match=r"energy.kernel has shape \(5, 1\), expected \(4, 1\)"):
+    nnx_layers.AttentionDecoder.from_params(tree, 3)
+
+
 def test_bad_attention_settings_are_refused():
   src = jnp.ones((2, 3), jnp.int32)
   with pytest.raises(ValueError, match=r"attention must be one of \('none', 'additive', "
