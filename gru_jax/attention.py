@@ -106,7 +106,8 @@ def _check(cells, states, embedded, memory, keys, mask, kind, w_query, v,
 
 
 def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
-           memory: Array, keys: Array, mask: Array, *, kind: str, variant: str = "seed",
+           memory: Array, keys: Array, mask: Array | None = None, *, kind: str,
+           variant: str = "seed",
            w_query: Array | None = None, v: Array | None = None,
            output_drops: Sequence[Array | None] | None = None,
            recurrent_masks: Sequence[Array | None] | None = None,
@@ -119,7 +120,7 @@ def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
     states: the initial state of each layer, [B,H_i] (their dtype is the state dtype).
     embedded: the embedded previous tokens [B,L,E].
     memory: the encoder outputs h_j [B,S,C]; keys: [B,S,A] (see the module docstring).
-    mask: bool [B,S], the valid source steps.
+    mask: bool [B,S], the valid source steps; None: all.
     kind: "additive" (needs w_query [H_top,A] and v [A]) or "multiplicative".
     variant: the GRU's, "seed" or "reset_after".
     output_drops: per layer, a dropout multiplier [B,L,H_i] for its output, or None.
@@ -135,7 +136,8 @@ def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
     dropout; contexts [B,L,C]; attention weights α [B,L,S]).
   """
   states = tuple(jnp.asarray(h) for h in states)
-  embedded, memory, keys, mask = (jnp.asarray(a) for a in (embedded, memory, keys, mask))
+  embedded, memory, keys = (jnp.asarray(a) for a in (embedded, memory, keys))
+  mask = jnp.ones(memory.shape[:2], bool) if mask is None else jnp.asarray(mask)
   _check(cells, states, embedded, memory, keys, mask, kind, w_query, v, output_drops,
          recurrent_masks)
   cell_lib.check_variant(variant)

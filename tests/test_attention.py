@@ -310,6 +310,9 @@ def test_pure_decode_names_the_bad_argument_and_its_shape():
     run(output_drops=(kw["output_drops"][0][:, :2], None))
   with pytest.raises(ValueError, match="kind must be one of"):
     run(kind="dot")
+  full = jnp.ones_like(mask)  # mask=None: every source step is valid
+  for a, b in zip(jax.tree.leaves(run(mask=None)), jax.tree.leaves(run(mask=full))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_decoder_params_keep_their_names_shapes_and_init():
