@@ -170,9 +170,9 @@ def test_zoneout_option_reaches_the_xla_loops(tmp_path, monkeypatch):
   (not the scan), and "auto" resolves to "xla" with them; P outside [0,1] is refused."""
   from gru_jax.kernels import fused_rnn
   seen = []
-  real = fused_rnn.xla_forward
-  monkeypatch.setattr(fused_rnn, "xla_forward",
-                      lambda *a, zk=None, **k: seen.append(zk.shape) or real(*a, zk=zk, **k))
+  real = fused_rnn.recurrence  # looked up at every trace (`_make` caches its loops)
+  monkeypatch.setattr(fused_rnn, "recurrence", lambda *a, zoneout=None, **k: seen.append(
+      (k["impl"], zoneout.shape)) or real(*a, zoneout=zoneout, **k))
   res = benchmark.run(["8x30x4x8"], impls=["gru_jax/xla/reset_after/zoneout=0.1",
                                            "gru_jax/auto/seed/zoneout=0.1",
                                            "gru_jax/xla/reset_after/zoneout=-1"],
@@ -182,7 +182,7 @@ def test_zoneout_option_reaches_the_xla_loops(tmp_path, monkeypatch):
   assert "gru_jax/xla/reset_after/zoneout=0.1" in r["timings"]
   assert r["timings"]["gru_jax/auto/seed/zoneout=0.1"]["path"] == "xla"
   assert "unknown option 'zoneout=-1'" in r["errors"]["gru_jax/xla/reset_after/zoneout=-1"]
-  assert seen and set(seen) == {(30, 8, 8)}, seen  # [T,B,H]: under AD on CPU, time-major
+  assert seen and set(seen) == {("xla", (30, 8, 8))}, seen  # [T,B,H]: AD on CPU, time-major
 
 
 def test_unroll_option_reaches_the_loops(tmp_path, monkeypatch):
