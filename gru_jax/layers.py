@@ -262,6 +262,24 @@ def gru_dropout_masks(next_key: Callable[[], Array], xs: Array, hidden_size: int
   return in_mask, rec_mask
 
 
+def decoder_dropout_masks(next_key: Callable[[], Array], rate: float, recurrent_rate: float,
+                          deterministic: bool, batch: int, length: int, sizes: Sequence[int],
+                          example_ids: Array | None = None, dtype=jnp.float32
+                          ) -> tuple[tuple[Array, ...] | None, tuple[Array, ...] | None]:
+  """A stacked decoder's dropout, drawn before its loop: the multipliers after each layer
+  [B,L,H_i] (a fresh draw per step) and each layer's recurrent mask [B,H_i] (fixed over
+  time), or None for each group that is off.  ``next_key()`` is called once per mask drawn,
+  all output masks first."""
+  check_rate("dropout", rate)
+  check_rate("recurrent_dropout", recurrent_rate)
+  def draw(r, shape):
+    if deterministic or r == 0:
+      return None
+    return tuple(dropout_multiplier(next_key(), r, batch, shape(h), example_ids, dtype)
+                 for h in sizes)
+  return draw(rate, lambda h: (length, h)), draw(recurrent_rate, lambda h: (h,))
+
+
 def zoneout_weights(next_key: Callable[[], Array], xs: Array, hidden_size: int, rate: float,
                     deterministic: bool, example_ids: Array | None = None) -> Array | None:
   """The old state's weight k for `gru_jax.gru`'s ``zoneout_mask``: Bernoulli(rate)

@@ -425,19 +425,11 @@ class Seq2Seq(nn.Module):
   def _attend_decode(self, context, states, e, det, example_ids):
     """`_decode` with attention: embedded previous tokens e [B,L,E]."""
     _, memory, keys, mask = context
-    b, length = e.shape[:2]
     # Dropout as without attention (after every layer, a fresh draw per step, and the
     # GRUs' recurrent mask fixed over time), drawn before the loop.
-    def masks(rate, shape):
-      return tuple(layers.dropout_multiplier(self.make_rng("dropout"), rate, b, shape(size),
-                                             example_ids, e.dtype)
-                   for size in self.hidden_sizes)
-    drops = None
-    rec = (None,) * len(self.hidden_sizes)
-    if not det and self.dropout > 0:
-      drops = masks(self.dropout, lambda size: (length, size))
-    if not det and self.recurrent_dropout > 0:
-      rec = masks(self.recurrent_dropout, lambda size: (size,))
+    drops, rec = layers.decoder_dropout_masks(
+        lambda: self.make_rng("dropout"), self.dropout, self.recurrent_dropout, det,
+        e.shape[0], e.shape[1], self.hidden_sizes, example_ids, e.dtype)
     new, x, c, alpha = self.attention_decoder(tuple(states), e, memory, keys, mask, drops, rec)
     self.sow("intermediates", "attention", alpha)
     return self.head(jnp.concatenate([x, e, c.astype(e.dtype)], -1)), tuple(new)

@@ -502,17 +502,10 @@ class AttentionDecoder(nnx.Module):
                example_ids: Array | None = None, rngs: nnx.Rngs | None = None):
     embedded = jnp.asarray(embedded)
     det = self.deterministic if deterministic is None else deterministic
-    b, length = embedded.shape[:2]
-    next_key = _dropout_key(self.rngs, rngs, "AttentionDecoder")
-    drops = rec = None
-    if not det and self.dropout > 0:
-      drops = tuple(linen_layers.dropout_multiplier(next_key(), self.dropout, b, (length, h),
-                                                    example_ids, embedded.dtype)
-                    for h in self.hidden_sizes)
-    if not det and self.recurrent_dropout > 0:
-      rec = tuple(linen_layers.dropout_multiplier(next_key(), self.recurrent_dropout, b, (h,),
-                                                  example_ids, embedded.dtype)
-                  for h in self.hidden_sizes)
+    drops, rec = linen_layers.decoder_dropout_masks(
+        _dropout_key(self.rngs, rngs, "AttentionDecoder"), self.dropout,
+        self.recurrent_dropout, det, embedded.shape[0], embedded.shape[1], self.hidden_sizes,
+        example_ids, embedded.dtype)
     w_query = v = None
     if self.kind == "additive":
       w_query, v = self.query.kernel[...], self.energy.kernel[...][:, 0]

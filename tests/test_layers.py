@@ -429,3 +429,22 @@ def test_plain_gru_runs_bf16_inputs_in_bf16(variant):
                    for k, a in v["params"].items()})
   want = reference.run(p, np.asarray(xs, np.float64), variant=variant)[1]
   np.testing.assert_allclose(np.asarray(hs, np.float64), want, atol=3e-2)
+
+
+def test_decoder_dropout_masks_shapes_values_and_key_order():
+  keys = iter(jax.random.split(jax.random.key(3), 4))
+  drops, rec = layers.decoder_dropout_masks(lambda: next(keys), 0.25, 0.5, False, 3, 7, (5, 2))
+  assert [d.shape for d in drops] == [(3, 7, 5), (3, 7, 2)]
+  assert [r.shape for r in rec] == [(3, 5), (3, 2)]
+  # Output masks take the first keys, recurrent masks the next: each equals the single draw.
+  expect = jax.random.split(jax.random.key(3), 4)
+  np.testing.assert_array_equal(drops[1], layers.dropout_multiplier(expect[1], 0.25, 3, (7, 2)))
+  np.testing.assert_array_equal(rec[0], layers.dropout_multiplier(expect[2], 0.5, 3, (5,)))
+  assert set(np.unique(np.asarray(rec[1]))) <= {0.0, 2.0}
+  calls = []
+  off = layers.decoder_dropout_masks(lambda: calls.append(1), 0.25, 0.5, True, 3, 7, (5,))
+  assert off == (None, None) and not calls
+  drops, rec = layers.decoder_dropout_masks(lambda: jax.random.key(0), 0.0, 0.5, False, 3, 7, (5,))
+  assert drops is None and rec[0].shape == (3, 5)
+  with pytest.raises(ValueError, match="recurrent_dropout must be in"):
+    layers.decoder_dropout_masks(lambda: jax.random.key(0), 0.1, 1.0, True, 3, 7, (5,))
