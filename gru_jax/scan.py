@@ -15,8 +15,9 @@ does only the recurrent work.  Three implementations of the loop
   ``return_gates`` and ``remat_chunk``, and the one
   forward-mode AD (`jax.jvp`, `jax.jacfwd`) runs whatever the backend asked
   for: the other two have custom VJPs, which JAX cannot differentiate forwards.
-* "auto": "pallas" on GPU when the kernel applies, else "xla".  Zoneout
-  (``zoneout_mask``) runs "xla" or "scan": the kernels have none.
+* "auto": "pallas" on GPU when the kernel applies, else "xla".  With zoneout
+  (``zoneout_mask``) "auto" runs "xla": the kernels take zoneout (ask for
+  "pallas"), but no GPU has timed them with it yet.
 
 ``resets`` (segment starts: RL episodes, packed sequences) run on every
 backend; "auto" picks for them as without (`AUTO_PALLAS_RESETS`).
@@ -147,8 +148,8 @@ def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype
   """The implementation `gru` will run: "xla", "pallas" or "scan".
 
   "scan" is forced by ``return_gates`` and ``remat_chunk`` (the fused paths
-  store their own residuals and return no gates).  ``zoneout`` runs "xla" for
-  "pallas" and "auto" (the kernels have no zoneout).
+  store their own residuals and return no gates).  With ``zoneout`` "auto"
+  runs "xla" (the kernels with zoneout are untimed on a GPU).
   "pallas" falls back to "xla", without error, where the kernel does not apply (see
   `gru_jax.kernels.pallas_gru.supported`); "auto" picks "pallas" only on GPU,
   and with ``resets`` only if `AUTO_PALLAS_RESETS`.
@@ -157,7 +158,8 @@ def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend == "scan" or return_gates or remat_chunk is not None:
     return "scan"
-  if backend == "xla" or zoneout or (backend == "auto" and resets and not AUTO_PALLAS_RESETS):
+  untimed = zoneout or (resets and not AUTO_PALLAS_RESETS)
+  if backend == "xla" or (backend == "auto" and untimed):
     return "xla"
   platform = platform or jax.default_backend()
   if backend == "auto" and platform != "gpu":
@@ -165,7 +167,8 @@ def resolve_backend(backend: str, *, hidden_size: int, batch: int, compute_dtype
   from gru_jax.kernels import pallas_gru  # lazily: Pallas is only needed here
   ok, _ = pallas_gru.supported(hidden_size=hidden_size, batch=batch,
                                compute_dtype=compute_dtype, state_dtype=state_dtype,
-                               platform=platform, variant=variant, has_rm=recurrent_dropout)
+                               platform=platform, variant=variant, has_rm=recurrent_dropout,
+                               zoneout=zoneout)
   return "pallas" if ok else "xla"
 
 
@@ -511,8 +514,8 @@ def gru(params: GRUParams, xs: Array, h0: Array | None = None, *, mask: Array | 
     zoneout_mask: float [B,T,H] ([T,B,H] if ``time_major``) or a scalar, the
       weight k of the old state (zoneout, Krueger et al. 2016):
       h_t = k⊙h_{t−1} + (1−k)⊙GRU(h_{t−1}, x_t).  Bernoulli(rate) draws in
-      training, the rate itself in evaluation.  Runs "xla" or "scan" (the
-      Pallas kernels have none, so "pallas" and "auto" run "xla").
+      training, the rate itself in evaluation.  Runs on every backend;
+      "auto" takes "xla" for it (the kernels with zoneout are untimed on a GPU).
 
   Returns:
     ``(h_last [B,H], hs [B,T,H])``, plus gates when ``return_gates``.

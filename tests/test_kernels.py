@@ -711,6 +711,7 @@ def test_default_split_and_primal_follow_the_measured_rules(monkeypatch):
   assert pallas_gru._split(cfg(interpret=True), 64, 128, None, f32) == 0
   assert pallas_gru._split(cfg(variant="seed"), 64, 128, None, f32) == 0
   assert pallas_gru._split(cfg(), 64, 128, jnp.ones((64, 128)), f32) == 0  # recurrent dropout
+  assert pallas_gru._split(cfg(), 64, 128, None, f32, jnp.float32(0.1)) == 0  # zoneout
   assert pallas_gru._split(cfg(split=8), 64, 128, None, f32) == 8  # the setting when traced
   monkeypatch.setattr(pallas_gru, "_sm_count", lambda: None)
   assert pallas_gru._split(cfg(split=8), 64, 128, None, f32) == 0

@@ -127,6 +127,52 @@ def test_zoneout_gradients_match_central_differences_of_the_float64_loop(backend
   assert g_k[1, 5, 2] == 0
 
 
+def _check_fused_zoneout(backend, variant, reverse, time_major, *, seed, b, t, h, lengths,
+                         resets_at):
+  """``backend``'s loops with zoneout, a mask, resets and recurrent dropout: outputs
+  (undifferentiated and under AD) against the float64 loop, gradients of every input, the
+  zoneout weights too, against JAX's autodiff of "scan"; per-step k and one scalar."""
+  ks = jax.random.split(jax.random.key(seed), 6)
+  p = gru_jax.cell.init(ks[0], D, h, bias_init=jax.nn.initializers.normal(0.5))
+  xs = jax.random.normal(ks[1], (b, t, D))
+  k = jax.random.bernoulli(ks[2], 0.4, (b, t, h)).astype(jnp.float32)
+  h0 = jax.random.normal(ks[3], (b, h)) * 0.5
+  m_rec = 2.0 * jax.random.bernoulli(ks[4], 0.5, (b, h)).astype(jnp.float32)
+  mask = np.arange(t)[None] < np.array(lengths)[:, None]
+  resets = np.zeros((b, t), bool)
+  for row, step in resets_at:
+    resets[row, step] = True
+  tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
+
+  def run(name):
+    def f(p, xs, h0, k, m_rec):
+      return gru_jax.gru(p, tm(xs), h0, mask=tm(mask), resets=tm(resets), reverse=reverse,
+                         variant=variant, time_major=time_major, zoneout_mask=
+                         k if jnp.ndim(k) == 0 else tm(k), recurrent_dropout_mask=m_rec,
+                         backend=name)
+    return f
+
+  def loss(name):
+    def f(*a):
+      h_last, hs = run(name)(*a)
+      return jnp.sum(tm(hs) * ct) + jnp.sum(h_last * ct_last)
+    return f
+
+  ct = jax.random.normal(ks[5], (b, t, h))
+  ct_last = jax.random.normal(jax.random.fold_in(ks[5], 1), (b, h))
+  for zk in (k, jnp.float32(0.3)):
+    args = (p, xs, h0, zk, m_rec)
+    if backend == "pallas":
+      assert "pallas_call" in str(jax.make_jaxpr(run(backend))(*args))
+    want_last, want_hs = _ref(p, xs, np.asarray(zk), h0, mask, reverse, resets, variant, m_rec)
+    for h_last, hs in (jax.jit(run(backend))(*args), jax.vjp(run(backend), *args)[0]):
+      np.testing.assert_allclose(tm(hs), want_hs, atol=2e-5)
+      np.testing.assert_allclose(h_last, want_last, atol=2e-5)
+    got, want = (jax.jit(jax.grad(loss(name), argnums=range(5)))(*args)
+                 for name in (backend, "scan"))
+    chex.assert_trees_all_close(got, want, atol=3e-5, rtol=3e-5)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the chunks and layouts are CPU's")
 @pytest.mark.parametrize("variant,reverse,time_major,chunks,packed,primal", [
     ("seed", False, False, None, False, None),
@@ -143,42 +189,8 @@ def test_fused_zoneout_matches_float64_and_scan_autodiff(monkeypatch, variant, r
   monkeypatch.setattr(gru_jax.scan, "CPU_CHUNKS", chunks)
   monkeypatch.setattr(fused_rnn, "PACKED", packed)
   monkeypatch.setattr(fused_rnn, "PRIMAL", primal)
-  t = 8
-  ks = jax.random.split(jax.random.key(11), 6)
-  p = gru_jax.cell.init(ks[0], D, H, bias_init=jax.nn.initializers.normal(0.5))
-  xs = jax.random.normal(ks[1], (B, t, D))
-  k = jax.random.bernoulli(ks[2], 0.4, (B, t, H)).astype(jnp.float32)
-  h0 = jax.random.normal(ks[3], (B, H)) * 0.5
-  m_rec = 2.0 * jax.random.bernoulli(ks[4], 0.5, (B, H)).astype(jnp.float32)
-  mask = np.arange(t)[None] < np.array([8, 5, 2])[:, None]
-  resets = np.zeros((B, t), bool)
-  resets[0, 3] = resets[1, 1] = True
-  tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
-
-  def run(backend):
-    def f(p, xs, h0, k, m_rec):
-      return gru_jax.gru(p, tm(xs), h0, mask=tm(mask), resets=tm(resets), reverse=reverse,
-                         variant=variant, time_major=time_major, zoneout_mask=
-                         k if jnp.ndim(k) == 0 else tm(k), recurrent_dropout_mask=m_rec,
-                         backend=backend)
-    return f
-
-  want_last, want_hs = _ref(p, xs, k, h0, mask, reverse, resets, variant, m_rec)
-  args = (p, xs, h0, k, m_rec)
-  for h_last, hs in (jax.jit(run("xla"))(*args), jax.vjp(run("xla"), *args)[0]):
-    np.testing.assert_allclose(tm(hs), want_hs, atol=2e-5)
-    np.testing.assert_allclose(h_last, want_last, atol=2e-5)
-  ct = jax.random.normal(ks[5], (B, t, H))
-  ct_last = jax.random.normal(jax.random.fold_in(ks[5], 1), (B, H))
-  for zk in (k, jnp.float32(0.3)):
-    def loss(backend):
-      def f(p, xs, h0, k, m_rec):
-        h_last, hs = run(backend)(p, xs, h0, k, m_rec)
-        return jnp.sum(tm(hs) * ct) + jnp.sum(h_last * ct_last)
-      return f
-    got, want = (jax.jit(jax.grad(loss(b), argnums=range(5)))(p, xs, h0, zk, m_rec)
-                 for b in ("xla", "scan"))
-    chex.assert_trees_all_close(got, want, atol=3e-5, rtol=3e-5)
+  _check_fused_zoneout("xla", variant, reverse, time_major, seed=11, b=B, t=8, h=H,
+                       lengths=[8, 5, 2], resets_at=[(0, 3), (1, 1)])
 
 
 def test_fused_zoneout_second_order_matches_scan():
@@ -262,8 +274,12 @@ def test_zoneout_refusals():
     gru_jax.gru(p, jnp.swapaxes(xs, 0, 1), time_major=True, zoneout_mask=k)
   with pytest.raises(ValueError, match="zoneout_mask must be floating point"):
     gru_jax.gru(p, xs, zoneout_mask=k.astype(bool))
-  assert gru_jax.scan.resolve_backend("pallas", hidden_size=H, batch=B, compute_dtype=None,
-                                      state_dtype=jnp.float32, zoneout=True) == "xla"
+  # "auto" keeps zoneout off the kernels (untimed with it on a GPU); "pallas" runs them.
+  kw = dict(hidden_size=64, batch=32, compute_dtype=jnp.float32, state_dtype=jnp.float32,
+            zoneout=True)
+  assert gru_jax.scan.resolve_backend("auto", platform="gpu", **kw) == "xla"
+  assert gru_jax.scan.resolve_backend("pallas", platform="gpu", **kw) == "pallas"
+  assert gru_jax.scan.resolve_backend("pallas", platform="cpu", **kw) == "pallas"
   with pytest.raises(ValueError, match=r"zoneout must be in \[0, 1\), got 1.0"):
     layers.GRU(H, zoneout=1.0).init(jax.random.key(0), xs)
   with pytest.raises(ValueError, match="zoneout must be in"):
@@ -290,3 +306,35 @@ def test_fused_zoneout_under_vmap_and_forward_mode():
   eps = 1e-3
   numeric = (last(0.3 + eps) - last(0.3 - eps)) / (2 * eps)
   np.testing.assert_allclose(jax.jacfwd(last)(0.3), numeric, atol=2e-3)
+
+
+@pytest.mark.parametrize("variant,reverse,time_major", [
+    ("seed", False, False), ("reset_after", True, True),
+    pytest.param("seed", True, True, marks=pytest.mark.slow),
+    pytest.param("reset_after", False, False, marks=pytest.mark.slow)])
+def test_pallas_zoneout_matches_float64_and_scan_autodiff(variant, reverse, time_major):
+  """The Pallas kernels (interpret mode) with zoneout, a mask, resets and recurrent
+  dropout: outputs against the float64 loop; gradients of every input, the zoneout
+  weights too (per step and one scalar), against JAX's autodiff of "scan"."""
+  # H a power of two, so the kernels apply
+  _check_fused_zoneout("pallas", variant, reverse, time_major, seed=21, b=4, t=6, h=8,
+                       lengths=[6, 4, 1, 5], resets_at=[(0, 3), (3, 1)])
+
+
+def test_pallas_zoneout_lowers_to_triton_without_a_gpu():
+  """Lowering the train step for CUDA runs Pallas' Triton lowering rules on both
+  kernels with per-step and scalar zoneout weights (the [H] row of the scalar too)."""
+  from tests.test_kernels import cuda_module
+  b, t, h = 32, 5, 32
+  ks = jax.random.split(jax.random.key(13), 3)
+  w_h = 0.1 * jax.random.normal(ks[0], (h, 3 * h))
+  xp = jax.random.normal(ks[1], (b, t, 3 * h))
+  k = jax.random.bernoulli(ks[2], 0.3, (b, t, h)).astype(jnp.float32)
+  for zk in (k, jnp.float32(0.2)):
+    def loss(w_h, xp, zk):
+      _, hs = fused_rnn.recurrence(w_h, jnp.zeros(3 * h), jnp.zeros(h), xp, jnp.zeros((b, h)),
+                                   variant="reset_after", time_axis=1, impl="pallas",
+                                   interpret=False, zoneout=zk)
+      return jnp.sum(hs)
+    text = cuda_module(loss, w_h, xp, zk)
+    assert "_forward_kernel" in text and "_backward_kernel" in text

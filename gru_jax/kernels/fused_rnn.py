@@ -430,32 +430,29 @@ def _loops(impl: str):
 def _make(cfg: Config):
   forward, backward = _loops(cfg.impl)
 
-  # Zoneout exists only in the "xla" loops: passed only when given.
-  zo = lambda zk: {} if zk is None else {"zk": zk}
-
   @jax.custom_vjp
   def fn(w_h, b_x, b_hn, xp, h0, mask, rm, rs, zk):
     if cfg.impl == "xla" and cfg.primal == "scan":
-      h_last, hs, _ = scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, rs=rs, **zo(zk))
+      h_last, hs, _ = scan_forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, rs=rs, zk=zk)
     else:
       h_last, hs, _ = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=False, rs=rs,
-                              **zo(zk))
+                              zk=zk)
     return h_last, hs
 
   def fn_fwd(w_h, b_x, b_hn, xp, h0, mask, rm, rs, zk):
     h_last, hs, res = forward(w_h, b_x, b_hn, xp, h0, mask, rm, cfg=cfg, save=True, rs=rs,
-                              **zo(zk))
+                              zk=zk)
     return (h_last, hs), (w_h, b_x, b_hn, xp, h0, mask, rm, rs, zk, res)
 
   def fn_bwd(saved, cts):
     w_h, b_x, b_hn, xp, h0, mask, rm, rs, zk, res = saved
     g_last, g_hs = cts
-    dh0, dxp, drm, *dzk = backward(w_h, b_hn, res, mask, rm, g_last, g_hs, xp, cfg=cfg, rs=rs,
-                                   **zo(zk))
+    dh0, dxp, drm, dzk = backward(w_h, b_hn, res, mask, rm, g_last, g_hs, xp, cfg=cfg, rs=rs,
+                                  zk=zk)
     dw, db_x, db_hn = weight_grads(w_h, b_x, b_hn, res, rm, dxp, cfg=cfg, rs=rs)
     return (dw, db_x, db_hn, dxp.astype(xp.dtype), dh0.astype(h0.dtype), None,
             None if rm is None else drm.astype(rm.dtype), None,
-            None if zk is None else dzk[0].astype(zk.dtype))
+            None if zk is None else dzk.astype(zk.dtype))
 
   fn.defvjp(fn_fwd, fn_bwd)
   return fn
@@ -486,7 +483,7 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     packed: whether differentiated "xla" loops store one packed row per step
       (`Config.packed`); None: `default_packed`.  Same results either way.
     zoneout: zoneout's weight of the old state, laid out like xp with H
-      columns, or a scalar; None: no zoneout.  "xla" only.
+      columns, or a scalar; None: no zoneout.
 
   Returns:
     (h_last [B,H], hs [T,B,H] / [B,T,H]).  Differentiable in reverse mode
@@ -499,8 +496,6 @@ def recurrence(w_h: Array, b_x: Array, b_hn: Array, xp: Array, h0: Array,
     raise ValueError(f"primal must be 'loop' or 'scan', got {primal!r}")
   if packed is None:
     packed = default_packed()
-  if zoneout is not None and impl != "xla":
-    raise ValueError(f"zoneout runs only in the 'xla' loops, not impl={impl!r}")
   split = None
   if impl == "pallas":
     from gru_jax.kernels import pallas_gru  # imported lazily: Pallas is optional

@@ -18,6 +18,8 @@ float32 (the state dtype); the matmuls run in the weights' dtype (bf16 or
 f32) with f32 accumulation.  Masks and reset flags (`gru_jax.scan.effective_resets`)
 arrive as int32 and are read per step with the inputs; a reset step zeroes
 the state it starts from, and in the backward loop the gradient it passes on.
+Zoneout's weight k of the old state arrives per step ([tile,H], read with the
+inputs) or as one value for all steps; the backward kernel also writes dk.
 """
 from __future__ import annotations
 
@@ -73,7 +75,8 @@ def weight_bytes(hidden_size: int, compute_dtype) -> int:
 
 
 def supported(*, hidden_size: int, batch: int, compute_dtype, state_dtype, platform: str,
-              variant: str = "reset_after", has_rm: bool = False) -> tuple[bool, str]:
+              variant: str = "reset_after", has_rm: bool = False,
+              zoneout: bool = False) -> tuple[bool, str]:
   """(applies, reason) for running the kernels on ``platform``.
 
   On GPU the recurrent weights a program keeps on chip must fit
@@ -94,7 +97,7 @@ def supported(*, hidden_size: int, batch: int, compute_dtype, state_dtype, platf
     return False, f"batch={batch} is not a multiple of the {BATCH_TILE}-row tile"
   split = plan_split(split=SPLIT, variant=variant, hidden_size=hidden_size, batch=batch,
                      compute_dtype=compute_dtype, has_rm=has_rm, interpret=False,
-                     sm_count=_sm_count())
+                     sm_count=_sm_count(), zoneout=zoneout)
   need = weight_bytes(hidden_size, compute_dtype) // max(split, 1)
   if need > SMEM_BUDGET_BYTES:
     per = f"/{split} (a column split of {split})" if split else ""
@@ -110,7 +113,8 @@ def _sm_count() -> int | None:
 
 
 def plan_split(*, split: int | None, variant: str, hidden_size: int, batch: int, compute_dtype,
-               has_rm: bool, interpret: bool, sm_count: int | None) -> int:
+               has_rm: bool, interpret: bool, sm_count: int | None,
+               zoneout: bool = False) -> int:
   """The column split S the kernels run with (0: the one-program-per-tile kernels).
 
   ``split`` is the setting (`SPLIT`).  None: S = H / ``SPLIT_COLUMNS`` where the
@@ -124,14 +128,15 @@ def plan_split(*, split: int | None, variant: str, hidden_size: int, batch: int,
     split = hidden_size // SPLIT_COLUMNS if hidden_size >= 128 and fits and not interpret else 0
   ok, _ = pallas_split.applies(variant=variant, hidden_size=hidden_size, batch=batch,
                                tile=_tile(batch, interpret), split=split, has_rm=has_rm,
-                               interpret=interpret, sm_count=sm_count)
+                               interpret=interpret, sm_count=sm_count, zoneout=zoneout)
   return split if ok else 0
 
 
-def _split(cfg: Config, batch: int, hsz: int, rm, compute_dtype) -> int:
+def _split(cfg: Config, batch: int, hsz: int, rm, compute_dtype, zk=None) -> int:
   return plan_split(split=cfg.split, variant=cfg.variant, hidden_size=hsz, batch=batch,
                     compute_dtype=compute_dtype, has_rm=rm is not None,
-                    interpret=cfg.interpret, sm_count=None if cfg.interpret else _sm_count())
+                    interpret=cfg.interpret, sm_count=None if cfg.interpret else _sm_count(),
+                    zoneout=zk is not None)
 
 
 def _tile(batch: int, interpret: bool) -> int:
@@ -160,12 +165,45 @@ def _specs(cfg: Config, n: int, bt: int, hsz: int):
   )
 
 
-def _add_optional(args: list, in_specs: list, sp: dict, mask, rs, rm) -> None:
-  """Appends the mask, resets and dropout multiplier, those given, in that order."""
+def _add_optional(args: list, in_specs: list, sp: dict, mask, rs, rm, zk) -> None:
+  """Appends the mask, resets, dropout multiplier and zoneout weight, those given, in
+  that order; a scalar zoneout weight goes in as an [H] row."""
   add_flags(args, in_specs, sp["mask"], mask, rs)
   if rm is not None:
     args.append(rm)
     in_specs.append(sp["state"])
+  if zk is not None and zk.ndim == 0:
+    args.append(jnp.full(sp["bias"].block_shape, zk, jnp.float32))
+    in_specs.append(sp["bias"])
+  elif zk is not None:
+    args.append(zk.astype(jnp.float32))
+    in_specs.append(sp["seq"])
+
+
+def _zoneout_mode(zk) -> str | None:
+  """How the kernels read zoneout's weight: "step" ([tile,H] per step), "const", or None."""
+  return None if zk is None else ("const" if zk.ndim == 0 else "step")
+
+
+def _optional_refs(refs: list, k: int, has_mask: bool, has_rs: bool, has_rm: bool,
+                   zk_mode: str | None):
+  """(flag refs, rm ref, zk ref, index after them) from ``refs[k:]``, as `_add_optional`
+  laid them out."""
+  flags = refs[k:k + has_mask + has_rs]
+  k += has_mask + has_rs
+  rm_ref = refs[k] if has_rm else None
+  k += has_rm
+  zk_ref = refs[k] if zk_mode else None
+  return flags, rm_ref, zk_ref, k + bool(zk_mode)
+
+
+def _step_rows(inputs, has_mask: bool, has_rs: bool, zk_mode: str | None, zk_const):
+  """(keep [tile,1] or None, restart [tile] or None, k [tile,H]/[H] or None) from a step's
+  loaded rows after its leading ones: mask, resets, per-step zoneout weight."""
+  keep = (inputs[0] != 0)[:, None] if has_mask else None
+  restart = inputs[has_mask] != 0 if has_rs else None
+  k = inputs[has_mask + has_rs] if zk_mode == "step" else zk_const
+  return keep, restart, k
 
 
 def _call(kernel, cfg: Config, batch: int, out_shape, in_specs, out_specs, bt: int):
@@ -177,28 +215,29 @@ def _call(kernel, cfg: Config, batch: int, out_shape, in_specs, out_specs, bt: i
 # ---------------------------------------------------------------- forward
 
 def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_rs: bool,
-                    has_rm: bool):
+                    has_rm: bool, zk_mode: str | None):
   refs = list(refs)
   xp_ref, w_ref, b_ref, bhn_ref, h0_ref = refs[:5]
-  flag_refs = refs[5:5 + has_mask + has_rs]  # mask, resets: those given
-  rm_ref = refs[5 + has_mask + has_rs] if has_rm else None
-  out_refs = refs[5 + has_mask + has_rs + has_rm:]
+  flag_refs, rm_ref, zk_ref, k = _optional_refs(refs, 5, has_mask, has_rs, has_rm, zk_mode)
+  out_refs = refs[k:]
   ax, seed = cfg.time_axis, cfg.variant == "seed"
   # Loaded once: the recurrent weights stay on chip for all T steps.
   wz, wr, wc = w_ref[0], w_ref[1], w_ref[2]
   bz, br, bc = b_ref[0], b_ref[1], b_ref[2]
   bhn = bhn_ref[...]
   rm = rm_ref[...] if has_rm else None
+  zk_const = zk_ref[...] if zk_mode == "const" else None
 
   time_of = lambda i: n - 1 - i if cfg.reverse else i
 
-  load = gate_loader(xp_ref, flag_refs, ax, time_of)
+  load = gate_loader(xp_ref, flag_refs + ([zk_ref] if zk_mode == "step" else []), ax, time_of)
 
   def body(i, h_prev, inputs):
     t = time_of(i)
     xz, xr, xc = inputs[:3]
+    keep, restart, zk = _step_rows(inputs[3:], has_mask, has_rs, zk_mode, zk_const)
     # The stored state is the one carried in, before a reset (as the XLA loop).
-    h = cell_lib.restart(h_prev, inputs[-1] != 0) if has_rs else h_prev
+    h = h_prev if restart is None else cell_lib.restart(h_prev, restart)
     hin = h if rm is None else h * rm
     z = jax.nn.sigmoid(xz + bz + _dot(hin, wz))
     r = jax.nn.sigmoid(xr + br + _dot(hin, wr))
@@ -209,14 +248,13 @@ def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_
       hn = _dot(hin, wc) + bhn
       c = jnp.tanh(xc + bc + r * hn)
     h_cell = h + z * (c - h)
-    h_new = h_cell
-    if has_mask:
-      keep = (inputs[3] != 0)[:, None]
-      h_new = jnp.where(keep, h_cell, h)
+    if zk is not None:  # zoneout: k·h + (1−k)·h_cell
+      h_cell = h_cell + zk * (h - h_cell)
+    h_new = h_cell if keep is None else jnp.where(keep, h_cell, h)
     if save:
       parts = (h_prev, z, r, c) + (() if seed else (hn,))
     else:
-      parts = (h_cell if not has_mask else jnp.where(keep, h_cell, 0.0),)
+      parts = (h_cell if keep is None else jnp.where(keep, h_cell, 0.0),)
     for ref, v in zip(out_refs[:-1], parts):
       ref[_at(ax, t)] = v.astype(ref.dtype)
     return h_new
@@ -224,13 +262,13 @@ def _forward_kernel(*refs, cfg: Config, n: int, save: bool, has_mask: bool, has_
   out_refs[-1][...] = time_loop(n, load, body, h0_ref[...].astype(jnp.float32), prefetch=PREFETCH)
 
 
-def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs=None):
+def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs=None, zk=None):
   """Same contract as `gru_jax.kernels.fused_rnn.xla_forward`."""
   ax = cfg.time_axis
   n, batch = (xp.shape[0], xp.shape[1]) if ax == 0 else (xp.shape[1], xp.shape[0])
   hsz = h0.shape[-1]
   bt = _tile(batch, cfg.interpret)
-  split = _split(cfg, batch, hsz, rm, w_h.dtype)
+  split = _split(cfg, batch, hsz, rm, w_h.dtype, zk)
   if split:
     return pallas_split.forward(w_h, b_x, b_hn, xp, h0, mask, cfg=cfg, save=save, tile=bt,
                                 split=split, num_warps=SPLIT_WARPS, rs=rs)
@@ -239,14 +277,14 @@ def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs=Non
   args = [xp.reshape(xp.shape[:2] + (3, hsz)), w_h.reshape(hsz, 3, hsz).transpose(1, 0, 2),
           b_x.reshape(3, hsz), b_hn, h0]
   in_specs = [sp["gates"], sp["weights"], sp["bias3"], sp["bias"], sp["state"]]
-  _add_optional(args, in_specs, sp, mask, rs, rm)
+  _add_optional(args, in_specs, sp, mask, rs, rm, zk)
   n_seq = (5 if cfg.variant == "reset_after" else 4) if save else 1
   out_shape = [jax.ShapeDtypeStruct(seq_shape, h0.dtype)] * n_seq + [
       jax.ShapeDtypeStruct(h0.shape, h0.dtype)]
   out_specs = [sp["seq"]] * n_seq + [sp["state"]]
   kernel = functools.partial(_forward_kernel, cfg=cfg, n=n, save=save,
                              has_mask=mask is not None, has_rs=rs is not None,
-                             has_rm=rm is not None)
+                             has_rm=rm is not None, zk_mode=_zoneout_mode(zk))
   *seqs, h_last = _call(kernel, cfg, batch, out_shape, in_specs, out_specs, bt)(*args)
   if not save:
     return h_last, seqs[0], None
@@ -256,7 +294,8 @@ def forward(w_h, b_x, b_hn, xp, h0, mask, rm, *, cfg: Config, save: bool, rs=Non
 
 # ---------------------------------------------------------------- backward
 
-def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rs: bool, has_rm: bool):
+def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rs: bool, has_rm: bool,
+                     zk_mode: str | None):
   refs = list(refs)
   seed = cfg.variant == "seed"
   wt_ref, prev_ref, z_ref, r_ref, c_ref = refs[:5]
@@ -265,35 +304,43 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rs: bool, h
   if not seed:
     hn_ref, k = refs[k], k + 1
   g_ref, glast_ref = refs[k], refs[k + 1]
-  k += 2
-  flag_refs = refs[k:k + has_mask + has_rs]  # mask, resets: those given
-  k += has_mask + has_rs
-  rm_ref = refs[k] if has_rm else None
-  dxp_ref, dh0_ref = refs[k + has_rm:][:2]
-  drm_ref = refs[-1] if has_rm else None
+  flag_refs, rm_ref, zk_ref, k = _optional_refs(refs, k + 2, has_mask, has_rs, has_rm, zk_mode)
+  dxp_ref, dh0_ref, *extra = refs[k:]
+  drm_ref = extra.pop(0) if has_rm else None
+  dzk_ref = extra.pop(0) if zk_mode else None
   ax = cfg.time_axis
   # Wᵀ blocks, loaded once: dh_in = Σ_g dã_g·W_gᵀ.
   wzt, wrt, wct = wt_ref[0], wt_ref[1], wt_ref[2]
   rm = rm_ref[...] if has_rm else None
+  zk_const = zk_ref[...] if zk_mode == "const" else None
 
   time_of = lambda i: i if cfg.reverse else n - 1 - i  # opposite to the forward loop
-  seq_refs = [prev_ref, z_ref, r_ref, c_ref, g_ref] + ([] if seed else [hn_ref]) + flag_refs
+  seq_refs = ([prev_ref, z_ref, r_ref, c_ref, g_ref] + ([] if seed else [hn_ref]) + flag_refs
+              + ([zk_ref] if zk_mode == "step" else []))
 
   load = row_loader(seq_refs, ax, time_of)
 
   def body(i, carry, inputs):
-    dh, drm = carry
+    dh, drm, dzk = carry
     t = time_of(i)
     hp, z, r, c, g = inputs[:5]
     hn = None if seed else inputs[5]
-    restart = inputs[-1] != 0 if has_rs else None  # this step started from zero
-    if has_rs:
+    # restart: this step started from zero
+    keep, restart, zk = _step_rows(inputs[6 - seed:], has_mask, has_rs, zk_mode, zk_const)
+    if restart is not None:
       hp = cell_lib.restart(hp, restart)
     hin = hp if rm is None else hp * rm
     d = dh + g
-    if has_mask:
-      keep = (inputs[5 + (not seed)] != 0)[:, None]
+    if keep is not None:
       d = jnp.where(keep, d, 0.0)
+    d_all = d
+    if zk is not None:  # h_t = k·h_{t-1} + (1−k)·h_cell: the cell's part takes d·(1−k)
+      dk = -d * z * (c - hp)
+      if zk_mode == "step":
+        dzk_ref[_at(ax, t)] = dk.astype(dzk_ref.dtype)
+      else:
+        dzk = dzk + dk
+      d = d * (1 - zk)
     da_c = d * z * (1 - c * c)
     da_z = d * (c - hp) * z * (1 - z)
     if seed:
@@ -306,7 +353,9 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rs: bool, h
       dhin = (_dot(da_z, wzt) + _dot(da_r, wrt)
               + _dot(dhn, wct))
     direct = d * (1 - z)
-    if has_mask:
+    if zk is not None:
+      direct = direct + d_all * zk
+    if keep is not None:
       direct = jnp.where(keep, direct, dh)
     if rm is not None:
       drm = drm + hp * dhin
@@ -314,18 +363,20 @@ def _backward_kernel(*refs, cfg: Config, n: int, has_mask: bool, has_rs: bool, h
     for g, v in enumerate((da_z, da_r, da_c)):
       dxp_ref[_at(ax, t, g, slice(None))] = v.astype(dxp_ref.dtype)
     dh = direct + dhin
-    return (dh if restart is None else cell_lib.restart(dh, restart)), drm
+    return (dh if restart is None else cell_lib.restart(dh, restart)), drm, dzk
 
   dh = glast_ref[...].astype(jnp.float32)
-  drm0 = jnp.zeros_like(dh)
-  dh, drm = time_loop(n, load, body, (dh, drm0), prefetch=PREFETCH)
+  zeros = jnp.zeros_like(dh)
+  dh, drm, dzk = time_loop(n, load, body, (dh, zeros, zeros), prefetch=PREFETCH)
   dh0_ref[...] = dh
   if has_rm:
     drm_ref[...] = drm
+  if zk_mode == "const":
+    dzk_ref[...] = dzk
 
 
 def backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg: Config,
-             rs=None):
+             rs=None, zk=None):
   """Same contract as `gru_jax.kernels.fused_rnn.xla_backward`."""
   del b_hn, scratch  # hn is stored; the kernel writes a fresh dxp
   ax = cfg.time_axis
@@ -333,24 +384,34 @@ def backward(w_h, b_hn, res: Residuals, mask, rm, g_last, g_hs, scratch, *, cfg:
   hsz = res.z.shape[-1]
   sd = res.z.dtype
   bt = _tile(batch, cfg.interpret)
-  split = _split(cfg, batch, hsz, rm, w_h.dtype)
+  split = _split(cfg, batch, hsz, rm, w_h.dtype, zk)
   if split:
     return pallas_split.backward(w_h, res, mask, g_last, g_hs, cfg=cfg, tile=bt, split=split,
-                                 num_warps=SPLIT_WARPS, rs=rs)
+                                 num_warps=SPLIT_WARPS, rs=rs) + (None,)
   sp = _specs(cfg, n, bt, hsz)
   wt = w_h.reshape(hsz, 3, hsz).transpose(1, 2, 0)  # wt[g] = W_gᵀ
   seqs = [res.prev, res.z, res.r, res.c] + ([] if res.hn is None else [res.hn])
   args = [wt] + seqs + [g_hs.astype(sd), g_last.astype(sd)]
   in_specs = [sp["weights"]] + [sp["seq"]] * (len(seqs) + 1) + [sp["state"]]
-  _add_optional(args, in_specs, sp, mask, rs, rm)
+  _add_optional(args, in_specs, sp, mask, rs, rm, zk)
   gates_shape = res.z.shape[:2] + (3, hsz)
   out_shape = [jax.ShapeDtypeStruct(gates_shape, sd), jax.ShapeDtypeStruct((batch, hsz), sd)]
   out_specs = [sp["gates"], sp["state"]]
   if rm is not None:
     out_shape.append(jax.ShapeDtypeStruct((batch, hsz), sd))
     out_specs.append(sp["state"])
+  zk_mode = _zoneout_mode(zk)
+  if zk_mode:  # dk per step, or its [B,H] sum over steps for one weight
+    out_shape.append(jax.ShapeDtypeStruct(res.z.shape if zk_mode == "step" else (batch, hsz),
+                                          sd))
+    out_specs.append(sp["seq"] if zk_mode == "step" else sp["state"])
   kernel = functools.partial(_backward_kernel, cfg=cfg, n=n, has_mask=mask is not None,
-                             has_rs=rs is not None, has_rm=rm is not None)
-  outs = _call(kernel, cfg, batch, out_shape, in_specs, out_specs, bt)(*args)
-  dxp, dh0 = outs[0].reshape(res.z.shape[:2] + (3 * hsz,)), outs[1]
-  return dh0, dxp, outs[2] if rm is not None else None
+                             has_rs=rs is not None, has_rm=rm is not None, zk_mode=zk_mode)
+  outs = list(_call(kernel, cfg, batch, out_shape, in_specs, out_specs, bt)(*args))
+  dxp, dh0 = outs.pop(0).reshape(res.z.shape[:2] + (3 * hsz,)), outs.pop(0)
+  drm = outs.pop(0) if rm is not None else None
+  dzk = None
+  if zk_mode:
+    dzk = outs.pop(0)
+    dzk = jnp.sum(dzk) if zk_mode == "const" else dzk
+  return dh0, dxp, drm, dzk

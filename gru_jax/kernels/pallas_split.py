@@ -61,7 +61,8 @@ def _sentinel_fill(shape) -> Array:
 
 
 def applies(*, variant: str, hidden_size: int, batch: int, tile: int, split: int,
-            has_rm: bool, interpret: bool, sm_count: int | None) -> tuple[bool, str]:
+            has_rm: bool, interpret: bool, sm_count: int | None,
+            zoneout: bool = False) -> tuple[bool, str]:
   """(applies, reason) for the column-split kernels with ``split`` programs per tile."""
   if split < 1:
     return False, "split is off"
@@ -69,6 +70,8 @@ def applies(*, variant: str, hidden_size: int, batch: int, tile: int, split: int
     return False, f"only variant='reset_after' is split, got {variant!r}"
   if has_rm:
     return False, "recurrent dropout is not split"
+  if zoneout:
+    return False, "zoneout is not split"
   if hidden_size % split or (hidden_size // split) & (hidden_size // split - 1):
     return False, f"hidden_size={hidden_size} / split={split} is not a power of two"
   if interpret:
