@@ -57,7 +57,7 @@ def scores(kind: str, s: Array, keys: Array, w_query: Array | None = None,
 
 
 def _check(cells, states, embedded, memory, keys, mask, kind, w_query, v,
-           output_drops, recurrent_masks) -> None:
+           output_drops, recurrent_masks, zoneout) -> None:
   """Shape checks at the public boundary; errors name the argument and the shapes."""
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -103,6 +103,15 @@ def _check(cells, states, embedded, memory, keys, mask, kind, w_query, v,
     for i, (m, p) in enumerate(zip(group, cells)):
       if m is not None and tuple(m.shape) != shape(p.hidden_size):
         raise ValueError(f"{name}[{i}] must have shape {shape(p.hidden_size)}, got {m.shape}")
+  if zoneout is None:
+    return
+  if len(zoneout) != len(cells):
+    raise ValueError(f"zoneout must be one per layer ({len(cells)}), got {len(zoneout)}")
+  for i, (k, p) in enumerate(zip(zoneout, cells)):
+    want = (b, embedded.shape[1], p.hidden_size)
+    if k is not None and jnp.ndim(k) != 0 and tuple(jnp.shape(k)) != want:
+      raise ValueError(f"zoneout[{i}] must be a scalar or have shape [B,L,H_{i}]={want}, got "
+                       f"{tuple(jnp.shape(k))}")
 
 
 def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
@@ -111,6 +120,7 @@ def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
            w_query: Array | None = None, v: Array | None = None,
            output_drops: Sequence[Array | None] | None = None,
            recurrent_masks: Sequence[Array | None] | None = None,
+           zoneout: Sequence[Array | float | None] | None = None,
            compute_dtype=None, unroll: int = 1, remat: bool = True):
   """The teacher-forced GRU decoder with attention, over L steps.
 
@@ -125,6 +135,9 @@ def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
     variant: the GRU's, "seed" or "reset_after".
     output_drops: per layer, a dropout multiplier [B,L,H_i] for its output, or None.
     recurrent_masks: per layer, a recurrent dropout multiplier [B,H_i], or None.
+    zoneout: per layer, the old state's weight k (zoneout, as `gru_jax.gru`'s
+      ``zoneout_mask``: h = k⊙h_{t−1} + (1−k)⊙GRU(h_{t−1}, x_t)), [B,L,H_i] or a
+      scalar, or None.
     compute_dtype: matmul operand dtype (e.g. jnp.bfloat16); None: the state's.
     unroll: `lax.scan`'s unroll.
     remat: recompute each step in the backward pass instead of storing its
@@ -139,7 +152,7 @@ def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
   embedded, memory, keys = (jnp.asarray(a) for a in (embedded, memory, keys))
   mask = jnp.ones(memory.shape[:2], bool) if mask is None else jnp.asarray(mask)
   _check(cells, states, embedded, memory, keys, mask, kind, w_query, v, output_drops,
-         recurrent_masks)
+         recurrent_masks, zoneout)
   cell_lib.check_variant(variant)
   sd = states[0].dtype
   cd = jnp.dtype(compute_dtype or sd)
@@ -163,9 +176,14 @@ def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
   drops = None
   if output_drops is not None and any(d is not None for d in output_drops):
     drops = tuple(None if d is None else time_major(d.astype(sd)) for d in output_drops)
+  # Zoneout: per-step weights go through the scan's inputs, scalars are closed over.
+  zk = (None,) * n if zoneout is None else tuple(
+      None if k is None else jnp.asarray(k).astype(sd) for k in zoneout)
+  zk_steps = tuple(None if k is None or k.ndim == 0 else time_major(k) for k in zk)
+  zk_steps = zk_steps if any(k is not None for k in zk_steps) else None
 
   def body(carry, inp):
-    e_t, drops_t = inp
+    e_t, drops_t, zk_t = inp
     cast = lambda w: w.astype(cd)
     energies = scores(kind, carry[-1], keys, None if w_query is None else cast(w_query),
                       None if v is None else cast(v), cd)
@@ -182,12 +200,14 @@ def decode(cells: Sequence[GRUParams], states: Sequence[Array], embedded: Array,
       g = cell_lib.recurrent_gates(jax.tree.map(cast, w_h[i]), b_h[i].astype(sd), h, xp,
                                    variant=variant,
                                    h_drop=None if rec[i] is None else h * rec[i])
-      h = cell_lib.blend(h, g).astype(sd)
+      h_new = cell_lib.blend(h, g).astype(sd)
+      k = zk_t[i] if zk_t is not None and zk_t[i] is not None else zk[i]
+      h = h_new if k is None else h_new + k * (h - h_new)
       new.append(h)
       x = h if drops_t is None or drops_t[i] is None else h * drops_t[i]
     return tuple(new), (x, context, alpha)
 
   step = jax.checkpoint(body) if remat else body
   final, (outs, contexts, alpha) = lax.scan(
-      step, states, (time_major(embedded.astype(sd)), drops), unroll=unroll)
+      step, states, (time_major(embedded.astype(sd)), drops, zk_steps), unroll=unroll)
   return final, time_major(outs), time_major(contexts), time_major(alpha)

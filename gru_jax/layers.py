@@ -105,7 +105,7 @@ class GRU(nn.Module):
     zoneout: rate at which each unit keeps its previous value at each step
       (Krueger et al. 2016): in training a Bernoulli(rate) draw per step and
       unit, in evaluation the expectation rate⊙h_{t−1} + (1−rate)⊙h_t.  Runs
-      the "xla" loops (or "scan" if asked; see `gru_jax.gru`'s ``zoneout_mask``).
+      on every backend ("auto": the "xla" loops; see `gru_jax.gru`'s ``zoneout_mask``).
     layer_norm: layer-normalised GRU (`gru_jax.layernorm.ln_gru`), with extra
       params ``gamma_x``, ``beta_x``, ``gamma_h``, ``beta_h`` [3H].
     unroll, compute_dtype, remat_chunk, backend: passed to `gru_jax.gru`.
@@ -294,6 +294,19 @@ def zoneout_weights(next_key: Callable[[], Array], xs: Array, hidden_size: int, 
   # A unit zones out where dropout at this rate would drop it.
   kept = keep_bits(next_key(), 1.0 - rate, b, (t, hidden_size), example_ids)
   return (~kept).astype(xs.dtype)
+
+
+def decoder_zoneout(next_key: Callable[[], Array], rate: float, deterministic: bool,
+                    embedded: Array, sizes: Sequence[int], example_ids: Array | None = None
+                    ) -> tuple[Array, ...] | None:
+  """A stacked decoder's zoneout weights, one `zoneout_weights` per layer over the
+  embedded inputs [B,L,E]: [B,L,H_i] draws in training, the rate in evaluation, None
+  at rate 0."""
+  check_rate("zoneout", rate)
+  if rate == 0:
+    return None
+  return tuple(zoneout_weights(next_key, embedded, h, rate, deterministic, example_ids)
+               for h in sizes)
 
 
 def apply_gru(cfg: Any, params: cell_lib.GRUParams, ln: ln_lib.LNParams | None, xs: Array,

@@ -267,7 +267,7 @@ class AttentionDecoder(nn.Module):
   Params: ``query`` / ``energy`` kernels [H,A] and [A,1] ("additive" only) and
   one `layers.GRUCell`'s params per layer, ``decoder_{i}`` (layer 0 reads
   [embedding, context], E + C wide).  ``__call__(states, embedded [B,L,E],
-  memory [B,S,C], keys [B,S,A], mask [B,S], output_drops, recurrent_masks)``
+  memory [B,S,C], keys [B,S,A], mask [B,S], output_drops, recurrent_masks, zoneout)``
   returns `decode`'s (states, outputs [B,L,H], contexts [B,L,C], α [B,L,S]).
   """
   hidden_sizes: Sequence[int]
@@ -279,7 +279,7 @@ class AttentionDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, states, embedded, memory, keys, mask, output_drops=None,
-               recurrent_masks=None):
+               recurrent_masks=None, zoneout=None):
     w_query = v = None
     if self.kind == "additive":
       w_query = _Kernel(self.attention_size, name="query")(self.hidden_sizes[-1])
@@ -291,7 +291,7 @@ class AttentionDecoder(nn.Module):
     return attention_lib.decode(
         cells, states, embedded, memory, keys, mask, kind=self.kind, variant=self.variant,
         w_query=w_query, v=v, output_drops=output_drops, recurrent_masks=recurrent_masks,
-        compute_dtype=self.compute_dtype, unroll=self.unroll)
+        zoneout=zoneout, compute_dtype=self.compute_dtype, unroll=self.unroll)
 
 
 class Seq2Seq(nn.Module):
@@ -325,6 +325,8 @@ class Seq2Seq(nn.Module):
     attention: "none" (Cho et al.'s fixed context), "additive" or "multiplicative".
     attention_size: A, the width of the additive attention's hidden layer (None:
       the top decoder layer's size, which multiplicative attention always uses).
+    zoneout: every GRU layer's zoneout rate, encoder and decoder, with or without
+      attention (`layers.GRU`); decoding (`step`) runs evaluation's expectation.
     other fields: as `SequenceModel`, passed to every GRU.
   """
   vocab_size: int
@@ -342,6 +344,7 @@ class Seq2Seq(nn.Module):
   task: str = "seq2seq"
   attention: str = "none"
   attention_size: int | None = None
+  zoneout: float = 0.0
 
   def setup(self):
     if self.task != "seq2seq":
@@ -358,7 +361,8 @@ class Seq2Seq(nn.Module):
                          f"got {self.attention_size}")
     kw = dict(variant=self.variant, recurrent_dropout=self.recurrent_dropout,
               unroll=self.unroll, compute_dtype=self.compute_dtype,
-              remat_chunk=self.remat_chunk, backend=self.backend, return_state=True)
+              remat_chunk=self.remat_chunk, backend=self.backend, return_state=True,
+              zoneout=self.zoneout)
     self.src_embed = nn.Embed(self.vocab_size, self.embed_dim)
     self.tgt_embed = nn.Embed(self.num_outputs, self.embed_dim)
     self.encoder = [
@@ -430,7 +434,10 @@ class Seq2Seq(nn.Module):
     drops, rec = layers.decoder_dropout_masks(
         lambda: self.make_rng("dropout"), self.dropout, self.recurrent_dropout, det,
         e.shape[0], e.shape[1], self.hidden_sizes, example_ids, e.dtype)
-    new, x, c, alpha = self.attention_decoder(tuple(states), e, memory, keys, mask, drops, rec)
+    zo = layers.decoder_zoneout(lambda: self.make_rng("dropout"), self.zoneout, det, e,
+                                self.hidden_sizes, example_ids)
+    new, x, c, alpha = self.attention_decoder(tuple(states), e, memory, keys, mask, drops, rec,
+                                              zo)
     self.sow("intermediates", "attention", alpha)
     return self.head(jnp.concatenate([x, e, c.astype(e.dtype)], -1)), tuple(new)
 

@@ -413,6 +413,8 @@ class AttentionDecoder(nnx.Module):
     variant, kernel_init, recurrent_init, bias_init, param_dtype: the GRUs', as `GRU`.
     dropout: after every layer, a fresh draw per step; recurrent_dropout: each
       layer's recurrent mask [B,H_i], fixed over time (as the Linen `Seq2Seq`).
+    zoneout: each layer's zoneout rate: Bernoulli(rate) weights of the old state
+      per step and unit in training, the rate itself in evaluation.
     compute_dtype, unroll: passed to `decode`.
     deterministic: dropout off; flipped by ``model.eval()`` / ``model.train()``.
     rngs: ``params`` for the weights, ``dropout`` for the masks.
@@ -425,6 +427,7 @@ class AttentionDecoder(nnx.Module):
   def __init__(self, embed_features: int, memory_features: int, hidden_sizes: Sequence[int],
                *, kind: str = "additive", attention_size: int | None = None,
                variant: str = "seed", dropout: float = 0.0, recurrent_dropout: float = 0.0,
+               zoneout: float = 0.0,
                kernel_init: Callable = jax.nn.initializers.glorot_uniform(),
                recurrent_init: Callable = jax.nn.initializers.orthogonal(),
                bias_init: Callable = jax.nn.initializers.zeros, param_dtype: Any = jnp.float32,
@@ -441,6 +444,7 @@ class AttentionDecoder(nnx.Module):
                        f"state, so attention_size must be None or {top}, got {attention_size}")
     linen_layers.check_rate("dropout", dropout)
     linen_layers.check_rate("recurrent_dropout", recurrent_dropout)
+    linen_layers.check_rate("zoneout", zoneout)
     self.kind, self.variant, self.hidden_sizes = kind, variant, tuple(hidden_sizes)
     self.attention_size = attention_size or top
     if kind == "additive":
@@ -454,9 +458,9 @@ class AttentionDecoder(nnx.Module):
                                         recurrent_init=recurrent_init, bias_init=bias_init,
                                         param_dtype=param_dtype, rngs=rngs))
       width = size
-    self.dropout, self.recurrent_dropout = dropout, recurrent_dropout
+    self.dropout, self.recurrent_dropout, self.zoneout = dropout, recurrent_dropout, zoneout
     self.compute_dtype, self.unroll, self.deterministic = compute_dtype, unroll, deterministic
-    self.rngs = _dropout_stream(rngs, dropout > 0 or recurrent_dropout > 0)
+    self.rngs = _dropout_stream(rngs, dropout > 0 or recurrent_dropout > 0 or zoneout > 0)
 
   @classmethod
   def from_params(cls, params: Mapping[str, Any], embed_features: int, *,
@@ -479,7 +483,7 @@ class AttentionDecoder(nnx.Module):
       raise ValueError(f"decoder_0.w_x has {jnp.shape(params['decoder_0']['w_x'])[0]} rows, "
                        f"not more than embed_features={embed_features}")
     size = int(jnp.shape(params["query"]["kernel"])[1]) if kind == "additive" else None
-    drops = any(kwargs.get(k, 0) > 0 for k in ("dropout", "recurrent_dropout"))
+    drops = any(kwargs.get(k, 0) > 0 for k in ("dropout", "recurrent_dropout", "zoneout"))
     if drops and rngs is None:
       raise ValueError("from_params with dropout needs rngs=nnx.Rngs(...)")
     layer = cls(embed_features, memory, sizes, kind=kind, attention_size=size,
@@ -502,15 +506,17 @@ class AttentionDecoder(nnx.Module):
                example_ids: Array | None = None, rngs: nnx.Rngs | None = None):
     embedded = jnp.asarray(embedded)
     det = self.deterministic if deterministic is None else deterministic
+    next_key = _dropout_key(self.rngs, rngs, "AttentionDecoder")
     drops, rec = linen_layers.decoder_dropout_masks(
-        _dropout_key(self.rngs, rngs, "AttentionDecoder"), self.dropout,
-        self.recurrent_dropout, det, embedded.shape[0], embedded.shape[1], self.hidden_sizes,
-        example_ids, embedded.dtype)
+        next_key, self.dropout, self.recurrent_dropout, det, embedded.shape[0],
+        embedded.shape[1], self.hidden_sizes, example_ids, embedded.dtype)
+    zo = linen_layers.decoder_zoneout(next_key, self.zoneout, det, embedded, self.hidden_sizes,
+                                      example_ids)
     w_query = v = None
     if self.kind == "additive":
       w_query, v = self.query.kernel[...], self.energy.kernel[...][:, 0]
     cells = [getattr(self, f"decoder_{i}").params for i in range(len(self.hidden_sizes))]
     return attention_lib.decode(cells, states, embedded, memory, keys, mask, kind=self.kind,
                                 variant=self.variant, w_query=w_query, v=v, output_drops=drops,
-                                recurrent_masks=rec, compute_dtype=self.compute_dtype,
+                                recurrent_masks=rec, zoneout=zo, compute_dtype=self.compute_dtype,
                                 unroll=self.unroll)

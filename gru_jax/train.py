@@ -65,9 +65,6 @@ def create_model(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, 
       unroll=m.unroll, remat_chunk=config.remat or None, backend=m.backend,
       compute_dtype=None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype))
   if info.task == "seq2seq":
-    if m.get("zoneout", 0.0):
-      raise ValueError(f"dataset {info.name!r} is sequence to sequence (models.Seq2Seq), "
-                       f"which has no zoneout: set config.model.zoneout=0.0 (got {m.zoneout})")
     if m.batch_norm or m.input_dropout:
       raise ValueError(f"dataset {info.name!r} is sequence to sequence (models.Seq2Seq): set "
                        "config.model.batch_norm=False and config.model.input_dropout=0.0 "
@@ -76,7 +73,7 @@ def create_model(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, 
     # act on in a Seq2Seq; every other override applies.
     kw = dict(common, vocab_size=info.input_dim, num_outputs=info.num_classes,
               attention=m.get("attention", "none"),
-              attention_size=m.get("attention_size", 0) or None)
+              attention_size=m.get("attention_size", 0) or None, zoneout=m.get("zoneout", 0.0))
     kw.update({k: v for k, v in overrides.items()
                if k not in ("bn_momentum", "bn_epsilon", "input_dropout", "gru_eval_mode")})
     return models.Seq2Seq(**kw)

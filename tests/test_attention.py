@@ -16,13 +16,15 @@ def _dense(p, x):
   return out + np.asarray(p["bias"], np.float64) if "bias" in p else out
 
 
-def _reference(p, src, mask, dec, *, layers, bidirectional, variant):
-  """Logits [B,L,V] and attention weights [B,L,S], one example and one step at a time."""
+def _reference(p, src, mask, dec, *, layers, bidirectional, variant, zoneout=0.0):
+  """Logits [B,L,V] and attention weights [B,L,S], one example and one step at a time;
+  ``zoneout``: evaluation's h = k·h_{t−1} + (1−k)·GRU(h_{t−1}, x) in every GRU."""
+  from tests.test_zoneout import _ref as zoneout_run
   m = np.asarray(mask, bool)
   x = np.asarray(p["src_embed"]["embedding"], np.float64)[np.asarray(src)]
   for i in range(layers):
     dirs = [GRUParams(**p[f"encoder_{i}_{k}"]) for k in range(2 if bidirectional else 1)]
-    runs = [reference.run(q, x, mask=m, reverse=k == 1, variant=variant)
+    runs = [zoneout_run(q, x, zoneout, mask=m, reverse=k == 1, variant=variant)
             for k, q in enumerate(dirs)]
     x = np.concatenate([r[1] for r in runs], -1)
     summary = np.concatenate([r[0] for r in runs], -1)
@@ -52,7 +54,8 @@ def _reference(p, src, mask, dec, *, layers, bidirectional, variant):
       context = alpha @ memory[row]
       h_in = np.concatenate([emb[row, t], context])
       for i in range(layers):
-        hs[i] = reference.step(GRUParams(**a[f"decoder_{i}"]), hs[i], h_in, variant)[0]
+        h_cell = reference.step(GRUParams(**a[f"decoder_{i}"]), hs[i], h_in, variant)[0]
+        hs[i] = zoneout * hs[i] + (1 - zoneout) * h_cell
         h_in = hs[i]
       out.append(_dense(p["head"], np.concatenate([hs[-1], emb[row, t], context])))
     logits.append(out)
@@ -69,18 +72,21 @@ def _setup(seed=0, b=3, s=6, l=4, v=11, lengths=(6, 3, 1), attention="additive",
   return model, var, src, mask, dec
 
 
-@pytest.mark.parametrize("attention,variant,bidirectional,sizes,attention_size", [
-    ("additive", "seed", False, (7,), None), ("additive", "reset_after", True, (6, 5), 3),
-    ("additive", "seed", True, (5, 4), None), ("multiplicative", "seed", False, (7,), None),
-    ("multiplicative", "reset_after", True, (6, 5), 5)])
+@pytest.mark.parametrize("attention,variant,bidirectional,sizes,attention_size,zoneout", [
+    ("additive", "seed", False, (7,), None, 0.0),
+    ("additive", "reset_after", True, (6, 5), 3, 0.0),
+    ("additive", "seed", True, (5, 4), None, 0.0),
+    ("multiplicative", "seed", False, (7,), None, 0.0),
+    ("multiplicative", "reset_after", True, (6, 5), 5, 0.0),
+    ("additive", "reset_after", True, (6, 5), None, 0.3)])
 def test_logits_and_weights_match_a_float64_reference(attention, variant, bidirectional, sizes,
-                                                      attention_size):
+                                                      attention_size, zoneout):
   model, var, src, mask, dec = _setup(hidden_sizes=sizes, bidirectional=bidirectional,
                                       variant=variant, attention_size=attention_size,
-                                      attention=attention)
+                                      attention=attention, zoneout=zoneout)
   logits, state = model.apply(var, src, mask, decoder_inputs=dec, mutable=["intermediates"])
   want, want_alpha = _reference(var["params"], src, mask, dec, layers=len(sizes),
-                                bidirectional=bidirectional, variant=variant)
+                                bidirectional=bidirectional, variant=variant, zoneout=zoneout)
   np.testing.assert_allclose(logits, want, atol=3e-5)
   alpha = models.attention_weights(model, var, src, mask, decoder_inputs=dec)
   np.testing.assert_allclose(alpha, want_alpha, atol=1e-6)
@@ -168,6 +174,30 @@ def test_dropout_in_training_is_per_example_and_off_in_evaluation():
                                         rngs={"dropout": jax.random.key(1)}), evaluated)
 
 
+@pytest.mark.parametrize("attention", models.ATTENTIONS)
+def test_seq2seq_zoneout_draws_per_example_in_training_and_averages_in_evaluation(attention):
+  """Seq2Seq(zoneout=r), with and without attention: in training each row's draws
+  depend only on (key, example id) and change the logits; in evaluation every GRU
+  (encoder and decoder) takes the scalar r, as the float64 reference does for attention
+  (test_logits_and_weights_match_a_float64_reference) and `gru_jax.gru` for the rest."""
+  model, var, src, mask, dec = _setup(hidden_sizes=(6, 5), zoneout=0.4, attention=attention)
+  ids = jnp.array([4, 5, 6])
+  run = lambda s, m, d, i, key=1: model.apply(var, s, m, decoder_inputs=d, train=True,
+                                              example_ids=i,
+                                              rngs={"dropout": jax.random.key(key)})
+  batch = run(src, mask, dec, ids)
+  np.testing.assert_allclose(run(src[2:], mask[2:], dec[2:], ids[2:])[0], batch[2], atol=1e-6)
+  assert not np.allclose(run(src, mask, dec, ids, key=2), batch)
+  evaluated = model.apply(var, src, mask, decoder_inputs=dec)
+  plain = models.Seq2Seq(11, 11, embed_dim=4, attention=attention, hidden_sizes=(6, 5))
+  assert not np.allclose(evaluated, plain.apply(var, src, mask, decoder_inputs=dec), atol=1e-3)
+  # Greedy decoding steps in evaluation mode: its first step's logits are the teacher-forced
+  # model's at position 0 with zoneout's expectation.
+  context, states = model.apply(var, src, mask, method=models.Seq2Seq.start)
+  first, _ = model.apply(var, context, states, dec[:, 0], method=models.Seq2Seq.step)
+  np.testing.assert_allclose(first, evaluated[:, 0], atol=1e-5)
+
+
 def test_cell_step_recurrent_dropout_mask_feeds_only_the_matmuls():
   params = cell.init(jax.random.key(0), 3, 4)
   h = jax.random.normal(jax.random.key(1), (2, 4))
@@ -222,8 +252,9 @@ def _decode_problem(kind, seed=0, b=3, s=5, length=4, e=3, c=6, sizes=(5, 4), a=
 
 
 def _decode_reference(kind, variant, cells, states, emb, memory, keys, mask, w_query=None,
-                      v=None, output_drops=None, recurrent_masks=None):
-  """float64, one example and one step at a time: (states, outputs, contexts, α)."""
+                      v=None, output_drops=None, recurrent_masks=None, zoneout=None):
+  """float64, one example and one step at a time: (states, outputs, contexts, α);
+  ``zoneout`` per layer: k [B,L,H_i] or a scalar, h = k·h_{t−1} + (1−k)·GRU(h_{t−1}, x)."""
   f64 = lambda a: np.asarray(a, np.float64)
   emb, memory, keys, mask = f64(emb), f64(memory), f64(keys), np.asarray(mask)
   b, length = emb.shape[:2]
@@ -245,7 +276,10 @@ def _decode_reference(kind, variant, cells, states, emb, memory, keys, mask, w_q
       context = alpha @ memory[row]
       x = np.concatenate([emb[row, t], context])
       for i, p in enumerate(cells):
-        hs[i] = reference.step(p, hs[i], x, variant, f64(recurrent_masks[i][row]))[0]
+        h_cell = reference.step(p, hs[i], x, variant, f64(recurrent_masks[i][row]))[0]
+        k = 0.0 if zoneout is None else f64(zoneout[i])
+        k = k[row, t] if np.ndim(k) else k
+        hs[i] = k * hs[i] + (1 - k) * h_cell
         x = hs[i] * f64(output_drops[i][row, t])
       outs[row, t], ctxs[row, t], alphas[row, t] = x, context, alpha
     final.append(hs)
@@ -289,6 +323,42 @@ def test_pure_decode_matches_float64_in_float32_and_bfloat16(kind, variant):
                               atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind,variant", [("additive", "reset_after"), ("multiplicative", "seed")])
+def test_pure_decode_zoneout_matches_float64_and_known_answers(kind, variant):
+  """`decode` with zoneout (layer 0 per-step Bernoulli weights, layer 1 one scalar) beside
+  both dropouts against the float64 loop, its gradients in k against central differences
+  of it; k = 1 everywhere keeps every state at its start, k = 0 is the plain decoder."""
+  cells, states, emb, memory, keys, mask, kw = _decode_problem(kind, seed=3)
+  k0 = jax.random.bernoulli(jax.random.key(9), 0.4, (3, 4, 5)).astype(jnp.float32)
+  zo = (k0, jnp.float32(0.3))
+  run = lambda z: gru_jax.attention.decode(cells, states, emb, memory, keys, mask, kind=kind,
+                                           variant=variant, zoneout=z, **kw)
+  want = _decode_reference(kind, variant, cells, states, emb, memory, keys, mask, **kw,
+                           zoneout=zo)
+  for g, w in zip(jax.tree.leaves(run(zo)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=2e-5)
+  frozen = run((1.0, 1.0))[0]
+  for h, h0 in zip(frozen, states):
+    np.testing.assert_allclose(h, h0, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(run((0.0, None))), jax.tree.leaves(run(None))):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  # d/dk of a scalar loss, per step (layer 0) and the scalar (layer 1)
+  loss = lambda z0, z1: jnp.sum(jnp.sin(run((z0, z1))[1]))
+  g0, g1 = jax.grad(loss, argnums=(0, 1))(k0, jnp.float32(0.3))
+  ref_loss = lambda z0, z1: np.sum(np.sin(_decode_reference(
+      kind, variant, cells, states, emb, memory, keys, mask, **kw, zoneout=(z0, z1))[1]))
+  eps = 1e-6
+  k64 = np.asarray(k0, np.float64)
+  for idx in [(0, 1, 2), (1, 3, 0), (2, 0, 4)]:
+    plus, minus = k64.copy(), k64.copy()
+    plus[idx] += eps
+    minus[idx] -= eps
+    np.testing.assert_allclose(g0[idx], (ref_loss(plus, 0.3) - ref_loss(minus, 0.3)) / (2 * eps),
+                               rtol=1e-3, atol=1e-5, err_msg=str(idx))
+  np.testing.assert_allclose(
+      g1, (ref_loss(k64, 0.3 + eps) - ref_loss(k64, 0.3 - eps)) / (2 * eps), rtol=1e-3)
+
+
 def test_pure_decode_names_the_bad_argument_and_its_shape():
   cells, states, emb, memory, keys, mask, kw = _decode_problem("additive")
   run = lambda **over: gru_jax.attention.decode(
@@ -310,6 +380,11 @@ def test_pure_decode_names_the_bad_argument_and_its_shape():
     run(output_drops=(kw["output_drops"][0][:, :2], None))
   with pytest.raises(ValueError, match="kind must be one of"):
     run(kind="dot")
+  with pytest.raises(ValueError, match=r"zoneout\[1\] must be a scalar or have shape "
+                                       r"\[B,L,H_1\]=\(3, 4, 4\), got \(3, 4\)"):
+    run(zoneout=(None, jnp.zeros((3, 4))))
+  with pytest.raises(ValueError, match=r"zoneout must be one per layer \(2\), got 1"):
+    run(zoneout=(0.1,))
   full = jnp.ones_like(mask)  # mask=None: every source step is valid
   for a, b in zip(jax.tree.leaves(run(mask=None)), jax.tree.leaves(run(mask=full))):
     np.testing.assert_array_equal(a, b)
@@ -375,6 +450,22 @@ def test_nnx_attention_decoder_matches_float64_and_loads_linen_params(kind, vari
   np.testing.assert_allclose(part, again[1:], atol=1e-6)
   drop.eval()
   np.testing.assert_allclose(drop(states, emb, memory, keys, mask)[1], got[1], atol=1e-6)
+
+  # Zoneout: the rate itself in eval (against the float64 loop), per-example draws in training.
+  zo = nnx_layers.AttentionDecoder(3, 6, (5, 4), kind=kind, variant=variant, zoneout=0.3,
+                                   attention_size=3 if kind == "additive" else None,
+                                   rngs=nnx.Rngs(0, dropout=2))
+  want = _decode_reference(kind, variant, cells, states, emb, memory, keys, mask, **extra,
+                           output_drops=ones[0], recurrent_masks=ones[1], zoneout=(0.3, 0.3))
+  zo.eval()
+  for g, w in zip(jax.tree.leaves(zo(states, emb, memory, keys, mask)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=2e-5)
+  zo.train()
+  full = zo(states, emb, memory, keys, mask, example_ids=ids, rngs=nnx.Rngs(dropout=4))[1]
+  part = zo(jax.tree.map(lambda h: h[:1], states), emb[:1], memory[:1], keys[:1], mask[:1],
+            example_ids=ids[:1], rngs=nnx.Rngs(dropout=4))[1]
+  np.testing.assert_allclose(part, full[:1], atol=1e-6)
+  assert not np.allclose(full, want[1], atol=1e-3)
 
   model, var, *_ = _setup(hidden_sizes=(6, 5), bidirectional=True, attention=kind,
                           variant=variant, attention_size=3 if kind == "additive" else None)
