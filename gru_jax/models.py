@@ -459,6 +459,44 @@ class Seq2Seq(nn.Module):
     return self._decode(context, states, decoder_inputs, not train, example_ids)[0]
 
 
+def _linen_search_fns(model: Seq2Seq, variables):
+  """(start(inputs, mask), step(context, states, prev)) of a Linen `Seq2Seq` and its
+  variables, for `greedy_decode_with` and `beam_search_with`."""
+  return (lambda inputs, mask: model.apply(variables, inputs, mask, method=Seq2Seq.start),
+          lambda context, states, prev: model.apply(variables, context, states, prev,
+                                                    method=Seq2Seq.step))
+
+
+def _token_ids(num_outputs: int, max_len, bos_id, eos_id, pad_id) -> tuple[int, int, int, int]:
+  return (check_int("max_len", max_len, 1),
+          check_int("bos_id", bos_id, 0, num_outputs, "num_outputs"),
+          check_int("eos_id", eos_id, -1, num_outputs, "num_outputs"),
+          check_int("pad_id", pad_id, 0, num_outputs, "num_outputs"))
+
+
+def greedy_decode_with(start: Callable, step: Callable, num_outputs: int, inputs: Array,
+                       mask: Array | None = None, *, max_len: int, bos_id: int, eos_id: int,
+                       pad_id: int = 0) -> Array:
+  """`greedy_decode` for any encoder–decoder given as functions: ``start(inputs [B,S],
+  mask)`` -> (context, states) and ``step(context, states, prev_token [B])`` ->
+  (logits [B,num_outputs], states) (the NNX `gru_jax.nnx_models.Seq2Seq` uses it)."""
+  max_len, bos_id, eos_id, pad_id = _token_ids(num_outputs, max_len, bos_id, eos_id, pad_id)
+  inputs = jnp.asarray(inputs)
+  mask = None if mask is None else jnp.asarray(mask)
+  context, states = start(inputs, mask)
+
+  def body(carry, _):
+    states, prev, done = carry
+    logits, states = step(context, states, prev)
+    tok = jnp.where(done, pad_id, jnp.argmax(logits, -1).astype(jnp.int32))
+    return (states, tok, done | (tok == eos_id)), tok
+
+  b = inputs.shape[0]
+  init = (states, jnp.full((b,), bos_id, jnp.int32), jnp.zeros((b,), bool))
+  _, toks = jax.lax.scan(body, init, None, length=max_len)
+  return toks.T
+
+
 def greedy_decode(model: Seq2Seq, variables, inputs: Array, mask: Array | None = None, *,
                   max_len: int, bos_id: int, eos_id: int, pad_id: int = 0) -> Array:
   """Greedy decoding: inputs [B,S] -> tokens [B,max_len], <eos> included, then pad_id.
@@ -467,24 +505,8 @@ def greedy_decode(model: Seq2Seq, variables, inputs: Array, mask: Array | None =
   ``pad_id`` are target tokens in [0, num_outputs); ``eos_id`` too, or -1 to
   never stop early.
   """
-  max_len = check_int("max_len", max_len, 1)
-  bos_id = check_int("bos_id", bos_id, 0, model.num_outputs, "num_outputs")
-  eos_id = check_int("eos_id", eos_id, -1, model.num_outputs, "num_outputs")
-  pad_id = check_int("pad_id", pad_id, 0, model.num_outputs, "num_outputs")
-  inputs = jnp.asarray(inputs)
-  mask = None if mask is None else jnp.asarray(mask)
-  context, states = model.apply(variables, inputs, mask, method=Seq2Seq.start)
-
-  def body(carry, _):
-    states, prev, done = carry
-    logits, states = model.apply(variables, context, states, prev, method=Seq2Seq.step)
-    tok = jnp.where(done, pad_id, jnp.argmax(logits, -1).astype(jnp.int32))
-    return (states, tok, done | (tok == eos_id)), tok
-
-  b = inputs.shape[0]
-  init = (states, jnp.full((b,), bos_id, jnp.int32), jnp.zeros((b,), bool))
-  _, toks = jax.lax.scan(body, init, None, length=max_len)
-  return toks.T
+  return greedy_decode_with(*_linen_search_fns(model, variables), model.num_outputs, inputs,
+                            mask, max_len=max_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
 
 
 def attention_weights(model: Seq2Seq, variables, inputs: Array, mask: Array | None = None, *,
@@ -525,11 +547,19 @@ def beam_search(model: Seq2Seq, variables, inputs: Array, mask: Array | None = N
   num_outputs at the first step) fills the rest with score -inf.  One
   compiled loop of `Seq2Seq.step` calls on B·K rows.
   """
+  return beam_search_with(*_linen_search_fns(model, variables), model.num_outputs, inputs,
+                          mask, beam_size=beam_size, max_len=max_len, bos_id=bos_id,
+                          eos_id=eos_id, pad_id=pad_id, length_penalty=length_penalty)
+
+
+def beam_search_with(start: Callable, step: Callable, num_outputs: int, inputs: Array,
+                     mask: Array | None = None, *, beam_size: int, max_len: int, bos_id: int,
+                     eos_id: int, pad_id: int = 0, length_penalty: float = 0.0
+                     ) -> tuple[Array, Array]:
+  """`beam_search` for any encoder–decoder given as ``start`` and ``step`` functions
+  (as `greedy_decode_with`)."""
   beam_size = check_int("beam_size", beam_size, 1)
-  max_len = check_int("max_len", max_len, 1)
-  bos_id = check_int("bos_id", bos_id, 0, model.num_outputs, "num_outputs")
-  eos_id = check_int("eos_id", eos_id, -1, model.num_outputs, "num_outputs")
-  pad_id = check_int("pad_id", pad_id, 0, model.num_outputs, "num_outputs")
+  max_len, bos_id, eos_id, pad_id = _token_ids(num_outputs, max_len, bos_id, eos_id, pad_id)
   try:
     ok = bool(np.isfinite(length_penalty)) and not isinstance(length_penalty, bool)
   except TypeError:
@@ -538,16 +568,15 @@ def beam_search(model: Seq2Seq, variables, inputs: Array, mask: Array | None = N
     raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
   inputs = jnp.asarray(inputs)
   mask = None if mask is None else jnp.asarray(mask)
-  b, k, v = inputs.shape[0], beam_size, model.num_outputs
-  context, states = model.apply(variables, inputs, mask, method=Seq2Seq.start)
+  b, k, v = inputs.shape[0], beam_size, num_outputs
+  context, states = start(inputs, mask)
   tile = lambda a: jnp.repeat(a, k, axis=0)  # [B,...] -> [B*K,...], beams of a row adjacent
   context, states = jax.tree.map(tile, context), jax.tree.map(tile, states)
   rows = jnp.arange(b)[:, None]
 
   def body(carry, t):
     states, prev, score, done, length, toks = carry
-    logits, states = model.apply(variables, context, states, prev.reshape(-1),
-                                 method=Seq2Seq.step)
+    logits, states = step(context, states, prev.reshape(-1))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(b, k, v)
     # A finished beam has one continuation, at no cost: column 0, written as pad_id below.
     finished = jnp.full((v,), -jnp.inf).at[0].set(0.0)

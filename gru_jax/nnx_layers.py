@@ -60,7 +60,8 @@ class GRU(nnx.Module):
     dropout, recurrent_dropout: rates of the input [B,D] and recurrent [B,H]
       dropout masks, fixed over time (variational dropout).
     zoneout: rate at which each unit keeps its previous value at each step
-      (Krueger et al. 2016; the expectation in eval mode; runs the "xla" loops).
+      (Krueger et al. 2016; the expectation in eval mode; see `gru_jax.gru`'s
+      ``zoneout_mask``).
     layer_norm: layer-normalised GRU with extra params ``gamma_x``,
       ``beta_x``, ``gamma_h``, ``beta_h`` [3H].
     kernel_init, recurrent_init, bias_init, param_dtype: as `gru_jax.cell.init`.

@@ -99,6 +99,27 @@ def _np_dense(p, x):
   return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
 
 
+def reference_logits(p, src, mask, dec, *, layers, bidirectional, variant):
+  """float64 logits [B,L,V] of the Seq2Seq without attention with params ``p``, composed
+  from the reference GRU."""
+  m = np.asarray(mask)
+  x = np.asarray(p["src_embed"]["embedding"], np.float64)[np.asarray(src)]
+  for i in range(layers):
+    dirs = [GRUParams(**p[f"encoder_{i}_{k}"]) for k in range(2 if bidirectional else 1)]
+    runs = [reference.run(q, x, mask=m, reverse=k == 1, variant=variant)
+            for k, q in enumerate(dirs)]
+    x = np.concatenate([r[1] for r in runs], -1)
+    context = np.concatenate([r[0] for r in runs], -1)
+  e = np.asarray(p["tgt_embed"]["embedding"], np.float64)[np.asarray(dec)]
+  b, l = dec.shape
+  c = np.broadcast_to(context[:, None], (b, l, context.shape[-1]))
+  h = np.concatenate([e, c], -1)
+  for i in range(layers):
+    h0 = np.tanh(_np_dense(p[f"bridge_{i}"], context))
+    h = reference.run(GRUParams(**p[f"decoder_{i}"]), h, h0=h0, variant=variant)[1]
+  return _np_dense(p["head"], np.concatenate([h, e, c], -1))
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_seq2seq_logits_match_a_float64_composition_of_the_reference(bidirectional):
   rs = np.random.RandomState(0)
@@ -109,24 +130,9 @@ def test_seq2seq_logits_match_a_float64_composition_of_the_reference(bidirection
   model = models.Seq2Seq(v, v, hidden_sizes=(6, 5), embed_dim=4, bidirectional=bidirectional,
                          variant="reset_after")
   var = model.init(jax.random.key(0), src, mask, decoder_inputs=dec)
-  p = var["params"]
   logits = model.apply(var, src, mask, decoder_inputs=dec)
-
-  m = np.asarray(mask)
-  x = np.asarray(p["src_embed"]["embedding"], np.float64)[np.asarray(src)]
-  for i in range(2):
-    dirs = [GRUParams(**p[f"encoder_{i}_{k}"]) for k in range(2 if bidirectional else 1)]
-    runs = [reference.run(q, x, mask=m, reverse=k == 1, variant="reset_after")
-            for k, q in enumerate(dirs)]
-    x = np.concatenate([r[1] for r in runs], -1)
-    context = np.concatenate([r[0] for r in runs], -1)
-  e = np.asarray(p["tgt_embed"]["embedding"], np.float64)[np.asarray(dec)]
-  c = np.broadcast_to(context[:, None], (b, l, context.shape[-1]))
-  h = np.concatenate([e, c], -1)
-  for i in range(2):
-    h0 = np.tanh(_np_dense(p[f"bridge_{i}"], context))
-    h = reference.run(GRUParams(**p[f"decoder_{i}"]), h, h0=h0, variant="reset_after")[1]
-  expected = _np_dense(p["head"], np.concatenate([h, e, c], -1))
+  expected = reference_logits(var["params"], src, mask, dec, layers=2,
+                              bidirectional=bidirectional, variant="reset_after")
   np.testing.assert_allclose(logits, expected, atol=2e-5)
 
 
