@@ -7,9 +7,10 @@ or a translation from a sequence-to-sequence model.
 
 Reads the run's config.json and latest checkpoint.  For an LM, --temperature
 < 1 is more conservative, > 1 more varied, and --top_k / --top_p restrict each draw
-to the k most probable characters / the nucleus of that mass; a seq2seq model decodes greedily, or
-with --beam_size > 1 by beam search (one source per call; --prompt is split into
-characters, e.g. digits); --show_attention prints what a model trained with attention read
+to the k most probable characters / the nucleus of that mass, and --beam_size > 1 gives
+the most probable continuation by beam search instead of a draw; a seq2seq model decodes
+greedily, or with --beam_size > 1 by beam search (one source per call; --prompt is split
+into characters, e.g. digits); --show_attention prints what a model trained with attention read
 for each output word.
 """
 from absl import flags
@@ -23,7 +24,8 @@ flags.DEFINE_float("temperature", 1.0, "Softmax temperature (lm).")
 flags.DEFINE_integer("seed", 0, "Sampling seed (lm).")
 flags.DEFINE_integer("top_k", None, "Draw only from the k most probable tokens (lm).")
 flags.DEFINE_float("top_p", None, "Draw only from the nucleus of this probability mass (lm).")
-flags.DEFINE_integer("beam_size", 1, "Beams for seq2seq decoding (1: greedy).")
+flags.DEFINE_integer("beam_size", 1, "Beams: seq2seq decoding (1: greedy); lm: > 1 gives the "
+                     "most probable continuation instead of a draw.")
 flags.DEFINE_bool("show_attention", False, "Also print the attention weights of a seq2seq "
                   "model with attention: one row per output word, in percent per source "
                   "character.")
@@ -79,8 +81,11 @@ def sample_text(workdir: str, prompt: str, length: int, temperature: float, seed
                     "characters); the model reads each as the unknown character", unknown,
                     len(vocab))
   ids = jnp.array([index.get(c, info.extras.get("unk_id", 0)) for c in prompt], jnp.int32)
-  out = models.sample_lm(model, variables, ids, length, jax.random.key(seed),
-                         temperature=temperature, top_k=top_k, top_p=top_p)
+  if beam_size > 1 and length > 0:  # the most probable continuation: no draw
+    out = models.beam_search_lm(model, variables, ids, length, beam_size=beam_size)[0][0]
+  else:
+    out = models.sample_lm(model, variables, ids, length, jax.random.key(seed),
+                           temperature=temperature, top_k=top_k, top_p=top_p)
   return "".join(vocab[int(i)] for i in out)
 
 

@@ -181,6 +181,23 @@ def check_sampling(temperature, top_k, top_p) -> int | None:
   return None if top_k is None else check_int("top_k", top_k, 1)
 
 
+def _lm_prompt(name: str, model: SequenceModel, prompt) -> tuple[Array, bool]:
+  """(prompt as int32 [B,P], whether it came as [P]), after checking the model and prompt."""
+  if model.task != "lm":
+    raise ValueError(f"{name} needs a model with task='lm', got {model.task!r}")
+  if model.vocab_size is None:
+    raise ValueError(f"{name} needs a token model (vocab_size set): it feeds each "
+                     "generated token back as the next input")
+  prompt = jnp.asarray(prompt)
+  if prompt.ndim not in (1, 2) or prompt.shape[-1] < 1 or prompt.shape[0] < 1:
+    raise ValueError(f"prompt must be a non-empty [P] or [B,P] token array, got shape "
+                     f"{prompt.shape}")
+  if not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(f"prompt must hold int tokens, got dtype {prompt.dtype}")
+  check_token_range("prompt", prompt, model.vocab_size)
+  return prompt.astype(jnp.int32).reshape(-1, prompt.shape[-1]), prompt.ndim == 1
+
+
 def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: Array, *,
               temperature: float = 1.0, top_k: int | None = None,
               top_p: float | None = None) -> Array:
@@ -197,22 +214,9 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
   mode, so O(P + length) steps in all, and the logits are the whole sequence's in
   eval mode.
   """
-  if model.task != "lm":
-    raise ValueError(f"sample_lm needs a model with task='lm', got {model.task!r}")
-  if model.vocab_size is None:
-    raise ValueError("sample_lm needs a token model (vocab_size set): it feeds each sampled "
-                     "token back as the next input")
-  prompt = jnp.asarray(prompt)
-  if prompt.ndim not in (1, 2) or prompt.shape[-1] < 1 or prompt.shape[0] < 1:
-    raise ValueError(f"prompt must be a non-empty [P] or [B,P] token array, got shape "
-                     f"{prompt.shape}")
-  if not jnp.issubdtype(prompt.dtype, jnp.integer):
-    raise ValueError(f"prompt must hold int tokens, got dtype {prompt.dtype}")
+  prompt, unbatched = _lm_prompt("sample_lm", model, prompt)
   length = check_int("length", length, 0)
   top_k = check_sampling(temperature, top_k, top_p)
-  check_token_range("prompt", prompt, model.vocab_size)
-  unbatched = prompt.ndim == 1
-  prompt = prompt.astype(jnp.int32).reshape(-1, prompt.shape[-1])
   b, p = prompt.shape
   run = functools.partial(model.apply, variables, train=False, return_states=True)
   logits, states = run(prompt)
@@ -236,6 +240,41 @@ def sample_lm(model: SequenceModel, variables, prompt: Array, length: int, rng: 
 
   buf, *_ = jax.lax.fori_loop(p, p + length, body, (buf, logits[:, -1], states, rng))
   return buf[0] if unbatched else buf
+
+
+def beam_search_lm(model: SequenceModel, variables, prompt: Array, length: int, *,
+                   beam_size: int, eos_id: int = -1, pad_id: int = 0,
+                   length_penalty: float = 0.0) -> tuple[Array, Array]:
+  """The ``beam_size`` most probable continuations of ``prompt`` [P] (or [B,P]) from an
+  "lm" model: (tokens [K,P+length] (or [B,K,P+length]), scores [K] (or [B,K])), best first.
+
+  `beam_search`'s loop (`beam_search_with`) on the language model: the prompt but
+  its last token runs once, then each step is one GRU step from the carried states,
+  in eval mode, starting from the prompt's last token.  ``scores``: the summed
+  log-probabilities of the generated tokens, divided by Wu et al.'s length penalty
+  (see `beam_search`); a beam that emits ``eos_id`` (-1: never) is finished and padded
+  with ``pad_id``.  One beam is greedy decoding.
+  """
+  prompt, unbatched = _lm_prompt("beam_search_lm", model, prompt)
+  length = check_int("length", length, 1)
+  if model.num_outputs != model.vocab_size:
+    raise ValueError(f"beam_search_lm feeds each predicted token back as input, so "
+                     f"num_outputs ({model.num_outputs}) must equal vocab_size "
+                     f"({model.vocab_size})")
+  run = functools.partial(model.apply, variables, train=False, return_states=True)
+
+  def step(_, states, prev):
+    logits, states = run(prev[:, None], initial_states=states)
+    return logits[:, 0], states
+
+  # The prompt but its last token (none: T = 0, the zero states); the last is the first input.
+  start = lambda inputs, _: (None, run(inputs[:, :-1])[1])
+  toks, scores = beam_search_with(start, step, model.num_outputs, prompt, None,
+                                  beam_size=beam_size, max_len=length, bos_id=prompt[:, -1],
+                                  eos_id=eos_id, pad_id=pad_id, length_penalty=length_penalty)
+  k = toks.shape[1]
+  toks = jnp.concatenate([jnp.repeat(prompt[:, None], k, axis=1), toks], -1)
+  return (toks[0], scores[0]) if unbatched else (toks, scores)
 
 
 ATTENTIONS = ("none", "additive", "multiplicative")
@@ -467,9 +506,13 @@ def _linen_search_fns(model: Seq2Seq, variables):
                                                     method=Seq2Seq.step))
 
 
-def _token_ids(num_outputs: int, max_len, bos_id, eos_id, pad_id) -> tuple[int, int, int, int]:
-  return (check_int("max_len", max_len, 1),
-          check_int("bos_id", bos_id, 0, num_outputs, "num_outputs"),
+def _token_ids(num_outputs: int, max_len, bos_id, eos_id, pad_id) -> tuple[int, Any, int, int]:
+  """The checked ids; ``bos_id`` an int, or (for `beam_search_lm`) int32 tokens [B]."""
+  if isinstance(bos_id, jax.Array) and bos_id.ndim == 1:
+    check_token_range("bos_id", bos_id, num_outputs)
+  else:
+    bos_id = check_int("bos_id", bos_id, 0, num_outputs, "num_outputs")
+  return (check_int("max_len", max_len, 1), bos_id,
           check_int("eos_id", eos_id, -1, num_outputs, "num_outputs"),
           check_int("pad_id", pad_id, 0, num_outputs, "num_outputs"))
 
@@ -557,7 +600,7 @@ def beam_search_with(start: Callable, step: Callable, num_outputs: int, inputs: 
                      eos_id: int, pad_id: int = 0, length_penalty: float = 0.0
                      ) -> tuple[Array, Array]:
   """`beam_search` for any encoder–decoder given as ``start`` and ``step`` functions
-  (as `greedy_decode_with`)."""
+  (as `greedy_decode_with`); ``bos_id`` may also be int32 tokens [B], one per row."""
   beam_size = check_int("beam_size", beam_size, 1)
   max_len, bos_id, eos_id, pad_id = _token_ids(num_outputs, max_len, bos_id, eos_id, pad_id)
   try:
@@ -592,7 +635,8 @@ def beam_search_with(start: Callable, step: Callable, num_outputs: int, inputs: 
     return (states, tok, score, was_done | (tok == eos_id), length, toks), None
 
   score0 = jnp.full((b, k), -jnp.inf).at[:, 0].set(0.0)  # one live prefix: <bos>
-  init = (states, jnp.full((b, k), bos_id, jnp.int32), score0, jnp.zeros((b, k), bool),
+  first = jnp.broadcast_to(jnp.asarray(bos_id, jnp.int32)[..., None], (b, k))
+  init = (states, first, score0, jnp.zeros((b, k), bool),
           jnp.zeros((b, k), jnp.int32), jnp.full((b, k, max_len), pad_id, jnp.int32))
   (_, _, score, _, length, toks), _ = jax.lax.scan(body, init, jnp.arange(max_len))
   score = score / ((5.0 + length) / 6.0) ** length_penalty

@@ -105,3 +105,61 @@ def test_bad_arguments_are_refused():
                                                   "length_penalty must be a finite number")):
     with pytest.raises(ValueError, match=match):
       models.beam_search(model, v, src, mask, **(ok | bad))
+
+
+def _lm(vocab, seed=0):
+  model = models.SequenceModel(task="lm", vocab_size=vocab, num_outputs=vocab,
+                               hidden_sizes=(8, 6), embed_dim=5, dropout=0.0)
+  v = model.init(jax.random.key(seed), jnp.zeros((1, 3), jnp.int32))
+  v["params"]["head"]["kernel"] = v["params"]["head"]["kernel"] * 3
+  return model, v
+
+
+def _lm_log_prob(model, v, prompt, seq):
+  """float64 summed log-softmax of seq after prompt, from the whole sequence's logits."""
+  full = jnp.asarray([list(prompt) + list(seq)], jnp.int32)
+  logits = np.asarray(model.apply(v, full), np.float64)[0]
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  p = len(prompt)
+  return float(sum(logp[p - 1 + t, tok] for t, tok in enumerate(seq)))
+
+
+@pytest.mark.parametrize("length_penalty,prompt_len", [(0.0, 3), (0.8, 1)])
+def test_lm_beam_as_wide_as_all_continuations_is_exhaustive_search(length_penalty, prompt_len):
+  vocab, eos, pad, length = 3, 2, 0, 3
+  model, v = _lm(vocab)
+  prompts = jnp.asarray([[1, 0, 1][:prompt_len], [0, 0, 2][:prompt_len]], jnp.int32)
+  seqs = list(_all_sequences(vocab, eos, length))
+  k = vocab ** length
+  toks, scores = models.beam_search_lm(model, v, prompts, length, beam_size=k, eos_id=eos,
+                                       pad_id=pad, length_penalty=length_penalty)
+  assert toks.shape == (2, k, prompt_len + length) and scores.shape == (2, k)
+  for row in range(2):
+    prompt = tuple(np.asarray(prompts[row]))
+    want = sorted(((_lm_log_prob(model, v, prompt, s) / ((5 + len(s)) / 6) ** length_penalty, s)
+                   for s in seqs), reverse=True)
+    got = np.asarray(scores[row])
+    np.testing.assert_allclose(got[:15], [w for w, _ in want], atol=1e-5)
+    assert np.isneginf(got[15:]).all()
+    for i, (_, s) in enumerate(want):
+      assert tuple(np.asarray(toks[row, i])) == prompt + s + (pad,) * (length - len(s))
+
+
+def test_lm_one_beam_is_the_argmax_continuation_and_a_1d_prompt_stays_1d():
+  model, v = _lm(7, seed=2)
+  prompt = jnp.asarray([3, 1, 4, 1], jnp.int32)
+  toks, scores = models.beam_search_lm(model, v, prompt, 6, beam_size=1)
+  assert toks.shape == (1, 10) and scores.shape == (1,)
+  seq = np.asarray(toks[0])
+  np.testing.assert_array_equal(seq[:4], prompt)
+  logits = np.asarray(model.apply(v, jnp.asarray(seq[None, :-1])))[0]
+  np.testing.assert_array_equal(seq[4:], logits[3:].argmax(-1))
+  np.testing.assert_allclose(scores[0], _lm_log_prob(model, v, tuple(seq[:4]), seq[4:]),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="beam_search_lm needs a model with task='lm'"):
+    models.beam_search_lm(models.SequenceModel(num_outputs=3, task="classification"), v, prompt, 2, beam_size=2)
+  with pytest.raises(ValueError, match=r"prompt must be token ids in \[0, 7\), got \[9\]"):
+    models.beam_search_lm(model, v, jnp.asarray([1, 9]), 2, beam_size=2)
+  with pytest.raises(ValueError, match="length must be an int >= 1, got 0"):
+    models.beam_search_lm(model, v, prompt, 0, beam_size=2)

@@ -90,8 +90,14 @@ def test_shakespeare_train_then_sample(tmp_path, caplog):
     # top_k=1 is greedy: the same text for any seed and temperature.
     greedy = [sample.sample_text(str(tmp_path / "wd"), "ab", 15, t, seed, top_k=1)
               for t, seed in ((1.0, 0), (3.0, 1))]
+    # Beam search (against exhaustive search in test_beam_search) draws nothing: the
+    # same text for any seed and temperature.
+    beams = [sample.sample_text(str(tmp_path / "wd"), "ab", 15, t, seed, beam_size=3)
+             for t, seed in ((1.0, 0), (3.0, 1))]
   assert text.startswith("ab") and len(text) == 17
   assert greedy[0] == greedy[1] and greedy[0].startswith("ab") and len(greedy[0]) == 17
+  assert beams[0] == beams[1] and len(beams[0]) == 17 and beams[0].startswith("ab")
+  assert set(beams[0]) <= set(info.extras["vocab"])
   assert set(text[2:]) <= set(info.extras["vocab"])
   # Prompt characters outside the vocabulary are named (the model reads them as unknown).
   odd = "\u2603\u2604"
