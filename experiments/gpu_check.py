@@ -54,6 +54,8 @@ flags.DEFINE_list("runs", [], "mode:BxTxDxH:dtype entries to time instead of the
 flags.DEFINE_integer("max_checks", 99, "Correctness checks to run (after the float64 one).")
 flags.DEFINE_integer("packed_checks", 99, "Checks of the packed \"xla\" loops to run "
                      "(PACKED_CHECKS), after the Pallas ones.")
+flags.DEFINE_integer("zoneout_checks", 99, "Checks of the Pallas kernels with zoneout to run "
+                     "(ZONEOUT_CHECKS).")
 flags.DEFINE_list("split_checks", [], "BxTxDxH:dtype:S entries: the Pallas kernels with a "
                   "column split of S (pallas_gru.SPLIT) checked as in 2, reset_after, reversed, "
                   "time-major, with resets.  A .../split=S implementation is timed in a dtype only "
@@ -92,6 +94,11 @@ TINY_CHECKS = [("16x12x16x32", "reset_after", "float32", False, False),
 PACKED_CHECKS = [("128x100x256x512", "reset_after", "float32", True, True),
                  ("64x50x64x128", "seed", "bfloat16", False, False)]
 TINY_PACKED_CHECKS = [("8x12x16x32", "reset_after", "float32", True, True)]
+# The Pallas kernels with zoneout (Bernoulli(0.1) weights per step and unit; never run
+# on a GPU so far, so "auto" keeps zoneout on "xla") against "xla" and scan, same fields.
+ZONEOUT_CHECKS = [("64x100x128x128", "reset_after", "float32", False, True),
+                  ("64x100x128x128", "seed", "bfloat16", True, False)]
+TINY_ZONEOUT_CHECKS = [("16x12x16x32", "seed", "float32", True, True)]
 # Kernel configurations swept: (batch tile, warps, prefetch, Triton stages, weight dtype).
 SWEEP = [(16, 4, True, 1, "float32"), (16, 4, False, 1, "float32"), (16, 8, True, 1, "float32"),
          (16, 8, False, 1, "float32"), (16, 16, True, 1, "float32"), (32, 8, True, 1, "float32"),
@@ -137,12 +144,13 @@ def rel_err(a, b) -> float:
 
 def compare(shape, variant: str, dtype: str, reverse: bool = False,
             time_major: bool = False, cache: dict | None = None, resets: bool = False,
-            packed: bool = False) -> dict:
+            packed: bool = False, zoneout: bool = False) -> dict:
   """Pallas vs XLA vs scan on one problem with a padding mask: forward and gradients.
 
   ``resets``: segment starts at 5% of the steps (`gru_jax.gru(..., resets=)`).
   ``packed``: checks the "xla" loops with packed stores instead of Pallas
-  (the "xla" reference keeps the unpacked ones).
+  (the "xla" reference keeps the unpacked ones).  ``zoneout``: every backend gets
+  Bernoulli(0.1) zoneout weights [B,T,H].
 
   ``cache`` keeps the "xla" and "scan" results across calls (the split phase
   checks many kernel configurations against the same references).
@@ -162,6 +170,8 @@ def compare(shape, variant: str, dtype: str, reverse: bool = False,
   ct = jax.random.normal(jax.random.fold_in(key, 6), (b, t, h))
   ct_last = jax.random.normal(jax.random.fold_in(key, 8), (b, h))
   starts = jax.random.bernoulli(jax.random.fold_in(key, 9), 0.05, (b, t)) if resets else None
+  zk = (jax.random.bernoulli(jax.random.fold_in(key, 10), 0.1, (b, t, h)).astype(jnp.float32)
+        if zoneout else None)
   cd = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
 
   def run(backend):
@@ -169,14 +179,15 @@ def compare(shape, variant: str, dtype: str, reverse: bool = False,
       tm = (lambda a: jnp.swapaxes(a, 0, 1)) if time_major else (lambda a: a)
       h_last, hs = gru_jax.gru(p, tm(x), h0, mask=tm(mask), variant=variant, backend=backend,
                                compute_dtype=cd, reverse=reverse, time_major=time_major,
-                               resets=None if starts is None else tm(starts))
+                               resets=None if starts is None else tm(starts),
+                               zoneout_mask=None if zk is None else tm(zk))
       hs = tm(hs)
       return jnp.sum(hs * ct) + jnp.sum(h_last * ct_last), (h_last, hs)
     (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
         params, x, h0)
     return jax.tree.map(lambda a: jax.device_get(a), (outs, grads))
 
-  key = (tuple(shape), variant, dtype, reverse, time_major, resets)
+  key = (tuple(shape), variant, dtype, reverse, time_major, resets, zoneout)
   refs = (cache or {}).get(key) or (run("xla"), run("scan"))
   if cache is not None:
     cache[key] = refs
@@ -196,7 +207,8 @@ def compare(shape, variant: str, dtype: str, reverse: bool = False,
   vs_scan = {n: rel_err(a, b) for n, a, b in zip(names, flat(got), flat(scan))}
   worst = max(list(vs_xla.values()) + list(vs_scan.values()))
   return dict(shape=list(shape), variant=variant, dtype=dtype, reverse=reverse,
-              time_major=time_major, resets=resets, packed=packed, vs_xla=vs_xla,
+              time_major=time_major, resets=resets, packed=packed, zoneout=zoneout,
+              vs_xla=vs_xla,
               vs_scan=vs_scan,
               worst=worst, ok=bool(worst <= TOLERANCE[dtype]))
 
@@ -510,6 +522,18 @@ def main(argv):
     if c is not None:
       checks.append(c)
       log(f"packed stores {shape_text} {variant} {dtype} reverse={reverse} resets={resets}: "
+          f"worst rel err {c['worst']:.2e} {'ok' if c['ok'] else 'FAILED'}")
+  for shape_text, variant, dtype, reverse, resets in (
+      TINY_ZONEOUT_CHECKS if FLAGS.tiny else ZONEOUT_CHECKS)[:FLAGS.zoneout_checks]:
+    shape = benchmark.parse_shape(shape_text)
+    if not kernel_applies(shape, dtype):
+      log(f"zoneout {shape_text} {dtype}: kernel does not apply (falls back to xla)")
+      continue
+    c = guarded(f"zoneout {shape_text} {variant} {dtype}", compare, shape, variant, dtype,
+                reverse, resets=resets, zoneout=True)
+    if c is not None:
+      checks.append(c)
+      log(f"pallas zoneout {shape_text} {variant} {dtype} reverse={reverse} resets={resets}: "
           f"worst rel err {c['worst']:.2e} {'ok' if c['ok'] else 'FAILED'}")
   for entry in FLAGS.split_checks:
     c = guarded(f"split check {entry}", split_check, entry)

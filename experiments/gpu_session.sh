@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The next device-tool session's measurements, in one call of under 600 s
 # (docs/benchmarks.md, "Next GPU session"); everything lands under $OUT.
-#   1. experiments.gpu_check: one Pallas check and one of the packed stores
-#      against "xla" and "scan", then Keras-JAX at the two shapes where it is
+#   1. experiments.gpu_check: one Pallas check, one of the packed stores and one
+#      of the Pallas kernels with zoneout against "xla" and "scan", then Keras-JAX at the two shapes where it is
 #      unmeasured (Flax and Equinox were measured there on the H200), with
 #      gru_jax, its XLA loops with packed stores and at unroll=8, and torch
 #      beside it;
@@ -62,7 +62,7 @@ common=(--split_budget_s=0 --sweep=none --train_check=false ${tiny[@]+"${tiny[@]
 mkdir -p "$S/main"
 timeout $((195 * x)) python3 -m experiments.gpu_check --out_dir="$S/main" \
   --budget_s=$((140 * x)) --max_checks=1 \
-  --packed_checks=1 \
+  --packed_checks=1 --zoneout_checks=1 \
   "${common[@]}" --impls=gru_jax,$packed,$unroll,keras,torch --runs=$runs \
   2>&1 | grep -v "^I[0-9]" | tail -30
 echo "gpu_check exit ${PIPESTATUS[0]}"
@@ -70,7 +70,7 @@ echo "== column split at H=256"
 mkdir -p "$S/split_h256"
 timeout $((90 * x)) python3 -m experiments.gpu_check --out_dir="$S/split_h256" \
   --budget_s=$((65 * x)) \
-  --max_checks=0 --packed_checks=0 "${common[@]}" --split_checks=$split_checks \
+  --max_checks=0 --packed_checks=0 --zoneout_checks=0 "${common[@]}" --split_checks=$split_checks \
   --impls=gru_jax,gru_jax/pallas/reset_after/split=$s_a,gru_jax/pallas/reset_after/split=$s_b \
   --runs=$split_runs 2>&1 | grep -v "^I[0-9]" | grep "split check\|not timed\|^| \|FAILED"
 echo "exit ${PIPESTATUS[0]}"
@@ -86,7 +86,7 @@ for flag in "" --xla_gpu_enable_triton_gemm=false \
   mkdir -p "$S/xla_flags_$probe" && echo "$flag" > "$S/xla_flags_$probe/xla_flags.txt"
   XLA_FLAGS=$flag timeout $((limit * x)) python3 -m experiments.gpu_check \
     --out_dir="$S/xla_flags_$probe" --budget_s=$(((limit - 30) * x)) --max_checks=0 \
-    --packed_checks=0 "${common[@]}" \
+    --packed_checks=0 --zoneout_checks=0 "${common[@]}" \
     --impls=$impls --runs=$probe_runs 2>&1 | grep -v "^I[0-9]" | grep -A4 "^| step"
   echo "exit ${PIPESTATUS[0]}"
 done

@@ -82,7 +82,7 @@ def test_entrypoints_give_one_line_errors(tmp_path):
 def test_gpu_check_rehearsal_on_cpu(tmp_path):
   """The prepared device script runs end to end on CPU (Pallas in interpret mode):
   correctness against the XLA path and autodiff (with segment resets too; then the packed
-  "xla" loops against the unpacked ones), a sweep, a timed run, at most the
+  "xla" loops against the unpacked ones, and the kernels with zoneout), a sweep, a timed run, at most the
   8 files the device tool returns, and no TensorFlow import (the GPU image has none)."""
   import subprocess
   import sys
@@ -108,10 +108,13 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
   assert [(r["split"], r["joint_wait"], "train" in r) for r in split["timings"]] == [
       (0, False, True), (1, False, True), (1, True, True)]
   assert res["errors"] == [] and res["env"]["tensorflow_imported"] == []
-  assert all(c["ok"] for c in res["correctness"]) and len(res["correctness"]) == 5
-  assert [c.get("resets") for c in res["correctness"]] == [None, False, True, True, True]
-  assert [c.get("packed") for c in res["correctness"]] == [None, False, False, True, False]
-  assert [c.get("split") for c in res["correctness"]] == [None] * 4 + [1]
+  assert all(c["ok"] for c in res["correctness"]) and len(res["correctness"]) == 6
+  assert [c.get("resets") for c in res["correctness"]] == [None, False, True, True, True, True]
+  assert [c.get("packed") for c in res["correctness"]] == [None, False, False, True, False,
+                                                           False]
+  assert [c.get("zoneout") for c in res["correctness"]] == [None, False, False, False, True,
+                                                            False]
+  assert [c.get("split") for c in res["correctness"]] == [None] * 5 + [1]
   # a split with no passed check of its dtype in the run is not timed in that dtype
   assert res["not_timed"] == ["gru_jax/pallas/reset_after/split=4 float32",
                               "gru_jax/pallas/reset_after/split=1 bfloat16",

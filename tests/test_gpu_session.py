@@ -35,7 +35,8 @@ def test_session_script_runs_every_stage_and_returns_one_archive(tmp_path):
     assert res["errors"] == [], (stage, res["errors"])
     assert res["bench"] and all("gru_jax" in b["timings"] for b in res["bench"]), stage
   main = got("main")
-  assert [c.get("packed") for c in main["correctness"]] == [None, False, True]
+  assert [c.get("packed") for c in main["correctness"]] == [None, False, True, False]
+  assert [c.get("zoneout") for c in main["correctness"]] == [None, False, False, True]
   assert all(c["ok"] for c in main["correctness"])
   split = got("split_h256")  # interpret mode runs S=1 only: S=4 is left untimed
   assert [(c["split"], c["dtype"], c["ok"]) for c in split["correctness"][1:]] == [
