@@ -163,3 +163,16 @@ def test_lm_one_beam_is_the_argmax_continuation_and_a_1d_prompt_stays_1d():
     models.beam_search_lm(model, v, jnp.asarray([1, 9]), 2, beam_size=2)
   with pytest.raises(ValueError, match="length must be an int >= 1, got 0"):
     models.beam_search_lm(model, v, prompt, 0, beam_size=2)
+
+
+def test_sample_speed_script_times_beam_search_beside_sampling():
+  """experiments/sample_speed.py's beam rows: one per beam count and one for sample_lm,
+  each with a first-call and a median time (a smoke test of the script, not of speed)."""
+  import re
+  from experiments import sample_speed
+  model, v = _lm(5)
+  rows = sample_speed.beam_rows(model, v, jnp.asarray([1, 2], jnp.int32), 4, beams=(1, 2))
+  assert [r.split(":")[0] for r in rows] == ["length 4 beam_search_lm 1 beams",
+                                             "length 4 beam_search_lm 2 beams",
+                                             "length 4 sample_lm"]
+  assert all(re.search(r"first call \d+\.\d\d s, then median \d+\.\d{3} s$", r) for r in rows)
