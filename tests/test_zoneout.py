@@ -338,3 +338,19 @@ def test_pallas_zoneout_lowers_to_triton_without_a_gpu():
       return jnp.sum(hs)
     text = cuda_module(loss, w_h, xp, zk)
     assert "_forward_kernel" in text and "_backward_kernel" in text
+
+
+def test_pallas_zoneout_under_vmap_of_grad():
+  """vmap of grad through the kernels (interpret mode) with per-step and batched scalar
+  weights (the scalar's [H] row is then batched too), against the scan's."""
+  p = gru_jax.cell.init(jax.random.key(0), D, 8, bias_init=jax.nn.initializers.normal(0.5))
+  xs = jax.random.normal(jax.random.key(1), (2, 4, 5, D))
+  k = jax.random.bernoulli(jax.random.key(2), 0.3, (2, 4, 5, 8)).astype(jnp.float32)
+
+  def grads(backend, k):
+    loss = lambda x, k: jnp.sum(jnp.sin(gru_jax.gru(p, x, zoneout_mask=k, backend=backend)[1]))
+    return jax.vmap(jax.grad(loss, argnums=(0, 1)))(xs, k)
+  for weights in (k, jnp.array([0.1, 0.4])):
+    assert "pallas_call" in str(jax.make_jaxpr(lambda w: grads("pallas", w))(weights))
+    chex.assert_trees_all_close(grads("pallas", weights), grads("scan", weights), atol=1e-4,
+                                rtol=1e-4)
