@@ -77,16 +77,9 @@ def main():
             for name, f in (("masked buffer", masked_buffer_sample),
                             ("sample_lm", models.sample_lm))}
     for name, run in runs.items():
-      t0 = time.perf_counter()
-      run(jax.random.key(1)).block_until_ready()
-      first = time.perf_counter() - t0
-      times = []
-      for i in range(3):
-        t0 = time.perf_counter()
-        run(jax.random.key(2 + i)).block_until_ready()
-        times.append(time.perf_counter() - t0)
-      print(f"length {length} {name}: first call {first:.2f} s, then median "
-            f"{sorted(times)[1]:.3f} s", flush=True)
+      first, median = median_time(run, *[(jax.random.key(1 + i),) for i in range(4)])
+      print(f"length {length} {name}: first call {first:.2f} s, then median {median:.3f} s",
+            flush=True)
     a, b = (run(jax.random.key(9)) for run in runs.values())
     print(f"length {length}: fraction of equal tokens for the same key: "
           f"{float((a == b).mean()):.3f}")

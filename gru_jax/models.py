@@ -333,6 +333,31 @@ class AttentionDecoder(nn.Module):
         zoneout=zoneout, compute_dtype=self.compute_dtype, unroll=self.unroll)
 
 
+def _check_tokens(name: str, tokens: Array) -> None:
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"Seq2Seq: {name} must be int tokens of rank 2, got {tokens.dtype} "
+                     f"{tokens.shape}")
+
+
+def check_seq2seq_source(inputs: Array, mask: Array | None, vocab_size: int) -> None:
+  """A seq2seq model's source checks (Linen and NNX): int tokens [B,S] in [0, vocab_size),
+  mask [B,S] or None."""
+  _check_tokens("inputs", inputs)
+  if mask is not None and mask.shape != inputs.shape:
+    raise ValueError(f"Seq2Seq: mask must have shape [B,S]={inputs.shape}, got {mask.shape}")
+  check_token_range("Seq2Seq: inputs", inputs, vocab_size)
+
+
+def check_seq2seq_target(inputs: Array, decoder_inputs: Array, num_outputs: int) -> None:
+  """A seq2seq model's teacher-forcing checks: int decoder_inputs [B,L] in
+  [0, num_outputs), with the batch size of inputs [B,S]."""
+  _check_tokens("decoder_inputs", decoder_inputs)
+  check_token_range("Seq2Seq: decoder_inputs", decoder_inputs, num_outputs)
+  if decoder_inputs.shape[0] != inputs.shape[0]:
+    raise ValueError(f"Seq2Seq: decoder_inputs {decoder_inputs.shape} and inputs "
+                     f"{inputs.shape} must share the batch size")
+
+
 class Seq2Seq(nn.Module):
   """GRU encoder–decoder (Cho et al. 2014, the paper that introduced the GRU).
 
@@ -420,11 +445,6 @@ class Seq2Seq(nn.Module):
     self.drop = layers.SequenceDropout(self.dropout)
     self.head = nn.Dense(self.num_outputs)
 
-  def _check(self, name, tokens, ndim=2):
-    if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"Seq2Seq: {name} must be int tokens of rank {ndim}, got "
-                       f"{tokens.dtype} {tokens.shape}")
-
   def start(self, inputs: Array, mask: Array | None = None, *, train: bool = False,
             example_ids: Array | None = None):
     """Encodes inputs [B,S] -> (context, initial decoder states, one [B,H_i] per layer).
@@ -433,10 +453,7 @@ class Seq2Seq(nn.Module):
     attention keys [B,S,A], mask [B,S]); `step` takes it as it is.
     """
     inputs, mask = layers.as_arrays(inputs, mask)
-    self._check("inputs", inputs)
-    if mask is not None and mask.shape != inputs.shape:
-      raise ValueError(f"Seq2Seq: mask must have shape [B,S]={inputs.shape}, got {mask.shape}")
-    check_token_range("Seq2Seq: inputs", inputs, self.vocab_size)
+    check_seq2seq_source(inputs, mask, self.vocab_size)
     det = not train
     x = self.drop(self.src_embed(inputs), deterministic=det, example_ids=example_ids)
     for i, grus in enumerate(self.encoder):
@@ -489,11 +506,7 @@ class Seq2Seq(nn.Module):
                train: bool = False, example_ids: Array | None = None) -> Array:
     """Teacher-forced logits [B,L,num_outputs] for decoder_inputs [B,L] given inputs [B,S]."""
     inputs, decoder_inputs = layers.as_arrays(inputs, decoder_inputs)
-    self._check("decoder_inputs", decoder_inputs)
-    check_token_range("Seq2Seq: decoder_inputs", decoder_inputs, self.num_outputs)
-    if decoder_inputs.shape[0] != inputs.shape[0]:
-      raise ValueError(f"Seq2Seq: decoder_inputs {decoder_inputs.shape} and inputs "
-                       f"{inputs.shape} must share the batch size")
+    check_seq2seq_target(inputs, decoder_inputs, self.num_outputs)
     context, states = self.start(inputs, mask, train=train, example_ids=example_ids)
     return self._decode(context, states, decoder_inputs, not train, example_ids)[0]
 

@@ -132,20 +132,12 @@ class Seq2Seq(nnx.Module):
       setattr(owner, path[-1], nnx.Param(jnp.asarray(leaf)))
     return model
 
-  def _check(self, name, tokens):
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"Seq2Seq: {name} must be int tokens [B,L], got {tokens.dtype} "
-                       f"{tokens.shape}")
-
   def start(self, inputs: Array, mask: Array | None = None, *, deterministic: bool | None = None,
             example_ids: Array | None = None, rngs: nnx.Rngs | None = None):
     """Encodes inputs [B,S] -> (context, initial decoder states, one [B,H_i] per layer);
     with attention the context is (c, encoder outputs [B,S,C], keys [B,S,A], mask [B,S])."""
     inputs, mask = linen_layers.as_arrays(inputs, mask)
-    self._check("inputs", inputs)
-    if mask is not None and mask.shape != inputs.shape:
-      raise ValueError(f"Seq2Seq: mask must have shape [B,S]={inputs.shape}, got {mask.shape}")
-    linen_models.check_token_range("Seq2Seq: inputs", inputs, self.vocab_size)
+    linen_models.check_seq2seq_source(inputs, mask, self.vocab_size)
     kw = dict(deterministic=deterministic, example_ids=example_ids, rngs=rngs)
     x = self.drop(self.src_embed(inputs), **kw)
     for i in range(len(self.hidden_sizes)):
@@ -194,11 +186,7 @@ class Seq2Seq(nnx.Module):
                rngs: nnx.Rngs | None = None) -> Array:
     """Teacher-forced logits [B,L,num_outputs] for decoder_inputs [B,L] given inputs [B,S]."""
     inputs, decoder_inputs = linen_layers.as_arrays(inputs, decoder_inputs)
-    self._check("decoder_inputs", decoder_inputs)
-    linen_models.check_token_range("Seq2Seq: decoder_inputs", decoder_inputs, self.num_outputs)
-    if decoder_inputs.shape[0] != inputs.shape[0]:
-      raise ValueError(f"Seq2Seq: decoder_inputs {decoder_inputs.shape} and inputs "
-                       f"{inputs.shape} must share the batch size")
+    linen_models.check_seq2seq_target(inputs, decoder_inputs, self.num_outputs)
     kw = dict(deterministic=deterministic, example_ids=example_ids, rngs=rngs)
     context, states = self.start(inputs, mask, **kw)
     return self.decode(context, states, decoder_inputs, **kw)[0]

@@ -142,7 +142,7 @@ def test_a_jitted_adam_step_lowers_the_teacher_forced_loss():
 def test_bad_arguments_are_named():
   src, mask, dec = _data()
   model = nnx_models.Seq2Seq(V, V, **SIZES, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"decoder_inputs must be int tokens \[B,L\]"):
+  with pytest.raises(ValueError, match=r"decoder_inputs must be int tokens of rank 2, got float32 \(3, 4\)"):
     model(src, mask, decoder_inputs=dec.astype(jnp.float32))
   with pytest.raises(ValueError, match=r"mask must have shape \[B,S\]=\(3, 6\), got \(3, 5\)"):
     model(src, mask[:, :5], decoder_inputs=dec)
